@@ -1,0 +1,1 @@
+//! duet backend over KVM (kvm-ioctls)

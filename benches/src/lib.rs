@@ -1,0 +1,1 @@
+//! duet criterion benchmarks (see benches/).

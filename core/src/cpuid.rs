@@ -1,0 +1,220 @@
+//! The CPUID profile: one table applied to every backend, so a guest sees the same machine.
+
+/// One CPUID leaf/subleaf and the four registers it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CpuidEntry {
+    /// EAX input (leaf).
+    pub function: u32,
+    /// ECX input (subleaf); 0 for leaves that ignore it.
+    pub index: u32,
+    /// Whether the leaf depends on ECX (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).
+    pub indexed: bool,
+    /// EAX output.
+    pub eax: u32,
+    /// EBX output.
+    pub ebx: u32,
+    /// ECX output.
+    pub ecx: u32,
+    /// EDX output.
+    pub edx: u32,
+}
+
+impl CpuidEntry {
+    const fn leaf(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> Self {
+        CpuidEntry { function, index: 0, indexed: false, eax, ebx, ecx, edx }
+    }
+}
+
+/// Feature bits of leaf 1 EDX (SDM Vol. 2A, CPUID, Table 3-11).
+pub mod leaf1_edx {
+    /// 4 MiB pages (CR4.PSE).
+    pub const PSE: u32 = 1 << 3;
+    /// RDTSC and CR4.TSD.
+    pub const TSC: u32 = 1 << 4;
+    /// RDMSR/WRMSR.
+    pub const MSR: u32 = 1 << 5;
+    /// Physical address extension.
+    pub const PAE: u32 = 1 << 6;
+    /// CMPXCHG8B.
+    pub const CX8: u32 = 1 << 8;
+    /// Global pages (CR4.PGE).
+    pub const PGE: u32 = 1 << 13;
+    /// CMOVcc.
+    pub const CMOV: u32 = 1 << 15;
+}
+
+/// Feature bits of leaf 0x8000_0001 EDX/ECX (SDM Vol. 2A, CPUID, Table 3-8).
+pub mod ext_leaf1 {
+    /// EDX: SYSCALL/SYSRET in 64-bit mode.
+    pub const EDX_SYSCALL: u32 = 1 << 11;
+    /// EDX: execute-disable bit.
+    pub const EDX_NX: u32 = 1 << 20;
+    /// EDX: Intel 64 (long mode).
+    pub const EDX_LM: u32 = 1 << 29;
+    /// ECX: LAHF/SAHF in 64-bit mode.
+    pub const ECX_LAHF_LM: u32 = 1 << 0;
+}
+
+/// The CPUID table a guest sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuidProfile {
+    /// The leaves, looked up by (function, index).
+    pub entries: Vec<CpuidEntry>,
+}
+
+/// Packs 12 ASCII bytes into (ebx, edx, ecx) as CPUID leaf 0 returns the vendor.
+fn vendor_regs(v: &[u8; 12]) -> (u32, u32, u32) {
+    let w = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    (w(0), w(4), w(8))
+}
+
+/// Packs 16 ASCII bytes into (eax, ebx, ecx, edx) for a brand-string leaf.
+fn brand_regs(v: &[u8]) -> (u32, u32, u32, u32) {
+    let mut b = [0u8; 16];
+    b[..v.len().min(16)].copy_from_slice(&v[..v.len().min(16)]);
+    let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (w(0), w(4), w(8), w(12))
+}
+
+impl CpuidProfile {
+    /// duet's baseline: only features the software CPU implements (no x87/SSE yet).
+    pub fn baseline() -> Self {
+        use ext_leaf1::*;
+        use leaf1_edx::*;
+        let (vb, vd, vc) = vendor_regs(b"GenuineIntel");
+        let mut entries = vec![
+            CpuidEntry::leaf(0, 7, vb, vc, vd),
+            // Family 6, model 0x3a, stepping 9; CLFLUSH line 8 × 8 bytes, one logical CPU.
+            CpuidEntry::leaf(1, 0x0003_06a9, 0x0001_0800, 0, PSE | TSC | MSR | PAE | CX8 | PGE | CMOV),
+            CpuidEntry { function: 7, index: 0, indexed: true, eax: 0, ebx: 0, ecx: 0, edx: 0 },
+            CpuidEntry::leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
+            CpuidEntry::leaf(0x8000_0001, 0, 0, ECX_LAHF_LM, EDX_SYSCALL | EDX_NX | EDX_LM),
+        ];
+        for (i, chunk) in [&b"duet virtual CP"[..], b"U", b""].iter().enumerate() {
+            let (a, b, c, d) = brand_regs(chunk);
+            entries.push(CpuidEntry::leaf(0x8000_0002 + i as u32, a, b, c, d));
+        }
+        // 36 physical and 48 linear address bits: fits every x86-64 host.
+        entries.push(CpuidEntry::leaf(0x8000_0008, 0x3024, 0, 0, 0));
+        CpuidProfile { entries }
+    }
+
+    /// What CPUID returns for (`function`, `index`): out-of-range leaves return the highest
+    /// basic leaf's values, and absent leaves in range return zeros (SDM Vol. 2A, CPUID).
+    pub fn lookup(&self, function: u32, index: u32) -> [u32; 4] {
+        let find = |f: u32, i: u32| {
+            self.entries
+                .iter()
+                .find(|e| e.function == f && (!e.indexed || e.index == i))
+                .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+        };
+        let max_basic = find(0, 0).map_or(0, |r| r[0]);
+        let max_ext = find(0x8000_0000, 0).map_or(0, |r| r[0]);
+        let in_range = if function >= 0x8000_0000 { function <= max_ext } else { function <= max_basic };
+        if in_range {
+            find(function, index).unwrap_or([0; 4])
+        } else {
+            find(max_basic, index).unwrap_or([0; 4])
+        }
+    }
+
+    /// This profile restricted to what `host` supports: feature registers ANDed, the host's
+    /// vendor string kept (KVM emulates some instructions by vendor), address sizes capped.
+    pub fn restricted_to(&self, host: &CpuidProfile) -> CpuidProfile {
+        let mut out = self.clone();
+        for e in &mut out.entries {
+            let h = host.lookup(e.function, e.index);
+            match e.function {
+                0 => {
+                    e.ebx = h[1];
+                    e.ecx = h[2];
+                    e.edx = h[3];
+                }
+                1 => {
+                    e.ecx &= h[2];
+                    e.edx &= h[3];
+                }
+                7 => {
+                    e.ebx &= h[1];
+                    e.ecx &= h[2];
+                    e.edx &= h[3];
+                }
+                0x8000_0001 => {
+                    e.ecx &= h[2];
+                    e.edx &= h[3];
+                }
+                0x8000_0008 => {
+                    let phys = (e.eax & 0xff).min(h[0] & 0xff);
+                    let lin = ((e.eax >> 8) & 0xff).min((h[0] >> 8) & 0xff);
+                    e.eax = phys | (lin << 8);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Whether leaf 1 EDX advertises `bit`.
+    pub fn has_leaf1_edx(&self, bit: u32) -> bool {
+        self.lookup(1, 0)[3] & bit != 0
+    }
+
+    /// Whether leaf 0x8000_0001 EDX advertises `bit`.
+    pub fn has_ext_edx(&self, bit: u32) -> bool {
+        self.lookup(0x8000_0001, 0)[3] & bit != 0
+    }
+
+    /// The vendor string (leaf 0).
+    pub fn vendor(&self) -> String {
+        let r = self.lookup(0, 0);
+        let bytes: Vec<u8> = [r[1], r[3], r[2]].iter().flat_map(|w| w.to_le_bytes()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Default for CpuidProfile {
+    fn default() -> Self {
+        CpuidProfile::baseline()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_advertises_long_mode_and_no_sse() {
+        let p = CpuidProfile::baseline();
+        assert_eq!(p.vendor(), "GenuineIntel");
+        assert!(p.has_ext_edx(ext_leaf1::EDX_LM));
+        // SDM Table 3-11: EDX bit 25 is SSE, bit 0 is FPU; the interpreter has neither yet.
+        assert_eq!(p.lookup(1, 0)[3] & ((1 << 25) | 1), 0);
+    }
+
+    #[test]
+    fn lookup_out_of_range_returns_highest_basic_leaf() {
+        let p = CpuidProfile::baseline();
+        assert_eq!(p.lookup(0x40, 0), p.lookup(7, 0));
+        assert_eq!(p.lookup(5, 0), [0; 4]);
+        assert_eq!(p.lookup(0x8000_0009, 0), p.lookup(7, 0));
+    }
+
+    #[test]
+    fn restriction_ands_features_and_takes_host_vendor() {
+        let p = CpuidProfile::baseline();
+        let (b, d, c) = vendor_regs(b"AuthenticAMD");
+        let host = CpuidProfile {
+            entries: vec![
+                CpuidEntry::leaf(0, 0xd, b, c, d),
+                CpuidEntry::leaf(1, 0, 0, 0, leaf1_edx::TSC | (1 << 25)),
+                CpuidEntry::leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
+                CpuidEntry::leaf(0x8000_0008, 0x3020, 0, 0, 0),
+            ],
+        };
+        let r = p.restricted_to(&host);
+        assert_eq!(r.vendor(), "AuthenticAMD");
+        assert_eq!(r.lookup(1, 0)[3], leaf1_edx::TSC);
+        assert_eq!(r.lookup(0x8000_0008, 0)[0], 0x3020);
+        assert!(!r.has_ext_edx(ext_leaf1::EDX_LM));
+    }
+}

@@ -1,0 +1,205 @@
+//! [`StateDiff`]: the differences between two final CPU states and memories, as a table.
+
+use std::fmt;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::state::{CpuState, Segment};
+use crate::GuestMemory;
+
+/// What a comparison ignores: only what the architecture leaves undefined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiffMask {
+    /// RFLAGS bits whose value is architecturally undefined at this point (from iced-x86).
+    pub rflags_undefined: u64,
+    /// Ignore the x87/SSE area (for guests that never touch it on backends that do not model it).
+    pub ignore_fpu: bool,
+}
+
+/// One differing field: its name and the value on each side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiffRow {
+    /// Field name (`rax`, `cs.base`, `mem[0x1000]`).
+    pub field: String,
+    /// Value on the left side.
+    pub left: String,
+    /// Value on the right side.
+    pub right: String,
+}
+
+/// The differences between two runs' final states.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateDiff {
+    /// Names of the two sides (e.g. "kvm", "interp").
+    pub sides: (String, String),
+    /// Differing fields, registers first, then memory.
+    pub rows: Vec<DiffRow>,
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+impl StateDiff {
+    /// Compares two CPU states, masking what `mask` says is undefined.
+    pub fn states(left: (&str, &CpuState), right: (&str, &CpuState), mask: &DiffMask) -> Self {
+        let mut d = StateDiff { sides: (left.0.into(), right.0.into()), rows: Vec::new() };
+        let (a, b) = (left.1, right.1);
+        let names = crate::state::Regs::GPR_NAMES;
+        for ((name, x), y) in names.iter().zip(a.regs.gprs()).zip(b.regs.gprs()) {
+            d.cmp(name, x, y);
+        }
+        d.cmp("rip", a.regs.rip, b.regs.rip);
+        let m = !mask.rflags_undefined;
+        d.cmp("rflags", a.regs.rflags & m, b.regs.rflags & m);
+        for ((name, x), (_, y)) in a.sregs.segments().iter().zip(b.sregs.segments()) {
+            d.segment(name, x, y);
+        }
+        d.segment("tr", &a.sregs.tr, &b.sregs.tr);
+        d.segment("ldtr", &a.sregs.ldt, &b.sregs.ldt);
+        let (sa, sb) = (&a.sregs, &b.sregs);
+        d.cmp("gdtr.base", sa.gdt.base, sb.gdt.base);
+        d.cmp("gdtr.limit", sa.gdt.limit.into(), sb.gdt.limit.into());
+        d.cmp("idtr.base", sa.idt.base, sb.idt.base);
+        d.cmp("idtr.limit", sa.idt.limit.into(), sb.idt.limit.into());
+        for (n, x, y) in [
+            ("cr0", sa.cr0, sb.cr0),
+            ("cr2", sa.cr2, sb.cr2),
+            ("cr3", sa.cr3, sb.cr3),
+            ("cr4", sa.cr4, sb.cr4),
+            ("cr8", sa.cr8, sb.cr8),
+            ("efer", sa.efer, sb.efer),
+        ] {
+            d.cmp(n, x, y);
+        }
+        if !mask.ignore_fpu && a.fpu != b.fpu {
+            for (i, (x, y)) in a.fpu.0.chunks(8).zip(b.fpu.0.chunks(8)).enumerate() {
+                let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                d.cmp(&format!("fxsave[{:#x}]", i * 8), word(x), word(y));
+            }
+        }
+        let keys: std::collections::BTreeSet<u32> = a.msrs.keys().chain(b.msrs.keys()).copied().collect();
+        for k in keys {
+            let show = |v: Option<&u64>| v.map_or_else(|| "absent".to_string(), |v| hex(*v));
+            let (x, y) = (a.msrs.get(&k), b.msrs.get(&k));
+            if x != y {
+                d.rows.push(DiffRow { field: format!("msr[{k:#x}]"), left: show(x), right: show(y) });
+            }
+        }
+        d
+    }
+
+    /// Adds the differing 8-byte words of `[start, start + len)` in two memories.
+    pub fn memory(&mut self, left: &GuestMemory, right: &GuestMemory, start: u64, len: u64) {
+        let mut a = vec![0u8; len as usize];
+        let mut b = vec![0u8; len as usize];
+        let ra = left.read_slice(&mut a, GuestAddress(start)).is_ok();
+        let rb = right.read_slice(&mut b, GuestAddress(start)).is_ok();
+        if ra != rb {
+            let ok = |r: bool| if r { "readable" } else { "unreadable" }.to_string();
+            self.rows.push(DiffRow {
+                field: format!("mem[{start:#x}..+{len:#x}]"),
+                left: ok(ra),
+                right: ok(rb),
+            });
+            return;
+        }
+        for (i, (x, y)) in a.chunks(8).zip(b.chunks(8)).enumerate() {
+            if x != y {
+                let show = |c: &[u8]| c.iter().rev().map(|b| format!("{b:02x}")).collect::<String>();
+                self.rows.push(DiffRow {
+                    field: format!("mem[{:#x}]", start + i as u64 * 8),
+                    left: show(x),
+                    right: show(y),
+                });
+            }
+        }
+    }
+
+    /// True when nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn cmp(&mut self, field: &str, x: u64, y: u64) {
+        if x != y {
+            self.rows.push(DiffRow { field: field.into(), left: hex(x), right: hex(y) });
+        }
+    }
+
+    fn segment(&mut self, name: &str, x: &Segment, y: &Segment) {
+        self.cmp(&format!("{name}.selector"), x.selector.into(), y.selector.into());
+        // Hidden parts of an unusable segment are not architecturally visible.
+        if x.unusable && y.unusable {
+            return;
+        }
+        self.cmp(&format!("{name}.base"), x.base, y.base);
+        self.cmp(&format!("{name}.limit"), x.limit.into(), y.limit.into());
+        self.cmp(&format!("{name}.attributes"), x.attributes().into(), y.attributes().into());
+    }
+}
+
+impl fmt::Display for StateDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rows.is_empty() {
+            return writeln!(f, "no difference between {} and {}", self.sides.0, self.sides.1);
+        }
+        let w0 = self.rows.iter().map(|r| r.field.len()).max().unwrap_or(0).max(5);
+        let w1 = self.rows.iter().map(|r| r.left.len()).max().unwrap_or(0).max(self.sides.0.len());
+        let w2 = self.rows.iter().map(|r| r.right.len()).max().unwrap_or(0).max(self.sides.1.len());
+        writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", "field", self.sides.0, self.sides.1)?;
+        writeln!(f, "{}  {}  {}", "-".repeat(w0), "-".repeat(w1), "-".repeat(w2))?;
+        for r in &self.rows {
+            writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", r.field, r.left, r.right)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::rflags;
+
+    #[test]
+    fn identical_states_have_no_rows() {
+        let s = CpuState::reset();
+        let d = StateDiff::states(("kvm", &s), ("interp", &s), &DiffMask::default());
+        assert!(d.is_empty());
+        assert_eq!(d.to_string(), "no difference between kvm and interp\n");
+    }
+
+    #[test]
+    fn differences_are_listed_and_undefined_flags_masked() {
+        let a = CpuState::reset();
+        let mut b = a.clone();
+        b.regs.rbx = 5;
+        b.regs.rflags |= rflags::AF;
+        b.sregs.ds.base = 0x10;
+        let d = StateDiff::states(("kvm", &a), ("interp", &b), &DiffMask::default());
+        let fields: Vec<&str> = d.rows.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(fields, ["rbx", "rflags", "ds.base"]);
+        let table = d.to_string();
+        assert!(table.contains("rbx") && table.contains("0x5"), "{table}");
+        let masked = DiffMask { rflags_undefined: rflags::AF, ..DiffMask::default() };
+        let d = StateDiff::states(("kvm", &a), ("interp", &b), &masked);
+        assert_eq!(d.rows.len(), 2);
+    }
+
+    #[test]
+    fn memory_differences_are_shown_per_word() {
+        let m1 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let m2 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        m2.write_obj(0xabu8, GuestAddress(0x18)).unwrap();
+        let mut d = StateDiff::default();
+        d.memory(&m1, &m2, 0, 0x1000);
+        assert_eq!(
+            d.rows,
+            vec![DiffRow {
+                field: "mem[0x18]".into(),
+                left: "0000000000000000".into(),
+                right: "00000000000000ab".into()
+            }]
+        );
+    }
+}

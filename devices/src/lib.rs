@@ -1,0 +1,1 @@
+//! duet device models, shared by every backend
