@@ -81,6 +81,8 @@ pub struct RunOutcome {
     pub instructions: Option<u64>,
     /// Wall-clock time of the run.
     pub wall: Duration,
+    /// RFLAGS bits left architecturally undefined at the end, where the backend tracks it.
+    pub undefined_rflags: u64,
 }
 
 /// Options of [`Machine::run`].
@@ -277,6 +279,7 @@ impl<V: Vcpu> Machine<V> {
             exits: self.exits,
             instructions: self.vcpu.instructions_retired(),
             wall: start.elapsed(),
+            undefined_rflags: self.vcpu.undefined_rflags(),
         })
     }
 }

@@ -168,6 +168,11 @@ pub trait Vcpu: Send {
     fn instructions_retired(&self) -> Option<u64> {
         None
     }
+    /// RFLAGS bits whose current value is architecturally undefined (left so by the last
+    /// instruction that wrote them, per iced-x86), where the backend tracks it; else 0.
+    fn undefined_rflags(&self) -> u64 {
+        0
+    }
 }
 
 impl<V: Vcpu + ?Sized> Vcpu for Box<V> {
@@ -212,6 +217,9 @@ impl<V: Vcpu + ?Sized> Vcpu for Box<V> {
     }
     fn instructions_retired(&self) -> Option<u64> {
         (**self).instructions_retired()
+    }
+    fn undefined_rflags(&self) -> u64 {
+        (**self).undefined_rflags()
     }
 }
 
