@@ -132,7 +132,9 @@ impl KvmBackend {
         let table = CpuId::from_entries(&entries)
             .map_err(|_| KvmError::CpuidTooLarge { entries: entries.len(), max: KVM_MAX_CPUID_ENTRIES })?;
         vcpu.set_cpuid2(&table).map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
-        let vm = sys::Vm::new(vm, vcpu, memory, mmap_size, kvm.get_nr_memslots())?;
+        // KVM_CAP_XSAVE2 gives the kvm_xsave size KVM needs (0 when the cap is absent: 4096).
+        let xsave = kvm.check_extension(Cap::Xsave) && kvm.check_extension_int(Cap::Xsave2) <= 4096;
+        let vm = sys::Vm::new(vm, vcpu, memory, mmap_size, kvm.get_nr_memslots(), xsave)?;
         let mut vcpu = KvmVcpu::new(vm, kvm.check_extension(Cap::ImmediateExit));
         vcpu.load_state(&CpuState::reset())?;
         Ok(vcpu)

@@ -94,8 +94,9 @@ pub fn sregs_from_kvm(s: &kvm_sregs) -> SystemRegs {
     }
 }
 
-/// The x87/SSE state in FXSAVE layout. MXCSR_MASK (bytes 28–31) is not part of kvm_fpu and
-/// is left zero, as in [`FxArea::default`].
+/// The x87/SSE state in FXSAVE layout. MXCSR_MASK (bytes 28–31) describes the CPU, not its
+/// state; kvm_fpu does not carry it and it stays zero, as in [`FxArea::default`]. KVM's
+/// KVM_GET_FPU leaves `mxcsr` zero: the vCPU overlays MXCSR from KVM_GET_XSAVE.
 pub fn fpu_from_kvm(f: &kvm_fpu) -> FxArea {
     let mut a = [0u8; 512];
     a[FX_FCW..FX_FCW + 2].copy_from_slice(&f.fcw.to_le_bytes());

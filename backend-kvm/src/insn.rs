@@ -80,6 +80,18 @@ pub fn describe(vcpu: &VcpuFd, mem: &GuestMemory, regs: &Regs, sregs: &SystemReg
     InstructionInfo { rip: regs.rip, bytes, mnemonic }
 }
 
+/// Whether the instruction at RIP is a near jump, Jcc or LOOP whose target is itself
+/// (`jmp $`): it retires without changing any register.
+pub fn branches_to_itself(vcpu: &VcpuFd, mem: &GuestMemory, regs: &Regs, sregs: &SystemRegs) -> bool {
+    let bytes = fetch(vcpu, mem, regs, sregs);
+    let mut decoder =
+        Decoder::with_ip(code_bitness(sregs, regs.rflags), &bytes, regs.rip, DecoderOptions::NONE);
+    let i = decoder.decode();
+    !i.is_invalid()
+        && i.is_jcc_short_or_near() | i.is_jmp_short_or_near() | i.is_loop() | i.is_loopcc()
+        && i.near_branch_target() == i.ip()
+}
+
 #[cfg(test)]
 mod tests {
     use duet_core::state::Segment;

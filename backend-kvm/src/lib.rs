@@ -17,6 +17,7 @@ pub mod convert;
 mod error;
 mod insn;
 mod sys;
+pub mod testing;
 mod vcpu;
 
 pub use backend::{KvmBackend, DEFAULT_KVM_PATH, IDENTITY_MAP_ADDR, TSS_ADDR};

@@ -29,7 +29,16 @@ pub(crate) struct Vm {
     _vm: VmFd,
     memory: Arc<GuestMemory>,
     mmap_size: usize,
+    /// KVM_GET/SET_XSAVE usable with the fixed 4096-byte kvm_xsave.
+    xsave: bool,
 }
+
+/// Dword index of MXCSR in the XSAVE legacy region (byte 24, SDM Vol. 1 §13.4.1 / Table 10-2).
+const XSAVE_MXCSR: usize = 6;
+/// Dword index of XSTATE_BV's low half in the XSAVE header (byte 512, SDM Vol. 1 §13.4.2).
+const XSAVE_XSTATE_BV: usize = 128;
+/// XSTATE_BV bits for x87 and SSE state (SDM Vol. 1 §13.1).
+const XSTATE_X87_SSE: u32 = 0b11;
 
 /// The data of a port-I/O exit, lent from the kvm_run page.
 pub(crate) struct IoData<'a> {
@@ -55,12 +64,15 @@ pub(crate) struct MmioData<'a> {
 
 impl Vm {
     /// Registers every region of `memory` as a KVM memory slot and takes ownership of the fds.
+    ///
+    /// `xsave` says KVM_GET/SET_XSAVE exist and KVM_CAP_XSAVE2 asks for at most 4096 bytes.
     pub fn new(
         vm: VmFd,
         vcpu: VcpuFd,
         memory: Arc<GuestMemory>,
         mmap_size: usize,
         max_slots: usize,
+        xsave: bool,
     ) -> Result<Self, KvmError> {
         for (slot, region) in memory.iter().enumerate() {
             let base = region.start_addr().0;
@@ -85,7 +97,7 @@ impl Vm {
             unsafe { vm.set_user_memory_region(desc) }
                 .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Vm { vcpu, _vm: vm, memory, mmap_size })
+        Ok(Vm { vcpu, _vm: vm, memory, mmap_size, xsave })
     }
 
     /// The vCPU fd.
@@ -101,6 +113,30 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// MXCSR, which KVM_GET_FPU does not report: read from KVM_GET_XSAVE when available.
+    pub fn mxcsr(&self) -> Result<Option<u32>, KvmError> {
+        if !self.xsave {
+            return Ok(None);
+        }
+        let x = self.vcpu.get_xsave().map_err(KvmError::ioctl("KVM_GET_XSAVE"))?;
+        Ok(Some(x.region[XSAVE_MXCSR]))
+    }
+
+    /// Writes MXCSR, which KVM_SET_FPU ignores, through KVM_GET/SET_XSAVE when available.
+    pub fn set_mxcsr(&self, mxcsr: u32) -> Result<(), KvmError> {
+        if !self.xsave {
+            return Ok(());
+        }
+        let mut x = self.vcpu.get_xsave().map_err(KvmError::ioctl("KVM_GET_XSAVE"))?;
+        x.region[XSAVE_MXCSR] = mxcsr;
+        // MXCSR is only loaded when XSTATE_BV says SSE state is present (SDM Vol. 1 §13.8.1).
+        x.region[XSAVE_XSTATE_BV] |= XSTATE_X87_SSE;
+        // SAFETY: `x` is a whole kvm_xsave (4096 bytes) just filled by KVM_GET_XSAVE; `self.xsave`
+        // is only true when KVM_CAP_XSAVE2 reports a size of at most 4096 bytes, so the kernel
+        // reads nothing past the struct.
+        unsafe { self.vcpu.set_xsave(&x) }.map_err(KvmError::ioctl("KVM_SET_XSAVE"))
     }
 
     /// KVM_INTERRUPT: queues external interrupt `vector` for injection on the next entry.

@@ -219,29 +219,47 @@ impl KvmVcpu {
             // Finishing the pending I/O produced an exit: the vCPU advances.
             return Ok(e);
         }
+        let before = (self.read_regs()?, self.read_sregs()?);
+        let spins = insn::branches_to_itself(self.vm.vcpu(), self.vm.memory(), &before.0, &before.1);
         self.guest_debug(true)?;
-        let until = Instant::now() + PROGRESS_PROBE;
-        let probe = loop {
-            match self.enter(Some(until)) {
-                Ok(Entered::Interrupted) if Instant::now() < until => {}
-                other => break other,
-            }
-        };
+        let probe = self.probe(&before, spins);
         let restored = self.guest_debug(self.single_step);
         let probe = probe?;
         restored?;
         match probe {
-            Entered::Interrupted => {
-                let regs = self.vm.vcpu().get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
-                self.cannot_run(format!(
-                    "KVM did not complete the instruction within {} ms (after the deadline, at rip {:#x})",
-                    PROGRESS_PROBE.as_millis(),
-                    regs.rip
-                ))
+            Some(e) => Ok(e),
+            None => self.cannot_run(format!(
+                "KVM did not complete the instruction within {} ms (after the deadline, at rip {:#x})",
+                PROGRESS_PROBE.as_millis(),
+                before.0.rip
+            )),
+        }
+    }
+
+    /// Single-steps until one instruction completes or [`PROGRESS_PROBE`] passes: `Some(exit)`
+    /// when the vCPU advanced (`DeadlineReached`, or another exit it reached), `None` if not.
+    ///
+    /// A step "completes" when the registers change, or when the instruction is a branch to
+    /// itself (`jmp $`), which retires without changing them. On this development host
+    /// (kvm_pvm) a real-mode `INT n` returns a single-step exit with nothing changed, again and
+    /// again; elsewhere KVM_RUN may simply not return, and the timer ends the probe.
+    fn probe(&mut self, before: &(Regs, SystemRegs), spins: bool) -> Result<Option<Exit>, KvmError> {
+        let until = Instant::now() + PROGRESS_PROBE;
+        loop {
+            match self.enter(Some(until))? {
+                Entered::Exit(Exit::Debug(DebugEvent::SingleStep { .. })) => {
+                    let after = (self.read_regs()?, self.read_sregs()?);
+                    if spins || after != *before {
+                        return Ok(Some(Exit::Deadline));
+                    }
+                }
+                // Any other exit is progress too; the next run reports the deadline.
+                Entered::Exit(e) => return Ok(Some(e)),
+                Entered::Interrupted => {}
             }
-            Entered::Exit(Exit::Debug(DebugEvent::SingleStep { .. })) => Ok(Exit::Deadline),
-            // Any other exit is progress too; the next run reports the deadline.
-            Entered::Exit(e) => Ok(e),
+            if Instant::now() >= until {
+                return Ok(None);
+            }
         }
     }
 
@@ -330,6 +348,7 @@ impl KvmVcpu {
         vcpu.set_sregs(&sregs).map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
         vcpu.set_regs(&regs).map_err(KvmError::ioctl("KVM_SET_REGS"))?;
         vcpu.set_fpu(&fpu).map_err(KvmError::ioctl("KVM_SET_FPU"))?;
+        self.vm.set_mxcsr(fpu.mxcsr)?;
         self.write_msrs(&s.msrs)
     }
 
@@ -374,7 +393,11 @@ impl Vcpu for KvmVcpu {
     fn state(&mut self) -> Result<CpuState, VcpuError> {
         let regs = self.read_regs()?;
         let sregs = self.read_sregs()?;
-        let fpu = convert::fpu_from_kvm(&self.vm.vcpu().get_fpu().map_err(KvmError::ioctl("KVM_GET_FPU"))?);
+        let mut kfpu = self.vm.vcpu().get_fpu().map_err(KvmError::ioctl("KVM_GET_FPU"))?;
+        if let Some(mxcsr) = self.vm.mxcsr()? {
+            kfpu.mxcsr = mxcsr;
+        }
+        let fpu = convert::fpu_from_kvm(&kfpu);
         let msrs = self.read_msrs()?;
         Ok(CpuState { regs, sregs, fpu, msrs })
     }
@@ -410,5 +433,33 @@ impl Vcpu for KvmVcpu {
     fn set_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = deadline;
         self.deadline_seen = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_core::{Backend, CpuidProfile, Guest, Segment};
+
+    use super::*;
+    use crate::testing::kvm_or_skip;
+
+    #[test]
+    fn deadline_leaves_no_signal_or_immediate_exit_behind() {
+        let Some(kvm) = kvm_or_skip() else { return };
+        // EB FE = jmp $ at 0x7c00, real mode.
+        let mut g = Guest::new("spin", 0x10000);
+        g.load(0x7c00, vec![0xeb, 0xfe]);
+        g.state.sregs.cs = Segment::real_mode(0, true);
+        g.state.regs.rip = 0x7c00;
+        let memory = g.build_memory().unwrap();
+        let profile = kvm.cpuid_profile(&CpuidProfile::baseline()).unwrap();
+        let mut vcpu = kvm.create(memory, &profile).unwrap();
+        vcpu.set_state(&g.state).unwrap();
+        vcpu.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::DeadlineReached));
+        assert!(!sys::kick_signal_pending());
+        assert_eq!(vcpu.vm.vcpu_mut().get_kvm_run().immediate_exit, 0);
+        // The deadline stays reported until it is moved.
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::DeadlineReached));
     }
 }
