@@ -293,3 +293,54 @@ fn real_mode_int_completes_or_is_reported_as_stuck() {
         e => panic!("expected CannotRun or the handler's IoOut, got {}", describe(e)),
     }
 }
+
+#[test]
+fn guest_cpuid_answers_from_the_profile() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    // 66 31 C0 = xor eax,eax; 0F A2 = cpuid; F4 = hlt. CPUID leaf 0 returns the highest basic
+    // leaf in EAX and the vendor in EBX, EDX, ECX (SDM Vol. 2A CPUID).
+    let g = guest(&[0x66, 0x31, 0xc0, 0x0f, 0xa2, 0xf4], &[]);
+    let (_m, mut vcpu) = start(&kvm, &g);
+    assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+    let profile = kvm.cpuid_profile(&CpuidProfile::baseline()).unwrap();
+    let r = vcpu.regs().unwrap();
+    let [eax, ebx, ecx, edx] = profile.lookup(0, 0);
+    assert_eq!((r.rax, r.rbx, r.rcx, r.rdx), (eax.into(), ebx.into(), ecx.into(), edx.into()));
+    // The baseline asks for 7 basic leaves; restriction keeps that number.
+    assert_eq!(r.rax, 7);
+}
+
+#[test]
+fn protected_mode_flat_32_bit_guest_runs() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    // Flat 4 GiB code (selector 8) and data (selector 0x10) descriptors: base 0, limit
+    // 0xFFFFF with G = 1, D = 1; access 0x9B (code, RX, accessed) and 0x93 (data, RW, accessed)
+    // (SDM Vol. 3A §3.4.5).
+    let code_desc = 0x00cf_9b00_0000_ffffu64;
+    let data_desc = 0x00cf_9300_0000_ffffu64;
+    let gdt: Vec<u8> = [0u64, code_desc, data_desc].iter().flat_map(|d| d.to_le_bytes()).collect();
+    // B8 78 56 34 12 = mov eax,0x12345678 (5 bytes with a 32-bit operand); E6 E9 = out 0xE9,al;
+    // F4 = hlt.
+    let code = [0xb8, 0x78, 0x56, 0x34, 0x12, 0xe6, 0xe9, 0xf4];
+    let mut g = Guest::new("pm32", 0x10000);
+    g.load(0x500, gdt).load(0x1000, code.to_vec());
+    let mut s = CpuState::reset();
+    s.sregs.cr0 |= duet_core::state::ctrl::CR0_PE;
+    s.sregs.gdt = duet_core::DescriptorTable { base: 0x500, limit: 0x17 };
+    s.sregs.cs = Segment::from_descriptor(0x8, code_desc);
+    let data = Segment::from_descriptor(0x10, data_desc);
+    (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.fs, s.sregs.gs) = (data, data, data, data, data);
+    (s.regs.rip, s.regs.rsp) = (0x1000, 0x8000);
+    g.state = s.clone();
+    let (_m, mut vcpu) = start(&kvm, &g);
+    let back = vcpu.sregs().unwrap();
+    assert_eq!((back.cs, back.ss), (s.sregs.cs, s.sregs.ss));
+    assert_eq!(back.cs.limit, 0xffff_ffff);
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut { port, size, data } => assert_eq!((port, size, data), (0xe9, 1, &[0x78u8][..])),
+        e => panic!("expected IoOut, got {}", describe(e)),
+    }
+    assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+    let r = vcpu.regs().unwrap();
+    assert_eq!((r.rax, r.rip), (0x1234_5678, 0x1008));
+}
