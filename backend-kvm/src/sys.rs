@@ -1,6 +1,6 @@
 //! Every `unsafe` block of duet-kvm: memory slots, the kvm_run page, KVM_INTERRUPT and the
 //! deadline signal and timer. Each block names the invariant that makes it sound.
-#![allow(unsafe_code)]
+#![expect(unsafe_code, reason = "the one module of duet-kvm that talks to the kernel directly")]
 
 use std::io;
 use std::sync::{Arc, OnceLock};
@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_interrupt, kvm_run, kvm_userspace_memory_region, KVMIO, K
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
 
 use crate::error::KvmError;
 
@@ -241,6 +241,11 @@ impl Kicker {
     /// A disarmed timer aimed at the calling thread.
     pub fn for_current_thread() -> Result<Self, KvmError> {
         install_kick_handler()?;
+        // A thread that blocks the signal would never be kicked out of KVM_RUN.
+        unblock_signal(kick_signal()).map_err(|e| KvmError::Timer {
+            what: "pthread_sigmask (unblock)",
+            source: io::Error::other(e.to_string()),
+        })?;
         let tid = current_tid();
         // SAFETY: sigevent is plain data (integers and a union of integer/pointer); all-zero
         // is a valid value that we then fill in.

@@ -344,3 +344,45 @@ fn protected_mode_flat_32_bit_guest_runs() {
     let r = vcpu.regs().unwrap();
     assert_eq!((r.rax, r.rip), (0x1234_5678, 0x1008));
 }
+
+#[test]
+fn long_mode_guest_with_four_level_paging_runs() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    // Identity-map the first 2 MiB: PML4[0] → PDPT at 0x11000, PDPT[0] → PD at 0x12000,
+    // PD[0] = a 2 MiB page at 0 (P | RW | PS = 0x83) (SDM Vol. 3A §4.5, Tables 4-15/4-17/4-18).
+    let mut g = Guest::new("lm64", 0x20_0000);
+    g.load(0x10000, 0x11003u64.to_le_bytes().to_vec())
+        .load(0x11000, 0x12003u64.to_le_bytes().to_vec())
+        .load(0x12000, 0x83u64.to_le_bytes().to_vec());
+    // 48 B8 imm64 = mov rax,0x1122334455667788 (10 bytes); E6 E9 = out 0xE9,al; F4 = hlt.
+    let mut code = vec![0x48, 0xb8];
+    code.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+    code.extend_from_slice(&[0xe6, 0xe9, 0xf4]);
+    g.load(0x1000, code);
+    // 64-bit code segment: L = 1, D = 0, access 0x9B; flat data 0x93 (SDM Vol. 3A §5.2.1).
+    let code_desc = 0x00af_9b00_0000_ffffu64;
+    let data_desc = 0x00cf_9300_0000_ffffu64;
+    let gdt: Vec<u8> = [0u64, code_desc, data_desc].iter().flat_map(|d| d.to_le_bytes()).collect();
+    g.load(0x500, gdt);
+    let mut s = CpuState::reset();
+    use duet_core::state::ctrl::*;
+    s.sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+    s.sregs.cr4 = CR4_PAE;
+    s.sregs.cr3 = 0x10000;
+    s.sregs.efer = EFER_LME | EFER_LMA;
+    s.sregs.gdt = duet_core::DescriptorTable { base: 0x500, limit: 0x17 };
+    s.sregs.cs = Segment::from_descriptor(0x8, code_desc);
+    let data = Segment::from_descriptor(0x10, data_desc);
+    (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.fs, s.sregs.gs) = (data, data, data, data, data);
+    (s.regs.rip, s.regs.rsp) = (0x1000, 0x8000);
+    g.state = s;
+    let (_m, mut vcpu) = start(&kvm, &g);
+    assert_eq!(vcpu.state().unwrap().mode(), duet_core::CpuMode::Long64);
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut { port, size, data } => assert_eq!((port, size, data), (0xe9, 1, &[0x88u8][..])),
+        e => panic!("expected IoOut, got {}", describe(e)),
+    }
+    assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+    let r = vcpu.regs().unwrap();
+    assert_eq!((r.rax, r.rip), (0x1122_3344_5566_7788, 0x100d));
+}
