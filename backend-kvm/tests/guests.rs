@@ -386,3 +386,63 @@ fn long_mode_guest_with_four_level_paging_runs() {
     let r = vcpu.regs().unwrap();
     assert_eq!((r.rax, r.rip), (0x1122_3344_5566_7788, 0x100d));
 }
+
+/// A port device that records every byte written to it.
+struct Recorder(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl duet_core::BusDevice for Recorder {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) -> duet_core::WriteOutcome {
+        self.0.lock().unwrap().extend_from_slice(data);
+        duet_core::WriteOutcome::Continue
+    }
+}
+
+#[test]
+fn machine_delivers_a_raised_interrupt_to_a_halted_guest() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    // Main: FB = sti; F4 = hlt; F4 = hlt. Handler at 0000:7D00 for vector 0x20 (IVT 0x80):
+    // B0 49 = mov al,'I'; E6 E9 = out 0xE9,al; CF = iret. The run loop injects the pending
+    // vector through the interrupt window; the handler returns to the second HLT, and with
+    // nothing pending the run ends there (SDM Vol. 2A HLT).
+    let ivt: &[u8] = &[0x00, 0x7d, 0x00, 0x00];
+    let handler: &[u8] = &[0xb0, 0x49, 0xe6, 0xe9, 0xcf];
+    let g = guest(&[0xfb, 0xf4, 0xf4], &[(0x80, ivt), (0x7d00, handler)]);
+    let mut m = Machine::new(&kvm, &g, &CpuidProfile::baseline()).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    m.pio.insert(0xe9, 1, Arc::new(std::sync::Mutex::new(Recorder(seen.clone())))).unwrap();
+    m.interrupts().raise(0x20);
+    let out = m.run(&RunOptions::default()).unwrap();
+    assert_eq!(out.stop, StopReason::Halted);
+    assert_eq!(*seen.lock().unwrap(), b"I");
+    // STI (1) + HLT (1) + HLT (1): RIP is past the second HLT.
+    assert_eq!(out.state.regs.rip, ORG + 3);
+}
+
+#[test]
+fn long_string_out_survives_register_reads_between_chunks() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    // BE 00 10 = mov si,0x1000; B9 88 13 = mov cx,5000; BA 80 00 = mov dx,0x80;
+    // F3 6E = rep outsb; F4 = hlt. 5000 bytes exceed one kvm_run data page, so KVM needs
+    // several exits; reading registers between them must lose no byte.
+    let code = [0xbe, 0x00, 0x10, 0xb9, 0x88, 0x13, 0xba, 0x80, 0x00, 0xf3, 0x6e, 0xf4];
+    let pattern: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (_m, mut vcpu) = start(&kvm, &guest(&code, &[(0x1000, &pattern)]));
+    let mut seen = Vec::new();
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut { port: 0x80, size: 1, data } => seen.extend_from_slice(data),
+            VcpuExit::Hlt => break,
+            e => panic!("unexpected {}", describe(e)),
+        }
+        // Reading registers makes the backend let KVM finish the pending chunk, which may
+        // produce the next chunk's exit before `run` is called again.
+        vcpu.regs().unwrap();
+    }
+    assert_eq!(seen.len(), pattern.len());
+    assert_eq!(seen, pattern);
+    let r = vcpu.regs().unwrap();
+    assert_eq!((r.rcx & 0xffff, r.rsi & 0xffff), (0, 0x1000 + 5000));
+}
