@@ -191,6 +191,23 @@ mod tests {
     }
 
     #[test]
+    fn permission_and_version_problems_say_what_to_do() {
+        let b = KvmBackend::with_path("/dev/kvm");
+        let denied = KvmError::Open {
+            path: "/dev/kvm".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        let why = b.explain(&denied);
+        assert!(why.contains("permission denied opening /dev/kvm"), "{why}");
+        assert!(why.contains("`kvm` group") && why.contains("root"), "{why}");
+        let old = KvmError::ApiVersion { path: "/dev/kvm".into(), got: 11, expected: 12 };
+        assert_eq!(b.explain(&old), "/dev/kvm speaks KVM API version 11, expected 12");
+        let failed =
+            KvmError::Ioctl { op: "KVM_CREATE_VM", source: std::io::Error::from_raw_os_error(libc::EBUSY) };
+        assert!(b.explain(&failed).starts_with("KVM_CREATE_VM failed: "), "{}", b.explain(&failed));
+    }
+
+    #[test]
     fn path_with_nul_is_refused_not_truncated() {
         let b = KvmBackend::with_path("/dev/kvm\0junk");
         assert!(matches!(b.open(), Err(KvmError::BadPath { .. })));
