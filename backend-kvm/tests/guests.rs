@@ -1,56 +1,15 @@
-//! Tiny hand-assembled guests run on KVM, one behaviour each. Encodings are from the SDM
-//! Vol. 2 opcode tables; expected values are worked out in the comments.
+//! Tiny hand-assembled real-mode guests run on KVM, one behaviour each. Encodings are from the
+//! SDM Vol. 2 opcode tables; expected values are worked out in the comments.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{describe, guest, real_mode_state, start, ORG};
 use duet_core::state::{msr, rflags, Segment};
-use duet_core::{
-    Backend, CpuState, CpuidProfile, DebugEvent, Guest, GuestMemory, Machine, RunOptions, StopReason,
-};
-use duet_core::{Vcpu, VcpuExit};
+use duet_core::{Backend, CpuidProfile, DebugEvent, Machine, RunOptions, StopReason, Vcpu, VcpuExit};
 use duet_kvm::testing::kvm_or_skip;
-use duet_kvm::{KvmBackend, KvmVcpu};
-
-/// Where every test guest's code starts (CS = 0, IP = 0x7c00).
-const ORG: u64 = 0x7c00;
-
-/// A real-mode state at 0000:7C00 with SS:SP = 0000:7C00 (SDM Vol. 3A §21.1 real-mode addressing).
-fn real_mode_state() -> CpuState {
-    let mut s = CpuState::reset();
-    s.sregs.cs = Segment::real_mode(0, true);
-    s.sregs.ss = Segment::real_mode(0, false);
-    s.regs.rip = ORG;
-    s.regs.rsp = ORG;
-    s
-}
-
-/// A 64 KiB real-mode guest with `code` at 0x7c00 and extra `(addr, bytes)` images.
-fn guest(code: &[u8], extra: &[(u64, &[u8])]) -> Guest {
-    let mut g = Guest::new("kvm-test", 0x10000);
-    g.load(ORG, code.to_vec());
-    for (addr, bytes) in extra {
-        g.load(*addr, bytes.to_vec());
-    }
-    g.state = real_mode_state();
-    g
-}
-
-/// Creates a KVM vCPU over `g`'s memory with the baseline CPUID profile and `g`'s start state.
-fn start(kvm: &KvmBackend, g: &Guest) -> (Arc<GuestMemory>, KvmVcpu) {
-    let memory = g.build_memory().unwrap();
-    let profile = kvm.cpuid_profile(&CpuidProfile::baseline()).unwrap();
-    let mut vcpu = kvm.create(memory.clone(), &profile).unwrap();
-    vcpu.set_state(&g.state).unwrap();
-    // Every test has a safety net: a broken backend ends in DeadlineReached, not a hang.
-    vcpu.set_deadline(Some(Instant::now() + Duration::from_secs(10)));
-    (memory, vcpu)
-}
-
-/// A short description of an exit, owning its data, for assertions.
-fn describe(exit: VcpuExit<'_>) -> String {
-    format!("{exit:?}")
-}
 
 #[test]
 fn availability_names_the_api_version_and_device() {
@@ -310,91 +269,6 @@ fn guest_cpuid_answers_from_the_profile() {
     assert_eq!(r.rax, 7);
 }
 
-/// Flat 4 GiB code (selector 8) and data (selector 0x10) descriptors: base 0, limit 0xFFFFF
-/// with G = 1, D = 1; access 0x9B (code, RX, accessed) and 0x93 (data, RW, accessed)
-/// (SDM Vol. 3A §3.4.5).
-const FLAT_CODE32: u64 = 0x00cf_9b00_0000_ffff;
-const FLAT_DATA: u64 = 0x00cf_9300_0000_ffff;
-
-/// A 32-bit protected-mode guest without paging: GDT at 0x500, `code` at 0x1000, ESP 0x8000.
-fn flat32_guest(code: &[u8]) -> Guest {
-    let gdt: Vec<u8> = [0u64, FLAT_CODE32, FLAT_DATA].iter().flat_map(|d| d.to_le_bytes()).collect();
-    let mut g = Guest::new("pm32", 0x10000);
-    g.load(0x500, gdt).load(0x1000, code.to_vec());
-    let s = &mut g.state;
-    s.sregs.cr0 |= duet_core::state::ctrl::CR0_PE;
-    s.sregs.gdt = duet_core::DescriptorTable { base: 0x500, limit: 0x17 };
-    s.sregs.cs = Segment::from_descriptor(0x8, FLAT_CODE32);
-    let data = Segment::from_descriptor(0x10, FLAT_DATA);
-    (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.fs, s.sregs.gs) = (data, data, data, data, data);
-    (s.regs.rip, s.regs.rsp) = (0x1000, 0x8000);
-    g
-}
-
-#[test]
-fn protected_mode_flat_32_bit_guest_runs() {
-    let Some(kvm) = kvm_or_skip() else { return };
-    // B8 78 56 34 12 = mov eax,0x12345678 (5 bytes with a 32-bit operand); E6 E9 = out 0xE9,al;
-    // F4 = hlt.
-    let g = flat32_guest(&[0xb8, 0x78, 0x56, 0x34, 0x12, 0xe6, 0xe9, 0xf4]);
-    let (_m, mut vcpu) = start(&kvm, &g);
-    let back = vcpu.sregs().unwrap();
-    assert_eq!((back.cs, back.ss), (g.state.sregs.cs, g.state.sregs.ss));
-    assert_eq!(back.cs.limit, 0xffff_ffff);
-    match vcpu.run().unwrap() {
-        VcpuExit::IoOut { port, size, data } => assert_eq!((port, size, data), (0xe9, 1, &[0x78u8][..])),
-        e => panic!("expected IoOut, got {}", describe(e)),
-    }
-    assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
-    let r = vcpu.regs().unwrap();
-    assert_eq!((r.rax, r.rip), (0x1234_5678, 0x1008));
-}
-
-/// A 64-bit guest: the first 2 MiB identity-mapped, GDT at 0x500, `code` at 0x1000, RSP 0x8000.
-fn long_mode_guest(code: &[u8]) -> Guest {
-    use duet_core::state::ctrl::*;
-    // PML4[0] → PDPT at 0x11000, PDPT[0] → PD at 0x12000, PD[0] = a 2 MiB page at 0
-    // (P | RW | PS = 0x83) (SDM Vol. 3A §4.5, Tables 4-15/4-17/4-18).
-    let mut g = Guest::new("lm64", 0x20_0000);
-    g.load(0x10000, 0x11003u64.to_le_bytes().to_vec())
-        .load(0x11000, 0x12003u64.to_le_bytes().to_vec())
-        .load(0x12000, 0x83u64.to_le_bytes().to_vec())
-        .load(0x1000, code.to_vec());
-    // 64-bit code segment: L = 1, D = 0, access 0x9B (SDM Vol. 3A §5.2.1).
-    let code64 = 0x00af_9b00_0000_ffffu64;
-    let gdt: Vec<u8> = [0u64, code64, FLAT_DATA].iter().flat_map(|d| d.to_le_bytes()).collect();
-    g.load(0x500, gdt);
-    let s = &mut g.state;
-    s.sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
-    s.sregs.cr4 = CR4_PAE;
-    s.sregs.cr3 = 0x10000;
-    s.sregs.efer = EFER_LME | EFER_LMA;
-    s.sregs.gdt = duet_core::DescriptorTable { base: 0x500, limit: 0x17 };
-    s.sregs.cs = Segment::from_descriptor(0x8, code64);
-    let data = Segment::from_descriptor(0x10, FLAT_DATA);
-    (s.sregs.ds, s.sregs.es, s.sregs.ss, s.sregs.fs, s.sregs.gs) = (data, data, data, data, data);
-    (s.regs.rip, s.regs.rsp) = (0x1000, 0x8000);
-    g
-}
-
-#[test]
-fn long_mode_guest_with_four_level_paging_runs() {
-    let Some(kvm) = kvm_or_skip() else { return };
-    // 48 B8 imm64 = mov rax,0x1122334455667788 (10 bytes); E6 E9 = out 0xE9,al; F4 = hlt.
-    let mut code = vec![0x48, 0xb8];
-    code.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
-    code.extend_from_slice(&[0xe6, 0xe9, 0xf4]);
-    let (_m, mut vcpu) = start(&kvm, &long_mode_guest(&code));
-    assert_eq!(vcpu.state().unwrap().mode(), duet_core::CpuMode::Long64);
-    match vcpu.run().unwrap() {
-        VcpuExit::IoOut { port, size, data } => assert_eq!((port, size, data), (0xe9, 1, &[0x88u8][..])),
-        e => panic!("expected IoOut, got {}", describe(e)),
-    }
-    assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
-    let r = vcpu.regs().unwrap();
-    assert_eq!((r.rax, r.rip), (0x1122_3344_5566_7788, 0x100d));
-}
-
 /// A port device that records every byte written to it.
 struct Recorder(Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -453,41 +327,4 @@ fn long_string_out_survives_register_reads_between_chunks() {
     assert_eq!(seen, pattern);
     let r = vcpu.regs().unwrap();
     assert_eq!((r.rcx & 0xffff, r.rsi & 0xffff), (0, 0x1000 + 5000));
-}
-
-#[test]
-fn fxsave_image_matches_the_state_loaded_and_fxrstor_state_is_read_back() {
-    let Some(kvm) = kvm_or_skip() else { return };
-    use duet_core::vm_memory::{Bytes, GuestAddress};
-    // Long mode (this host's KVM emulates real and unpaged protected mode and cannot emulate
-    // SSE state instructions there). ModRM 00 reg 100 + SIB 25 + disp32 is an absolute address
-    // in 64-bit mode (SDM Vol. 2A §2.2.1.6). 0F AE /0 = fxsave [0x3000];
-    // 0F AE /1 = fxrstor [0x3200]; F4 = hlt.
-    let code = [0x0f, 0xae, 0x04, 0x25, 0x00, 0x30, 0, 0, 0x0f, 0xae, 0x0c, 0x25, 0x00, 0x32, 0, 0, 0xf4];
-    let mut g = long_mode_guest(&code);
-    // FXRSTOR image: FCW 0x0E7F at byte 0, MXCSR 0x3F80 at byte 24, XMM3 at byte 160 + 3 × 16
-    // (SDM Vol. 1 §10.5.1 Table 10-2).
-    let mut image = [0u8; 512];
-    image[0..2].copy_from_slice(&0x0e7fu16.to_le_bytes());
-    image[24..28].copy_from_slice(&0x3f80u32.to_le_bytes());
-    image[208..224].copy_from_slice(&[0x3c; 16]);
-    g.load(0x3200, image.to_vec());
-    // FXSAVE/FXRSTOR of the SSE part need CR4.OSFXSR (SDM Vol. 2A FXSAVE).
-    g.state.sregs.cr4 |= duet_core::state::ctrl::CR4_OSFXSR;
-    g.state.fpu.0[0..2].copy_from_slice(&0x027fu16.to_le_bytes());
-    g.state.fpu.0[24..28].copy_from_slice(&0x1f00u32.to_le_bytes());
-    g.state.fpu.0[160..176].copy_from_slice(&[0xa5; 16]);
-    let (mem, mut vcpu) = start(&kvm, &g);
-    let exit = describe(vcpu.run().unwrap());
-    assert_eq!(exit, "Hlt", "rip {:#x}", vcpu.regs().unwrap().rip);
-    // What set_state loaded is what the guest's FXSAVE stored…
-    let mut saved = [0u8; 512];
-    mem.read_slice(&mut saved, GuestAddress(0x3000)).unwrap();
-    assert_eq!(u16::from_le_bytes([saved[0], saved[1]]), 0x027f);
-    assert_eq!(u32::from_le_bytes([saved[24], saved[25], saved[26], saved[27]]), 0x1f00);
-    assert_eq!(saved[160..176], [0xa5; 16]);
-    // …and what the guest's FXRSTOR loaded is what state() reads.
-    let fpu = vcpu.state().unwrap().fpu;
-    assert_eq!((fpu.fcw(), fpu.mxcsr()), (0x0e7f, 0x3f80));
-    assert_eq!(fpu.xmm(3), u128::from_le_bytes([0x3c; 16]));
 }
