@@ -8,6 +8,27 @@
 //! in-kernel irqchip: devices are userspace and shared with the interpreter.
 //!
 //! All `unsafe` code is in the private `sys` module.
+//!
+//! ```
+//! use duet_core::{Backend, CpuidProfile, Guest, Segment, Vcpu, VcpuExit};
+//!
+//! // Skips (printing why) when KVM is unusable, fails instead under DUET_REQUIRE_KVM=1.
+//! let Some(kvm) = duet_kvm::testing::kvm_or_skip() else { return Ok(()) };
+//! let mut guest = Guest::new("hello", 0x10000);
+//! // mov al,'A'; out 0xe9,al; hlt — at 0000:7C00 in real mode.
+//! guest.load(0x7c00, vec![0xb0, b'A', 0xe6, 0xe9, 0xf4]);
+//! guest.state.sregs.cs = Segment::real_mode(0, true);
+//! guest.state.regs.rip = 0x7c00;
+//! let profile = kvm.cpuid_profile(&CpuidProfile::baseline())?;
+//! let mut vcpu = kvm.create_vcpu(guest.build_memory()?, &profile)?;
+//! vcpu.set_state(&guest.state)?;
+//! match vcpu.run()? {
+//!     VcpuExit::IoOut { port: 0xe9, data, .. } => assert_eq!(data, b"A"),
+//!     other => panic!("unexpected exit {other:?}"),
+//! }
+//! assert!(matches!(vcpu.run()?, VcpuExit::Hlt));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
