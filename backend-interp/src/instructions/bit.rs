@@ -1,0 +1,62 @@
+//! BT/BTS/BTR/BTC (including memory bit strings addressed by a register offset) and BSF/BSR.
+
+use duet_core::state::rflags::{CF, ZF};
+use iced_x86::{Instruction, Mnemonic, OpKind};
+
+use super::form;
+use crate::cpu::{mask, sext, Cpu, Flow};
+use crate::operand::addr_bytes;
+
+/// Executes a bit-test or bit-scan instruction.
+pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let m = ins.mnemonic();
+    let b = cpu.op_bytes(ins, 0);
+    let bits = u64::from(b * 8);
+    match m {
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => {
+            let raw = cpu.read_op(ins, 1)?;
+            let reg_offset = ins.op_kind(1) == OpKind::Register;
+            let (val, bit, place) = if Cpu::is_mem(ins, 0) && reg_offset {
+                // SDM Vol. 2A BT: a register bit offset is signed and selects a unit beyond the
+                // addressed operand: address + (offset SAR log2(bits)) × size.
+                let off = sext(raw, b) as i64;
+                let unit = off.div_euclid(bits as i64);
+                let (seg, ea) = cpu.mem_addr(ins, 0);
+                let am = mask(addr_bytes(ins, cpu.bitness()));
+                let addr = ea.wrapping_add((unit as u64).wrapping_mul(u64::from(b))) & am;
+                let v = cpu.read_mem(seg, addr, b)?;
+                (v, off.rem_euclid(bits as i64) as u64, Some((seg, addr)))
+            } else {
+                (cpu.read_op(ins, 0)?, raw % bits, None)
+            };
+            let set = (val >> bit) & 1 != 0;
+            let nv = match m {
+                Mnemonic::Bts => val | (1 << bit),
+                Mnemonic::Btr => val & !(1 << bit),
+                Mnemonic::Btc => val ^ (1 << bit),
+                _ => val,
+            };
+            if m != Mnemonic::Bt {
+                match place {
+                    Some((seg, addr)) => cpu.write_mem(seg, addr, b, nv)?,
+                    None => cpu.write_op(ins, 0, nv)?,
+                }
+            }
+            cpu.set_flag(CF, set);
+            Ok(())
+        }
+        Mnemonic::Bsf | Mnemonic::Bsr => {
+            let src = cpu.read_op(ins, 1)? & mask(b);
+            if src == 0 {
+                // Destination undefined (left unchanged, as current parts do); ZF = 1.
+                cpu.set_flag(ZF, true);
+                return Ok(());
+            }
+            let idx = if m == Mnemonic::Bsf { src.trailing_zeros() } else { 63 - src.leading_zeros() };
+            cpu.write_op(ins, 0, u64::from(idx))?;
+            cpu.set_flag(ZF, false);
+            Ok(())
+        }
+        _ => Err(form(ins)),
+    }
+}

@@ -1,0 +1,116 @@
+//! Instruction execution, dispatched in one place by iced-x86 `Mnemonic` into one module per
+//! instruction group.
+
+pub(crate) mod alu;
+pub(crate) mod bit;
+pub(crate) mod control;
+pub(crate) mod flags;
+pub(crate) mod io;
+pub(crate) mod misc;
+pub(crate) mod mov;
+pub(crate) mod muldiv;
+pub(crate) mod shift;
+pub(crate) mod stack;
+pub(crate) mod string;
+pub(crate) mod system;
+
+use iced_x86::{Instruction, Mnemonic};
+
+use crate::cpu::{unsupported, Cpu, Flow};
+
+/// The instruction groups, one module each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    Mov,
+    Alu,
+    Shift,
+    MulDiv,
+    Bit,
+    Stack,
+    Control,
+    String,
+    Io,
+    System,
+    Flags,
+    Misc,
+}
+
+/// The group that implements `m`, or `None` when the interpreter does not implement it.
+fn group(m: Mnemonic) -> Option<Group> {
+    use Mnemonic::*;
+    Some(match m {
+        Mov | Movzx | Movsx | Movsxd | Lea | Xchg | Cbw | Cwde | Cdqe | Cwd | Cdq | Cqo | Bswap | Cmpxchg
+        | Xadd | Cmpxchg8b | Xlatb | Cmova | Cmovae | Cmovb | Cmovbe | Cmove | Cmovg | Cmovge | Cmovl
+        | Cmovle | Cmovne | Cmovno | Cmovnp | Cmovns | Cmovo | Cmovp | Cmovs | Seta | Setae | Setb
+        | Setbe | Sete | Setg | Setge | Setl | Setle | Setne | Setno | Setnp | Setns | Seto | Setp | Sets => {
+            Group::Mov
+        }
+        Add | Adc | Sub | Sbb | Cmp | And | Or | Xor | Test | Inc | Dec | Neg | Not => Group::Alu,
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr => Group::Shift,
+        Mul | Imul | Div | Idiv => Group::MulDiv,
+        Bt | Bts | Btr | Btc | Bsf | Bsr => Group::Bit,
+        Push | Pop | Pushf | Pushfd | Pushfq | Popf | Popfd | Popfq | Leave | Enter => Group::Stack,
+        Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js
+        | Jcxz | Jecxz | Jrcxz | Loop | Loope | Loopne | Call | Ret | Retf | Int | Int3 | Into | Iret
+        | Iretd | Iretq => Group::Control,
+        Movsb | Movsw | Movsd | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq
+        | Cmpsb | Cmpsw | Cmpsd | Cmpsq | Scasb | Scasw | Scasd | Scasq | Insb | Insw | Insd | Outsb
+        | Outsw | Outsd => Group::String,
+        In | Out => Group::Io,
+        Hlt | Cpuid | Rdmsr | Wrmsr | Rdtsc | Lgdt | Lidt | Sgdt | Sidt | Ltr | Lldt | Str | Sldt
+        | Invlpg | Clts | Wbinvd | Invd | Swapgs | Smsw | Lmsw => Group::System,
+        Clc | Stc | Cmc | Cld | Std | Cli | Sti | Lahf | Sahf => Group::Flags,
+        Nop | Pause | Ud2 => Group::Misc,
+        _ => return None,
+    })
+}
+
+/// Whether the interpreter implements `m` (some forms of a mnemonic may still be `Unsupported`,
+/// e.g. `MOVSD` the SSE instruction, task gates or call gates).
+pub fn is_implemented(m: Mnemonic) -> bool {
+    group(m).is_some()
+}
+
+/// Every mnemonic the interpreter implements, for `duet coverage`.
+pub fn implemented_mnemonics() -> Vec<Mnemonic> {
+    Mnemonic::values().filter(|&m| is_implemented(m)).collect()
+}
+
+/// Executes one decoded instruction: the single dispatch point.
+pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let m = ins.mnemonic();
+    match group(m) {
+        Some(Group::Mov) => mov::exec(cpu, ins),
+        Some(Group::Alu) => alu::exec(cpu, ins),
+        Some(Group::Shift) => shift::exec(cpu, ins),
+        Some(Group::MulDiv) => muldiv::exec(cpu, ins),
+        Some(Group::Bit) => bit::exec(cpu, ins),
+        Some(Group::Stack) => stack::exec(cpu, ins),
+        Some(Group::Control) => control::exec(cpu, ins),
+        Some(Group::String) => string::exec(cpu, ins),
+        Some(Group::Io) => io::exec(cpu, ins),
+        Some(Group::System) => system::exec(cpu, ins),
+        Some(Group::Flags) => flags::exec(cpu, ins),
+        Some(Group::Misc) => misc::exec(cpu, ins),
+        None => Err(unsupported(format!("{m:?}"))),
+    }
+}
+
+/// `Unsupported` for a form of an implemented mnemonic this group does not handle.
+pub(crate) fn form(ins: &Instruction) -> crate::cpu::Abort {
+    unsupported(format!("{:?} ({:?})", ins.mnemonic(), ins.code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implemented_list_matches_dispatch() {
+        let all = implemented_mnemonics();
+        assert!(all.contains(&Mnemonic::Cmpxchg8b));
+        assert!(all.contains(&Mnemonic::Iretq));
+        assert!(!all.contains(&Mnemonic::Addps));
+        assert!(all.iter().all(|&m| is_implemented(m)));
+    }
+}

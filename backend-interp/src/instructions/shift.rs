@@ -1,0 +1,38 @@
+//! SHL/SAL/SHR/SAR/ROL/ROR/RCL/RCR with masked counts (flags in `crate::flags::shift`).
+
+use duet_core::state::rflags::{CF, STATUS};
+use iced_x86::{Instruction, Mnemonic};
+
+use super::form;
+use crate::cpu::{Cpu, Flow};
+use crate::flags::{shift, ShiftOp};
+
+/// Executes a shift or rotate.
+pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let op = match ins.mnemonic() {
+        Mnemonic::Shl | Mnemonic::Sal => ShiftOp::Shl,
+        Mnemonic::Shr => ShiftOp::Shr,
+        Mnemonic::Sar => ShiftOp::Sar,
+        Mnemonic::Rol => ShiftOp::Rol,
+        Mnemonic::Ror => ShiftOp::Ror,
+        Mnemonic::Rcl => ShiftOp::Rcl,
+        Mnemonic::Rcr => ShiftOp::Rcr,
+        _ => return Err(form(ins)),
+    };
+    let b = cpu.op_bytes(ins, 0);
+    let a = cpu.read_op(ins, 0)?;
+    let count = if ins.op_count() > 1 { cpu.read_op(ins, 1)? as u32 } else { 1 };
+    let out = shift(op, a, count, cpu.flag(CF), b);
+    match out.flags {
+        Some(f) => {
+            cpu.write_op(ins, 0, out.res)?;
+            let changed = STATUS & !out.keep;
+            cpu.rflags = (cpu.rflags & !changed) | (f & changed);
+        }
+        // Count 0: nothing changes, but a 32-bit register destination is still written
+        // (zero-extended) in 64-bit mode.
+        None if !Cpu::is_mem(ins, 0) => cpu.write_op(ins, 0, a)?,
+        None => {}
+    }
+    Ok(())
+}

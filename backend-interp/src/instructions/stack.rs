@@ -1,0 +1,157 @@
+//! PUSH, POP (registers, memory, immediates, segment registers), PUSHF/POPF, LEAVE, ENTER, and
+//! the stack helpers every group uses (SDM Vol. 1 §6.2, Vol. 2B PUSH/POP).
+
+use duet_core::state::rflags;
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use super::form;
+use crate::cpu::{mask, Cpu, Flow};
+
+/// Operand size in bytes of an instruction with implicit operands (from iced-x86's opcode table).
+pub(crate) fn opsize(ins: &Instruction, cpu: &Cpu) -> u32 {
+    match ins.code().op_code().operand_size() {
+        16 => 2,
+        32 => 4,
+        64 => 8,
+        _ => {
+            if cpu.bitness() == 16 {
+                2
+            } else {
+                4
+            }
+        }
+    }
+}
+
+impl Cpu {
+    /// Pushes the low `bytes` of `v` (SDM Vol. 2B PUSH: decrement SP by the operand size, then store).
+    pub fn push(&mut self, v: u64, bytes: u32) -> Flow {
+        let sp = self.sp().wrapping_sub(u64::from(bytes)) & mask(self.stack_bytes());
+        self.write_mem(Register::SS, sp, bytes, v)?;
+        self.set_sp(sp);
+        Ok(())
+    }
+
+    /// Pops `bytes` bytes.
+    pub fn pop(&mut self, bytes: u32) -> Flow<u64> {
+        let sp = self.sp();
+        let v = self.read_mem(Register::SS, sp, bytes)?;
+        self.set_sp(sp.wrapping_add(u64::from(bytes)));
+        Ok(v)
+    }
+
+    /// Reads `bytes` at SP + `off` without popping.
+    pub fn peek(&mut self, off: u64, bytes: u32) -> Flow<u64> {
+        let sp = self.sp().wrapping_add(off) & mask(self.stack_bytes());
+        self.read_mem(Register::SS, sp, bytes)
+    }
+
+    /// RFLAGS as PUSHF stores it: VM and RF read as 0 (SDM Vol. 2B PUSHF).
+    pub fn flags_image(&self) -> u64 {
+        self.rflags & !(rflags::VM | rflags::RF)
+    }
+
+    /// POPF (or, with `iret`, IRET) flag update with the privilege rules of SDM Vol. 2B POPF/IRET:
+    /// IOPL only at CPL 0, IF only at CPL ≤ IOPL; POPF clears RF, IRET loads it.
+    pub fn load_flags(&mut self, v: u64, bytes: u32, iret: bool) {
+        let mut modifiable = rflags::STATUS
+            | rflags::TF
+            | rflags::IF
+            | rflags::DF
+            | rflags::IOPL
+            | rflags::NT
+            | rflags::AC
+            | rflags::ID;
+        let cpl = self.cpl();
+        if self.protected() && cpl > 0 {
+            modifiable &= !rflags::IOPL;
+            if cpl > self.iopl() {
+                modifiable &= !rflags::IF;
+            }
+        }
+        if iret {
+            modifiable |= rflags::RF;
+        }
+        modifiable &= mask(bytes);
+        let mut f = (self.rflags & !modifiable) | (v & modifiable);
+        if bytes > 2 && !iret {
+            f &= !rflags::RF;
+        }
+        self.set_rflags(f);
+    }
+}
+
+/// Executes a stack-group instruction.
+pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let n = (-ins.stack_pointer_increment()).unsigned_abs();
+    match ins.mnemonic() {
+        Mnemonic::Push => {
+            if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
+                // A 32/64-bit push of a segment register writes only the 16-bit selector (SDM PUSH).
+                let v = cpu.reg(ins.op_register(0));
+                let sp = cpu.sp().wrapping_sub(u64::from(n)) & mask(cpu.stack_bytes());
+                cpu.write_mem(Register::SS, sp, 2, v)?;
+                cpu.set_sp(sp);
+                return Ok(());
+            }
+            let v = cpu.read_op(ins, 0)?;
+            cpu.push(v, n)
+        }
+        Mnemonic::Pop => {
+            let n = ins.stack_pointer_increment().unsigned_abs();
+            if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
+                let r = ins.op_register(0);
+                let v = cpu.peek(0, 2)?;
+                cpu.load_data_seg(r, v as u16)?;
+                let sp = cpu.sp();
+                cpu.set_sp(sp.wrapping_add(u64::from(n)));
+                if r == Register::SS {
+                    cpu.shadow = 2;
+                }
+                return Ok(());
+            }
+            let v = cpu.pop(n)?;
+            // SDM POP: with RSP as the base of a memory destination, the address uses the new RSP.
+            cpu.write_op(ins, 0, v)
+        }
+        Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => {
+            let v = cpu.flags_image();
+            cpu.push(v, n)
+        }
+        Mnemonic::Popf | Mnemonic::Popfd | Mnemonic::Popfq => {
+            let n = ins.stack_pointer_increment().unsigned_abs();
+            let v = cpu.pop(n)?;
+            cpu.load_flags(v, n, false);
+            Ok(())
+        }
+        Mnemonic::Leave => {
+            let size = opsize(ins, cpu);
+            let sb = cpu.stack_bytes();
+            let bp = cpu.gpr_sized(5, sb);
+            let v = cpu.read_mem(Register::SS, bp, size)?;
+            cpu.set_sp(bp.wrapping_add(u64::from(size)));
+            cpu.set_gpr_sized(5, size, v);
+            Ok(())
+        }
+        Mnemonic::Enter => {
+            let level = ins.immediate(1) & 0x1f;
+            if level != 0 {
+                return Err(form(ins));
+            }
+            let size = opsize(ins, cpu);
+            let alloc = ins.immediate(0) & 0xffff;
+            let bp = cpu.gpr_sized(5, size);
+            cpu.push(bp, size)?;
+            let frame = cpu.sp();
+            let new_sp = frame.wrapping_sub(alloc) & mask(cpu.stack_bytes());
+            if alloc != 0 {
+                // The new stack top must be a valid stack address (#SS(0) otherwise).
+                cpu.seg_linear(Register::SS, new_sp, 1, true)?;
+            }
+            cpu.set_gpr_sized(5, size, frame);
+            cpu.set_sp(new_sp);
+            Ok(())
+        }
+        _ => Err(form(ins)),
+    }
+}

@@ -1,0 +1,382 @@
+//! System instructions: HLT, CPUID, RDMSR/WRMSR, RDTSC, LGDT/LIDT/SGDT/SIDT, LTR/LLDT/STR/SLDT,
+//! MOV to/from control registers, INVLPG, CLTS, WBINVD/INVD, SWAPGS, SMSW/LMSW.
+
+use duet_core::cpuid::ext_leaf1;
+use duet_core::state::{ctrl, msr};
+use duet_core::Segment;
+use iced_x86::{Instruction, Mnemonic, Register};
+
+use super::form;
+use super::stack::opsize;
+use crate::cpu::{canonical, fault_code, gp, mask, ud, vector, Cpu, Flow, Post};
+use crate::operand::addr_bytes;
+
+/// PAT after RESET (SDM Vol. 3A §13.12.4).
+pub(crate) const PAT_RESET: u64 = 0x0007_0406_0007_0406;
+
+/// Instructions that require CPL 0 (SDM Vol. 3A §5.9).
+fn privileged(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Hlt
+            | Mnemonic::Rdmsr
+            | Mnemonic::Wrmsr
+            | Mnemonic::Lgdt
+            | Mnemonic::Lidt
+            | Mnemonic::Ltr
+            | Mnemonic::Lldt
+            | Mnemonic::Invlpg
+            | Mnemonic::Clts
+            | Mnemonic::Wbinvd
+            | Mnemonic::Invd
+            | Mnemonic::Swapgs
+            | Mnemonic::Lmsw
+    )
+}
+
+/// Executes a system instruction.
+pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let m = ins.mnemonic();
+    if privileged(m) && cpu.cpl() != 0 {
+        return Err(gp(0));
+    }
+    match m {
+        Mnemonic::Hlt => cpu.post = Some(Post::Hlt),
+        Mnemonic::Cpuid => {
+            let r = cpu.cpuid.lookup(cpu.gpr_sized(0, 4) as u32, cpu.gpr_sized(1, 4) as u32);
+            for (reg, v) in [(0, r[0]), (3, r[1]), (1, r[2]), (2, r[3])] {
+                cpu.set_gpr_sized(reg, 4, u64::from(v));
+            }
+        }
+        Mnemonic::Rdtsc => {
+            // CR4.TSD restricts RDTSC to CPL 0 (SDM Vol. 2B RDTSC).
+            if cpu.sregs.cr4 & 4 != 0 && cpu.cpl() != 0 {
+                return Err(gp(0));
+            }
+            let t = cpu.tsc();
+            cpu.set_gpr_sized(0, 4, t & 0xffff_ffff);
+            cpu.set_gpr_sized(2, 4, t >> 32);
+        }
+        Mnemonic::Rdmsr => {
+            let v = cpu.rdmsr(cpu.gpr_sized(1, 4) as u32)?;
+            cpu.set_gpr_sized(0, 4, v & 0xffff_ffff);
+            cpu.set_gpr_sized(2, 4, v >> 32);
+        }
+        Mnemonic::Wrmsr => {
+            let v = (cpu.gpr_sized(2, 4) << 32) | cpu.gpr_sized(0, 4);
+            cpu.wrmsr(cpu.gpr_sized(1, 4) as u32, v)?;
+        }
+        Mnemonic::Lgdt | Mnemonic::Lidt => {
+            if !Cpu::is_mem(ins, 0) {
+                return Err(ud());
+            }
+            let (seg, ea) = cpu.mem_addr(ins, 0);
+            let am = mask(addr_bytes(ins, cpu.bitness()));
+            let limit = cpu.read_mem(seg, ea, 2)? as u16;
+            let base_bytes = if cpu.mode64() { 8 } else { 4 };
+            let mut base = cpu.read_mem(seg, ea.wrapping_add(2) & am, base_bytes)?;
+            if cpu.mode64() && !canonical(base) {
+                return Err(gp(0));
+            }
+            // 16-bit operand size loads a 24-bit base (SDM Vol. 2A LGDT/LIDT).
+            if opsize(ins, cpu) == 2 && !cpu.mode64() {
+                base &= 0xff_ffff;
+            }
+            let t = if m == Mnemonic::Lgdt { &mut cpu.sregs.gdt } else { &mut cpu.sregs.idt };
+            t.base = base;
+            t.limit = limit;
+        }
+        Mnemonic::Sgdt | Mnemonic::Sidt => {
+            if !Cpu::is_mem(ins, 0) {
+                return Err(ud());
+            }
+            let t = if m == Mnemonic::Sgdt { cpu.sregs.gdt } else { cpu.sregs.idt };
+            let (seg, ea) = cpu.mem_addr(ins, 0);
+            let am = mask(addr_bytes(ins, cpu.bitness()));
+            let base_bytes = if cpu.mode64() { 8 } else { 4 };
+            // Check both parts before writing either.
+            cpu.seg_linear(seg, ea, 2 + base_bytes, true)?;
+            cpu.write_mem(seg, ea, 2, u64::from(t.limit))?;
+            cpu.write_mem(seg, ea.wrapping_add(2) & am, base_bytes, t.base)?;
+        }
+        Mnemonic::Ltr | Mnemonic::Lldt => {
+            if !cpu.protected() || cpu.v86() {
+                return Err(ud());
+            }
+            let sel = cpu.read_op(ins, 0)? as u16;
+            cpu.load_system_seg(m == Mnemonic::Ltr, sel)?;
+        }
+        Mnemonic::Str | Mnemonic::Sldt => {
+            if !cpu.protected() || cpu.v86() {
+                return Err(ud());
+            }
+            let s = if m == Mnemonic::Str { cpu.sregs.tr.selector } else { cpu.sregs.ldt.selector };
+            cpu.write_op(ins, 0, u64::from(s))?;
+        }
+        Mnemonic::Smsw => {
+            let v = cpu.sregs.cr0;
+            cpu.write_op(ins, 0, v)?;
+        }
+        Mnemonic::Lmsw => {
+            // LMSW loads PE, MP, EM, TS; it can set PE but not clear it (SDM Vol. 2A LMSW).
+            let v = cpu.read_op(ins, 0)?;
+            let cr0 = cpu.sregs.cr0;
+            let new = (cr0 & !0xe) | (v & 0xe) | ((v | cr0) & 1);
+            cpu.set_cr(0, new)?;
+        }
+        Mnemonic::Invlpg => {
+            if !Cpu::is_mem(ins, 0) {
+                return Err(ud());
+            }
+            let (seg, ea) = cpu.mem_addr(ins, 0);
+            let base = match cpu.seg(seg) {
+                Some(s) if !cpu.mode64() || matches!(seg, Register::FS | Register::GS) => s.base,
+                _ => 0,
+            };
+            cpu.tlb.invlpg(base.wrapping_add(ea));
+        }
+        Mnemonic::Clts => cpu.sregs.cr0 &= !ctrl::CR0_TS,
+        Mnemonic::Wbinvd | Mnemonic::Invd => {}
+        Mnemonic::Swapgs => {
+            if !cpu.mode64() {
+                return Err(ud());
+            }
+            let k = cpu.msrs.get(&msr::KERNEL_GS_BASE).copied().unwrap_or(0);
+            cpu.msrs.insert(msr::KERNEL_GS_BASE, cpu.sregs.gs.base);
+            cpu.sregs.gs.base = k;
+        }
+        _ => return Err(form(ins)),
+    }
+    Ok(())
+}
+
+/// MOV to or from CR0, CR2, CR3, CR4 or CR8 (SDM Vol. 2B MOV—Move to/from Control Registers).
+pub(crate) fn mov_cr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let to_cr = ins.op_register(0).is_cr();
+    let cr = if to_cr { ins.op_register(0) } else { ins.op_register(1) };
+    let n = cr as u32 - Register::CR0 as u32;
+    if !matches!(n, 0 | 2 | 3 | 4 | 8) {
+        return Err(ud());
+    }
+    if cpu.cpl() != 0 {
+        return Err(gp(0));
+    }
+    if to_cr {
+        let v = cpu.read_op(ins, 1)?;
+        cpu.set_cr(n, v)
+    } else {
+        let v = match n {
+            0 => cpu.sregs.cr0,
+            2 => cpu.sregs.cr2,
+            3 => cpu.sregs.cr3,
+            4 => cpu.sregs.cr4,
+            _ => cpu.sregs.cr8,
+        };
+        cpu.write_op(ins, 0, v)
+    }
+}
+
+/// CR4 bits the interpreter accepts: VME…OSXMMEXCPT (bits 0–10).
+const CR4_VALID: u64 = 0x7ff;
+/// CR0 bits that exist; writes to other bits of 31:0 are ignored, bits 63:32 fault.
+const CR0_VALID: u64 = 0xe005_003f;
+
+impl Cpu {
+    /// Writes control register `n` with the reserved-bit and mode checks of SDM Vol. 3A §2.5 and
+    /// the IA-32e activation of §10.8.5.
+    pub fn set_cr(&mut self, n: u32, v: u64) -> Flow {
+        match n {
+            0 => {
+                if v >> 32 != 0 {
+                    return Err(gp(0));
+                }
+                let new = (v & CR0_VALID) | ctrl::CR0_ET;
+                let old = self.sregs.cr0;
+                let pg = new & ctrl::CR0_PG != 0;
+                if (pg && new & ctrl::CR0_PE == 0) || (new & ctrl::CR0_NW != 0 && new & ctrl::CR0_CD == 0) {
+                    return Err(gp(0));
+                }
+                let mut efer = self.sregs.efer;
+                if pg && old & ctrl::CR0_PG == 0 && efer & ctrl::EFER_LME != 0 {
+                    if self.sregs.cr4 & ctrl::CR4_PAE == 0 || self.sregs.cs.l {
+                        return Err(gp(0));
+                    }
+                    efer |= ctrl::EFER_LMA;
+                }
+                if !pg && old & ctrl::CR0_PG != 0 && efer & ctrl::EFER_LMA != 0 {
+                    if self.mode64() {
+                        return Err(gp(0));
+                    }
+                    efer &= !ctrl::EFER_LMA;
+                }
+                self.sregs.cr0 = new;
+                self.sregs.efer = efer;
+                if (old ^ new) & (ctrl::CR0_PG | ctrl::CR0_WP | ctrl::CR0_PE) != 0 {
+                    self.tlb.flush();
+                }
+            }
+            2 => self.sregs.cr2 = v,
+            3 => {
+                if self.long_mode() && v >> self.maxphyaddr != 0 {
+                    return Err(gp(0));
+                }
+                self.sregs.cr3 = if self.long_mode() { v } else { v & 0xffff_ffff };
+                self.tlb.flush();
+            }
+            4 => {
+                if v & !CR4_VALID != 0 || (self.long_mode() && v & ctrl::CR4_PAE == 0) {
+                    return Err(gp(0));
+                }
+                let old = self.sregs.cr4;
+                self.sregs.cr4 = v;
+                if (old ^ v) & (ctrl::CR4_PSE | ctrl::CR4_PAE | ctrl::CR4_PGE) != 0 {
+                    self.tlb.flush();
+                }
+            }
+            8 => {
+                if v >> 4 != 0 {
+                    return Err(gp(0));
+                }
+                self.sregs.cr8 = v;
+            }
+            _ => return Err(ud()),
+        }
+        Ok(())
+    }
+
+    /// LTR / LLDT: loads TR (available TSS, marked busy) or LDTR (SDM Vol. 2A LTR, LLDT).
+    fn load_system_seg(&mut self, tr: bool, sel: u16) -> Flow {
+        let err = u32::from(sel & 0xfffc);
+        if sel & 0xfffc == 0 {
+            if tr {
+                return Err(gp(0));
+            }
+            self.sregs.ldt = Segment { selector: sel, unusable: true, ..Segment::default() };
+            return Ok(());
+        }
+        if sel & 4 != 0 {
+            return Err(gp(err));
+        }
+        let (raw, addr) = self.descriptor(sel)?;
+        let mut d = Segment::from_descriptor(sel, raw);
+        let lm = self.long_mode();
+        let type_ok = if tr { d.type_ == 9 || (!lm && d.type_ == 1) } else { d.type_ == 2 };
+        if d.s || !type_ok {
+            return Err(gp(err));
+        }
+        if !d.present {
+            return Err(fault_code(vector::NP, err));
+        }
+        if lm {
+            // 16-byte system descriptors in IA-32e mode: bits 63:32 of the base follow.
+            if u64::from(sel & 0xfff8) + 15 > u64::from(self.sregs.gdt.limit) {
+                return Err(gp(err));
+            }
+            let hi = self.read_lin_u(addr.wrapping_add(8), 8, true)?;
+            d.base |= (hi & 0xffff_ffff) << 32;
+            if !canonical(d.base) {
+                return Err(gp(err));
+            }
+        }
+        if tr {
+            // Mark the descriptor busy (type bit 1) in the GDT.
+            let b = ((raw >> 40) as u8) | 2;
+            self.write_lin(addr.wrapping_add(5), &[b], true)?;
+            d.type_ |= 2;
+            self.sregs.tr = d;
+        } else {
+            self.sregs.ldt = d;
+        }
+        Ok(())
+    }
+
+    /// RDMSR: the MSRs the interpreter models; any other index is #GP(0).
+    pub fn rdmsr(&self, idx: u32) -> Flow<u64> {
+        Ok(match idx {
+            msr::TSC => self.tsc(),
+            msr::APIC_BASE => self.sregs.apic_base,
+            msr::EFER => self.sregs.efer,
+            msr::FS_BASE => self.sregs.fs.base,
+            msr::GS_BASE => self.sregs.gs.base,
+            msr::PAT => self.msrs.get(&idx).copied().unwrap_or(PAT_RESET),
+            msr::STAR
+            | msr::LSTAR
+            | msr::CSTAR
+            | msr::SFMASK
+            | msr::KERNEL_GS_BASE
+            | msr::SYSENTER_CS
+            | msr::SYSENTER_ESP
+            | msr::SYSENTER_EIP
+            | msr::TSC_AUX => self.msrs.get(&idx).copied().unwrap_or(0),
+            _ => return Err(gp(0)),
+        })
+    }
+
+    /// WRMSR with the reserved-bit and canonical checks of SDM Vol. 4 and Vol. 3A §10.8.5.
+    pub fn wrmsr(&mut self, idx: u32, v: u64) -> Flow {
+        match idx {
+            msr::TSC => self.tsc_offset = v.wrapping_sub(self.retired),
+            msr::APIC_BASE => {
+                // Bits 7:0, 9, 10 and those above MAXPHYADDR are reserved.
+                if v & 0x6ff != 0 || v >> self.maxphyaddr != 0 {
+                    return Err(gp(0));
+                }
+                self.sregs.apic_base = v;
+            }
+            msr::EFER => {
+                let mut valid = ctrl::EFER_SCE | ctrl::EFER_LME | ctrl::EFER_LMA;
+                if self.cpuid.has_ext_edx(ext_leaf1::EDX_NX) {
+                    valid |= ctrl::EFER_NXE;
+                }
+                let old = self.sregs.efer;
+                if v & !valid != 0 {
+                    return Err(gp(0));
+                }
+                // LME cannot change while paging is on; LMA is read-only.
+                if self.paging() && (v ^ old) & ctrl::EFER_LME != 0 {
+                    return Err(gp(0));
+                }
+                self.sregs.efer = (v & !ctrl::EFER_LMA) | (old & ctrl::EFER_LMA);
+                if (v ^ old) & ctrl::EFER_NXE != 0 {
+                    self.tlb.flush();
+                }
+            }
+            msr::FS_BASE
+            | msr::GS_BASE
+            | msr::KERNEL_GS_BASE
+            | msr::LSTAR
+            | msr::CSTAR
+            | msr::SYSENTER_ESP
+            | msr::SYSENTER_EIP => {
+                if !canonical(v) {
+                    return Err(gp(0));
+                }
+                match idx {
+                    msr::FS_BASE => self.sregs.fs.base = v,
+                    msr::GS_BASE => self.sregs.gs.base = v,
+                    _ => {
+                        self.msrs.insert(idx, v);
+                    }
+                }
+            }
+            msr::PAT => {
+                // Each entry must be a valid memory type: 0, 1, 4, 5, 6 or 7.
+                if v.to_le_bytes().iter().any(|&b| !matches!(b, 0 | 1 | 4..=7)) {
+                    return Err(gp(0));
+                }
+                self.msrs.insert(idx, v);
+            }
+            msr::SFMASK | msr::TSC_AUX => {
+                if v >> 32 != 0 {
+                    return Err(gp(0));
+                }
+                self.msrs.insert(idx, v);
+            }
+            msr::STAR | msr::SYSENTER_CS => {
+                self.msrs.insert(idx, v);
+            }
+            _ => return Err(gp(0)),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! Paging: 32-bit (4 MiB pages with CR4.PSE), PAE and 4-level, with a direct-mapped TLB
+//! (SDM Vol. 3A Chapter 4).
+
+use duet_core::state::ctrl;
+
+use super::Kind;
+use crate::cpu::{vector, Abort, Cpu, Exception, Flow};
+
+const TLB_SIZE: usize = 256;
+
+/// A cached translation of one 4 KiB linear page with the combined rights of its walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    vpn: u64,
+    pfn: u64,
+    user: bool,
+    writable: bool,
+    nx: bool,
+    dirty: bool,
+}
+
+/// A small direct-mapped TLB, flushed on CR3 writes, CR0/CR4 paging-bit changes and INVLPG.
+#[derive(Debug)]
+pub(crate) struct Tlb {
+    entries: Vec<Option<Entry>>,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Tlb { entries: vec![None; TLB_SIZE] }
+    }
+}
+
+impl Tlb {
+    /// Drops every translation.
+    pub fn flush(&mut self) {
+        self.entries.fill(None);
+    }
+
+    /// Drops the translation of the page holding `lin` (INVLPG).
+    pub fn invlpg(&mut self, lin: u64) {
+        let vpn = lin >> 12;
+        if let Some(e) = self.entries.get_mut(vpn as usize % TLB_SIZE) {
+            *e = None;
+        }
+    }
+
+    fn get(&self, vpn: u64) -> Option<Entry> {
+        self.entries.get(vpn as usize % TLB_SIZE).copied().flatten().filter(|e| e.vpn == vpn)
+    }
+
+    fn put(&mut self, e: Entry) {
+        if let Some(slot) = self.entries.get_mut(e.vpn as usize % TLB_SIZE) {
+            *slot = Some(e);
+        }
+    }
+}
+
+/// Page-fault error-code bits (SDM Vol. 3A §4.7, Figure 4-12).
+pub(crate) mod pf {
+    /// The page was present (protection violation).
+    pub const P: u32 = 1;
+    /// The access was a write.
+    pub const W: u32 = 2;
+    /// The access was a user-mode access.
+    pub const U: u32 = 4;
+    /// A reserved bit was set in a paging-structure entry.
+    pub const RSVD: u32 = 8;
+    /// The access was an instruction fetch.
+    pub const ID: u32 = 16;
+}
+
+/// One level of a page walk: where the index comes from and whether a large page may end it.
+struct Level {
+    shift: u32,
+    large: bool,
+}
+
+impl Cpu {
+    /// Whether paging is on (CR0.PG with CR0.PE).
+    pub fn paging(&self) -> bool {
+        self.sregs.cr0 & ctrl::CR0_PG != 0 && self.protected()
+    }
+
+    /// Translates linear `lin` for an access of `kind`; `sup` marks implicit supervisor accesses.
+    pub fn translate(&mut self, lin: u64, kind: Kind, sup: bool) -> Flow<u64> {
+        if !self.paging() {
+            return Ok(lin & 0xffff_ffff);
+        }
+        let user = !sup && self.cpl() == 3;
+        let vpn = lin >> 12;
+        let hit = self.tlb.get(vpn).filter(|e| kind != Kind::Write || e.dirty);
+        let e = match hit {
+            Some(e) => e,
+            None => {
+                let e = self.walk(lin, kind, user)?;
+                self.tlb.put(e);
+                e
+            }
+        };
+        if let Some(code) = self.denied(&e, kind, user) {
+            return Err(self.page_fault(lin, code | pf::P, kind, user));
+        }
+        Ok((e.pfn << 12) | (lin & 0xfff))
+    }
+
+    /// The page-fault error code bits for `kind`/`user`, plus I/D where the SDM reports it.
+    fn pf_bits(&self, kind: Kind, user: bool) -> u32 {
+        let mut code = 0;
+        if kind == Kind::Write {
+            code |= pf::W;
+        }
+        if user {
+            code |= pf::U;
+        }
+        // SDM Vol. 3A §4.7: I/D is reported for fetches when NX is in force (PAE/4-level with NXE).
+        let nx_paging = self.sregs.cr4 & ctrl::CR4_PAE != 0 && self.sregs.efer & ctrl::EFER_NXE != 0;
+        if kind == Kind::Exec && nx_paging {
+            code |= pf::ID;
+        }
+        code
+    }
+
+    fn page_fault(&self, lin: u64, code: u32, kind: Kind, user: bool) -> Abort {
+        Abort::Exception(Exception {
+            vector: vector::PF,
+            error: Some(code | self.pf_bits(kind, user)),
+            cr2: Some(lin),
+        })
+    }
+
+    /// The protection violation of an access to a present page, if any (SDM Vol. 3A §4.6.1).
+    fn denied(&self, e: &Entry, kind: Kind, user: bool) -> Option<u32> {
+        let wp = self.sregs.cr0 & ctrl::CR0_WP != 0;
+        let bad = (user && !e.user)
+            || (kind == Kind::Write && !e.writable && (user || wp))
+            || (kind == Kind::Exec && e.nx);
+        bad.then_some(0)
+    }
+
+    /// Walks the paging structures for `lin`, setting accessed (and, for writes, dirty) bits.
+    fn walk(&mut self, lin: u64, kind: Kind, user: bool) -> Flow<Entry> {
+        let cr4 = self.sregs.cr4;
+        let nxe = self.sregs.efer & ctrl::EFER_NXE != 0;
+        let m = self.maxphyaddr;
+        let addr_mask = ((1u64 << m) - 1) & !0xfff;
+        // Bits M..51 of an 8-byte entry, and bit 63 without NXE, are reserved (SDM Vol. 3A §4.5, Table 4-20).
+        let rsvd8 = (((1u64 << 52) - 1) & !((1u64 << m) - 1)) | if nxe { 0 } else { 1 << 63 };
+        let (mut writable, mut usr, mut nx) = (true, true, false);
+        let mut touched: [(u64, u64, bool); 5] = [(0, 0, false); 5];
+        let mut n = 0usize;
+        let fault = |s: &Self, code: u32| s.page_fault(lin, code, kind, user);
+        let (mut table, levels, wide): (u64, &[Level], bool) = if self.long_mode() {
+            const L4: [Level; 4] = [
+                Level { shift: 39, large: false },
+                Level { shift: 30, large: true },
+                Level { shift: 21, large: true },
+                Level { shift: 12, large: false },
+            ];
+            (self.sregs.cr3 & addr_mask, &L4, true)
+        } else if cr4 & ctrl::CR4_PAE != 0 {
+            // PAE: the PDPTE has only P and address bits (SDM Vol. 3A §4.4.1).
+            let pa = (self.sregs.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8;
+            let pdpte = self.phys_read_u64(pa);
+            if pdpte & 1 == 0 {
+                return Err(fault(self, 0));
+            }
+            if pdpte & (0x1e6 | !((1u64 << m) - 1)) != 0 {
+                return Err(fault(self, pf::P | pf::RSVD));
+            }
+            const L2: [Level; 2] = [Level { shift: 21, large: true }, Level { shift: 12, large: false }];
+            (pdpte & addr_mask, &L2, true)
+        } else {
+            const L2: [Level; 2] = [Level { shift: 22, large: true }, Level { shift: 12, large: false }];
+            (self.sregs.cr3 & 0xffff_f000, &L2, false)
+        };
+        for (i, lvl) in levels.iter().enumerate() {
+            let last = i + 1 == levels.len();
+            let (pa, entry) = if wide {
+                let pa = table + ((lin >> lvl.shift) & 0x1ff) * 8;
+                (pa, self.phys_read_u64(pa))
+            } else {
+                let pa = table + ((lin >> lvl.shift) & 0x3ff) * 4;
+                (pa, u64::from(self.phys_read_u32(pa)))
+            };
+            if entry & 1 == 0 {
+                return Err(fault(self, 0));
+            }
+            let ps = entry & 0x80 != 0;
+            let large = !last && ps && lvl.large && (wide || cr4 & ctrl::CR4_PSE != 0);
+            let mut rsvd = if wide { rsvd8 } else { 0 };
+            if wide && i == 0 && levels.len() == 4 && ps {
+                rsvd |= 0x80; // PS is reserved in a PML4E.
+            }
+            if large {
+                // Bits 20:13 (2 MiB) or 29:13 (1 GiB) below the page base are reserved; bit 12 is PAT.
+                rsvd |= if wide { ((1u64 << lvl.shift) - 1) & !0x1fff } else { pse36_reserved(m) };
+            }
+            if entry & rsvd != 0 {
+                return Err(fault(self, pf::P | pf::RSVD));
+            }
+            writable &= entry & 2 != 0;
+            usr &= entry & 4 != 0;
+            nx |= nxe && entry & (1 << 63) != 0;
+            if let Some(t) = touched.get_mut(n) {
+                *t = (pa, entry, wide);
+                n += 1;
+            }
+            if last || large {
+                let pfn = if large && !wide {
+                    // 4 MiB page: bits 31:22 and PSE-36 bits 20:13 → 39:32 (SDM Vol. 3A §4.3).
+                    (((entry & 0xffc0_0000) | (((entry >> 13) & 0xff) << 32)) + (lin & 0x3f_ffff)) >> 12
+                } else if large {
+                    ((entry & addr_mask & !((1u64 << lvl.shift) - 1)) + (lin & ((1u64 << lvl.shift) - 1)))
+                        >> 12
+                } else {
+                    (entry & if wide { addr_mask } else { 0xffff_f000 }) >> 12
+                };
+                let e = Entry { vpn: lin >> 12, pfn, user: usr, writable, nx, dirty: kind == Kind::Write };
+                if let Some(code) = self.denied(&e, kind, user) {
+                    return Err(fault(self, code | pf::P));
+                }
+                // SDM Vol. 3A §4.8: set A in every entry used, D in the one that maps the page on a write.
+                for (k, &(pa, val, w)) in touched.iter().take(n).enumerate() {
+                    let mut nv = val | 0x20;
+                    if k + 1 == n && kind == Kind::Write {
+                        nv |= 0x40;
+                    }
+                    if nv != val {
+                        if w {
+                            self.phys_write_entry(pa, &nv.to_le_bytes());
+                        } else {
+                            self.phys_write_entry(pa, &(nv as u32).to_le_bytes());
+                        }
+                    }
+                }
+                return Ok(e);
+            }
+            table = if wide { entry & addr_mask } else { entry & 0xffff_f000 };
+        }
+        Err(fault(self, 0))
+    }
+}
+
+/// Reserved bits of a 4 MiB PDE: 21:(min(M, 40) − 19) (SDM Vol. 3A §4.3, Table 4-4).
+fn pse36_reserved(m: u32) -> u64 {
+    let lo = m.min(40) - 19;
+    let mut r = 0u64;
+    for b in lo..=21 {
+        r |= 1 << b;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pse36_reserved_covers_bits_above_maxphyaddr() {
+        // M = 36: bits 21:17 reserved; M = 40: only bit 21.
+        assert_eq!(pse36_reserved(36), 0b11111 << 17);
+        assert_eq!(pse36_reserved(40), 1 << 21);
+    }
+
+    #[test]
+    fn tlb_invlpg_drops_only_that_page() {
+        let mut t = Tlb::default();
+        let e = |vpn| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false };
+        t.put(e(5));
+        t.put(e(6));
+        t.invlpg(5 << 12);
+        assert_eq!(t.get(5), None);
+        assert_eq!(t.get(6), Some(e(6)));
+        t.flush();
+        assert_eq!(t.get(6), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! Segmentation: offsets to linear addresses with limit and type checks, and descriptor loads
+//! (SDM Vol. 3A Chapter 3 and §5.3–5.5).
+
+use duet_core::Segment;
+use iced_x86::Register;
+
+use crate::cpu::{canonical, fault_code, gp, unsupported, vector, Cpu, Flow};
+
+impl Cpu {
+    /// The fault a bad access through `sr` raises: #SS(0) for the stack segment, else #GP(0).
+    fn seg_fault(sr: Register) -> crate::cpu::Abort {
+        if sr == Register::SS {
+            fault_code(vector::SS, 0)
+        } else {
+            gp(0)
+        }
+    }
+
+    /// Linear address of `len` bytes at offset `off` in `sr`, after the limit, type and canonical
+    /// checks of SDM Vol. 3A §5.3 (protected mode) and §3.3.7.1 (64-bit mode).
+    pub fn seg_linear(&self, sr: Register, off: u64, len: u32, write: bool) -> Flow<u64> {
+        let s = self.seg(sr).ok_or_else(|| gp(0))?;
+        let last_off = off.wrapping_add(u64::from(len.max(1) - 1));
+        if self.mode64() {
+            let base = if matches!(sr, Register::FS | Register::GS) { s.base } else { 0 };
+            let lin = base.wrapping_add(off);
+            if !canonical(lin) || !canonical(lin.wrapping_add(u64::from(len.max(1) - 1))) {
+                return Err(Self::seg_fault(sr));
+            }
+            return Ok(lin);
+        }
+        if !self.protected() || self.v86() {
+            // Real mode still checks the (hidden) limit: offset beyond it is #GP(0) / #SS(0).
+            if last_off > u64::from(s.limit) || last_off < off {
+                return Err(Self::seg_fault(sr));
+            }
+            return Ok(s.base.wrapping_add(off) & 0xffff_ffff);
+        }
+        if s.unusable {
+            return Err(Self::seg_fault(sr));
+        }
+        let code = s.type_ & 8 != 0;
+        // Writes need a writable data segment; reads fail only on execute-only code (§5.5).
+        let rw = s.type_ & 2 != 0;
+        if if write { code || !rw } else { code && !rw } {
+            return Err(Self::seg_fault(sr));
+        }
+        let limit = u64::from(s.limit);
+        let bad = if !code && s.type_ & 4 != 0 {
+            // Expand-down: valid offsets are limit+1 ..= 0xffff or 0xffffffff (§5.3).
+            let upper = if s.db { 0xffff_ffff } else { 0xffff };
+            off <= limit || last_off > upper || last_off < off
+        } else {
+            last_off > limit || last_off < off
+        };
+        if bad {
+            return Err(Self::seg_fault(sr));
+        }
+        Ok(s.base.wrapping_add(off) & 0xffff_ffff)
+    }
+
+    /// Reads the 8-byte descriptor `sel` names in the GDT or LDT, returning it and its linear address.
+    /// An index beyond the table limit is #GP(selector) (SDM Vol. 3A §3.5.1).
+    pub fn descriptor(&mut self, sel: u16) -> Flow<(u64, u64)> {
+        let (base, limit) = if sel & 4 != 0 {
+            if self.sregs.ldt.unusable || self.sregs.ldt.selector & 0xfffc == 0 {
+                return Err(gp(u32::from(sel & 0xfffc)));
+            }
+            (self.sregs.ldt.base, u64::from(self.sregs.ldt.limit))
+        } else {
+            (self.sregs.gdt.base, u64::from(self.sregs.gdt.limit))
+        };
+        let off = u64::from(sel & 0xfff8);
+        if off + 7 > limit {
+            return Err(gp(u32::from(sel & 0xfffc)));
+        }
+        let addr = base.wrapping_add(off);
+        let raw = self.read_lin_u(addr, 8, true)?;
+        Ok((raw, addr))
+    }
+
+    /// Sets the accessed bit of a code/data descriptor in memory, as a segment load does.
+    pub fn set_accessed(&mut self, addr: u64, raw: u64) -> Flow {
+        if raw & (1 << 40) == 0 {
+            let b = ((raw >> 40) as u8) | 1;
+            self.write_lin(addr.wrapping_add(5), &[b], true)?;
+        }
+        Ok(())
+    }
+
+    /// Loads DS, ES, FS, GS or SS as MOV/POP do (SDM Vol. 2B MOV, "Operation"; Vol. 3A §5.6–5.7).
+    pub fn load_data_seg(&mut self, sr: Register, sel: u16) -> Flow {
+        if !self.protected() {
+            // Real mode: only the selector and base change (SDM Vol. 3A §20.1.1).
+            if let Some(s) = self.seg_mut(sr) {
+                s.selector = sel;
+                s.base = u64::from(sel) << 4;
+            }
+            return Ok(());
+        }
+        if self.v86() {
+            return Err(unsupported("segment load in virtual-8086 mode"));
+        }
+        let cpl = self.cpl();
+        let rpl = (sel & 3) as u8;
+        let err = u32::from(sel & 0xfffc);
+        if sel & 0xfffc == 0 {
+            if sr == Register::SS {
+                // A null SS is allowed only in 64-bit mode at CPL < 3 with RPL = CPL.
+                if !(self.mode64() && cpl != 3 && rpl == cpl) {
+                    return Err(gp(0));
+                }
+                self.sregs.ss = Segment { selector: sel, dpl: cpl, unusable: true, ..Segment::default() };
+                return Ok(());
+            }
+            if let Some(s) = self.seg_mut(sr) {
+                *s = Segment { selector: sel, unusable: true, ..Segment::default() };
+            }
+            return Ok(());
+        }
+        let (raw, addr) = self.descriptor(sel)?;
+        let mut d = Segment::from_descriptor(sel, raw);
+        let code = d.type_ & 8 != 0;
+        if sr == Register::SS {
+            if rpl != cpl || !d.s || code || d.type_ & 2 == 0 || d.dpl != cpl {
+                return Err(gp(err));
+            }
+            if !d.present {
+                return Err(fault_code(vector::SS, err));
+            }
+        } else {
+            if !d.s || (code && d.type_ & 2 == 0) {
+                return Err(gp(err));
+            }
+            let conforming = code && d.type_ & 4 != 0;
+            if !conforming && (rpl > d.dpl || cpl > d.dpl) {
+                return Err(gp(err));
+            }
+            if !d.present {
+                return Err(fault_code(vector::NP, err));
+            }
+        }
+        self.set_accessed(addr, raw)?;
+        d.type_ |= 1;
+        if let Some(s) = self.seg_mut(sr) {
+            *s = d;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Operand access keyed on iced-x86's `OpKind`: registers, immediates and memory of 8/16/32/64 bits.
+
+use iced_x86::{Instruction, OpKind, Register};
+
+use crate::cpu::{mask, Cpu, Flow};
+
+/// Address size in bytes of a memory operand, as iced-x86 derives it (base/index width, else
+/// displacement size, else code size).
+pub(crate) fn addr_bytes(ins: &Instruction, bitness: u32) -> u32 {
+    let reg_size = |r: Register| match r {
+        Register::None => 0,
+        Register::RIP => 8,
+        Register::EIP => 4,
+        r => r.size() as u32,
+    };
+    let s = reg_size(ins.memory_base()).max(reg_size(ins.memory_index()));
+    if s != 0 {
+        s
+    } else if ins.memory_displ_size() >= 2 {
+        ins.memory_displ_size()
+    } else {
+        bitness / 8
+    }
+}
+
+impl Cpu {
+    /// Width in bytes of operand `op`.
+    pub fn op_bytes(&self, ins: &Instruction, op: u32) -> u32 {
+        match ins.op_kind(op) {
+            OpKind::Register => ins.op_register(op).size() as u32,
+            OpKind::Immediate8 | OpKind::Immediate8_2nd => 1,
+            OpKind::Immediate16 | OpKind::Immediate8to16 => 2,
+            OpKind::Immediate32 | OpKind::Immediate8to32 => 4,
+            OpKind::Immediate64 | OpKind::Immediate8to64 | OpKind::Immediate32to64 => 8,
+            _ => ins.memory_size().size() as u32,
+        }
+    }
+
+    /// Segment register and offset of a memory operand (explicit or string-instruction implicit).
+    pub fn mem_addr(&self, ins: &Instruction, op: u32) -> (Register, u64) {
+        let kind = ins.op_kind(op);
+        let (seg, off) = match kind {
+            OpKind::MemorySegSI => (ins.memory_segment(), self.gpr[6] & 0xffff),
+            OpKind::MemorySegESI => (ins.memory_segment(), self.gpr[6] & 0xffff_ffff),
+            OpKind::MemorySegRSI => (ins.memory_segment(), self.gpr[6]),
+            OpKind::MemorySegDI => (ins.memory_segment(), self.gpr[7] & 0xffff),
+            OpKind::MemorySegEDI => (ins.memory_segment(), self.gpr[7] & 0xffff_ffff),
+            OpKind::MemorySegRDI => (ins.memory_segment(), self.gpr[7]),
+            OpKind::MemoryESDI => (Register::ES, self.gpr[7] & 0xffff),
+            OpKind::MemoryESEDI => (Register::ES, self.gpr[7] & 0xffff_ffff),
+            OpKind::MemoryESRDI => (Register::ES, self.gpr[7]),
+            _ => (ins.memory_segment(), self.ea(ins)),
+        };
+        (seg, off)
+    }
+
+    /// Effective address (offset) of an `OpKind::Memory` operand, masked to the address size.
+    /// RIP-relative displacements were decoded at IP 0, so they are relative to this RIP.
+    pub fn ea(&self, ins: &Instruction) -> u64 {
+        let mut off = ins.memory_displacement64();
+        match ins.memory_base() {
+            Register::None => {}
+            Register::RIP | Register::EIP => off = off.wrapping_add(self.rip),
+            r => off = off.wrapping_add(self.reg(r)),
+        }
+        let idx = ins.memory_index();
+        if idx != Register::None {
+            off = off.wrapping_add(self.reg(idx) << ins.memory_index_scale().trailing_zeros());
+        }
+        off & mask(addr_bytes(ins, self.bitness()))
+    }
+
+    /// Reads `bytes` at `seg:off` as a data access.
+    pub fn read_mem(&mut self, seg: Register, off: u64, bytes: u32) -> Flow<u64> {
+        let lin = self.seg_linear(seg, off, bytes, false)?;
+        self.read_lin_u(lin, bytes, false)
+    }
+
+    /// Writes the low `bytes` of `v` at `seg:off` as a data access.
+    pub fn write_mem(&mut self, seg: Register, off: u64, bytes: u32, v: u64) -> Flow {
+        let lin = self.seg_linear(seg, off, bytes, true)?;
+        self.write_lin_u(lin, bytes, v, false)
+    }
+
+    /// Reads operand `op`: registers and memory zero-extended, immediates as iced-x86 extends them.
+    pub fn read_op(&mut self, ins: &Instruction, op: u32) -> Flow<u64> {
+        match ins.op_kind(op) {
+            OpKind::Register => Ok(self.reg(ins.op_register(op))),
+            OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => Ok(ins.immediate(op) & mask(self.op_bytes(ins, op))),
+            _ => {
+                let (seg, off) = self.mem_addr(ins, op);
+                let n = self.op_bytes(ins, op);
+                self.read_mem(seg, off, n)
+            }
+        }
+    }
+
+    /// Writes operand `op` (a register or memory) with the low bits of `v`.
+    pub fn write_op(&mut self, ins: &Instruction, op: u32, v: u64) -> Flow {
+        match ins.op_kind(op) {
+            OpKind::Register => {
+                self.set_reg(ins.op_register(op), v);
+                Ok(())
+            }
+            _ => {
+                let (seg, off) = self.mem_addr(ins, op);
+                let n = self.op_bytes(ins, op);
+                self.write_mem(seg, off, n, v)
+            }
+        }
+    }
+
+    /// Whether operand `op` is in memory.
+    pub fn is_mem(ins: &Instruction, op: u32) -> bool {
+        !matches!(
+            ins.op_kind(op),
+            OpKind::Register
+                | OpKind::Immediate8
+                | OpKind::Immediate8_2nd
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64
+                | OpKind::NearBranch16
+                | OpKind::NearBranch32
+                | OpKind::NearBranch64
+                | OpKind::FarBranch16
+                | OpKind::FarBranch32
+        )
+    }
+}

@@ -1,0 +1,325 @@
+//! [`InterpVcpu`]: the software CPU behind the `duet_core::Vcpu` seam, and its run loop.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use duet_core::state::{msr, TRACKED_MSRS};
+use duet_core::{
+    CpuState, CpuidProfile, DebugEvent, GuestMemory, InstructionInfo, Regs, SystemRegs, Vcpu, VcpuError,
+    VcpuExit,
+};
+use iced_x86::{Formatter, Instruction, IntelFormatter};
+
+use crate::cpu::{ud, Abort, Cpu, Post};
+use crate::error::InterpError;
+use crate::exception::{Event, Source};
+use crate::instructions::execute;
+use crate::memory::Awaiting;
+
+/// Instructions between two looks at the wall clock.
+const DEADLINE_CHECK_INTERVAL: u32 = 4096;
+
+/// What `run` returns, before its I/O data is lent from the vCPU.
+#[derive(Debug)]
+enum Exit {
+    IoIn { port: u16, size: u8 },
+    IoOut { port: u16, size: u8 },
+    MmioRead { addr: u64, len: usize },
+    MmioWrite { addr: u64 },
+    Hlt,
+    Shutdown,
+    Step,
+    Window,
+    Deadline,
+    Unsupported(InstructionInfo),
+}
+
+/// One software vCPU over shared guest memory.
+pub struct InterpVcpu {
+    cpu: Cpu,
+    single_step: bool,
+    deadline: Option<Instant>,
+    window: bool,
+    injected: Option<u8>,
+    /// A single step retired an instruction whose I/O exit went out first: report the step next.
+    step_report: bool,
+    /// Data of the MMIO write being lent to the run loop.
+    write_buf: Vec<u8>,
+}
+
+impl InterpVcpu {
+    /// A vCPU in the RESET state (SDM Vol. 3A Table 10-1) over `memory`, answering CPUID from `cpuid`.
+    pub fn new(memory: Arc<GuestMemory>, cpuid: &CpuidProfile) -> Self {
+        InterpVcpu {
+            cpu: Cpu::new(memory, cpuid.clone()),
+            single_step: false,
+            deadline: None,
+            window: false,
+            injected: None,
+            step_report: false,
+            write_buf: Vec::new(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.cpu.flag(duet_core::state::rflags::IF) && self.cpu.shadow == 0 && self.injected.is_none()
+    }
+
+    /// Describes the instruction at CS:RIP for an `Unsupported` exit.
+    fn info(&mut self, ins: Option<&Instruction>, reason: &str) -> InstructionInfo {
+        let len = ins.map_or(15, |i| i.len());
+        let bytes = self.cpu.bytes_at_rip(len);
+        let mnemonic = match ins {
+            Some(i) => {
+                let mut text = String::new();
+                IntelFormatter::new().format(i, &mut text);
+                let plain = format!("{:?}", i.mnemonic());
+                if reason == plain {
+                    text
+                } else {
+                    format!("{text} ({reason})")
+                }
+            }
+            None => reason.to_string(),
+        };
+        InstructionInfo { rip: self.cpu.rip, bytes, mnemonic }
+    }
+
+    /// Executes one instruction (or delivers one exception); `Some` when `run` must return.
+    fn step(&mut self) -> Option<Exit> {
+        let cpu = &mut self.cpu;
+        let snapshot = (cpu.gpr, cpu.rip, cpu.rflags);
+        cpu.io.begin();
+        cpu.post = None;
+        let fetched = cpu.fetch();
+        let (result, ins) = match fetched {
+            Ok(ins) if ins.is_invalid() => (Err(ud()), Some(ins)),
+            Ok(ins) => {
+                let lim = if cpu.mode64() { u64::MAX } else { 0xffff_ffff };
+                cpu.next_rip = cpu.rip.wrapping_add(ins.len() as u64) & lim;
+                (execute(cpu, &ins), Some(ins))
+            }
+            Err(e) => (Err(e), None),
+        };
+        match result {
+            Ok(()) => {
+                cpu.rip = cpu.next_rip;
+                cpu.retired = cpu.retired.wrapping_add(1);
+                cpu.io.finish();
+                cpu.shadow = cpu.shadow.saturating_sub(1);
+                let exit = match cpu.post.take() {
+                    Some(Post::Hlt) => {
+                        cpu.halted = true;
+                        return Some(Exit::Hlt);
+                    }
+                    Some(Post::IoOut { port, size, value }) => {
+                        let n = usize::from(size).min(4);
+                        cpu.io.scratch[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+                        Some(Exit::IoOut { port, size })
+                    }
+                    None => self.next_write(),
+                };
+                if exit.is_some() {
+                    self.step_report = self.single_step;
+                    return exit;
+                }
+                self.single_step.then_some(Exit::Step)
+            }
+            Err(Abort::Exception(e)) => {
+                (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
+                cpu.io.finish();
+                match cpu.raise_exception(e) {
+                    Ok(()) => self.single_step.then_some(Exit::Step),
+                    Err(Abort::Shutdown) => Some(Exit::Shutdown),
+                    Err(other) => Some(self.abort_exit(other, ins.as_ref())),
+                }
+            }
+            Err(other) => {
+                (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
+                Some(self.abort_exit(other, ins.as_ref()))
+            }
+        }
+    }
+
+    /// The exit for an instruction that could not complete without the run loop.
+    fn abort_exit(&mut self, a: Abort, ins: Option<&Instruction>) -> Exit {
+        let io = &mut self.cpu.io;
+        match a {
+            Abort::MmioRead { addr, len } => {
+                io.rollback_writes();
+                io.awaiting = Some(Awaiting::Mmio { addr, len });
+                Exit::MmioRead { addr, len: len.min(16) }
+            }
+            Abort::IoIn { port, size } => {
+                io.rollback_writes();
+                io.awaiting = Some(Awaiting::Port { size });
+                Exit::IoIn { port, size }
+            }
+            Abort::Shutdown => Exit::Shutdown,
+            Abort::Exception(e) => {
+                Exit::Unsupported(self.info(ins, &format!("exception {} during delivery", e.vector)))
+            }
+            Abort::Unsupported(reason) => {
+                io.finish();
+                Exit::Unsupported(self.info(ins, &reason))
+            }
+        }
+    }
+
+    /// The next queued MMIO write, moved into the lending buffer.
+    fn next_write(&mut self) -> Option<Exit> {
+        let (addr, data) = self.cpu.io.writes.pop_front()?;
+        self.write_buf = data;
+        Some(Exit::MmioWrite { addr })
+    }
+
+    fn run_inner(&mut self) -> Exit {
+        self.cpu.io.complete();
+        if let Some(e) = self.next_write() {
+            return e;
+        }
+        if std::mem::take(&mut self.step_report) {
+            return Exit::Step;
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Exit::Deadline;
+        }
+        let mut count = 0u32;
+        loop {
+            if let Some(v) = self.injected.take() {
+                let rip = self.cpu.rip;
+                match self.cpu.raise(Event { vector: v, error: None, source: Source::External, rip }) {
+                    Ok(()) => {}
+                    Err(Abort::Shutdown) => return Exit::Shutdown,
+                    Err(other) => return self.abort_exit(other, None),
+                }
+            }
+            if self.cpu.halted {
+                return Exit::Hlt;
+            }
+            if self.window && self.ready() {
+                return Exit::Window;
+            }
+            count = count.wrapping_add(1);
+            if count % DEADLINE_CHECK_INTERVAL == 0 && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Exit::Deadline;
+            }
+            if let Some(e) = self.step() {
+                return e;
+            }
+        }
+    }
+}
+
+impl Vcpu for InterpVcpu {
+    fn backend_name(&self) -> &'static str {
+        "interp"
+    }
+
+    fn regs(&mut self) -> Result<Regs, VcpuError> {
+        let mut r = Regs { rip: self.cpu.rip, rflags: self.cpu.rflags, ..Regs::default() };
+        r.set_gprs(&self.cpu.gpr);
+        Ok(r)
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), VcpuError> {
+        self.cpu.gpr = regs.gprs();
+        self.cpu.rip = regs.rip;
+        self.cpu.set_rflags(regs.rflags);
+        self.cpu.halted = false;
+        Ok(())
+    }
+
+    fn sregs(&mut self) -> Result<SystemRegs, VcpuError> {
+        Ok(self.cpu.sregs)
+    }
+
+    fn set_sregs(&mut self, sregs: &SystemRegs) -> Result<(), VcpuError> {
+        if sregs.efer & duet_core::state::ctrl::EFER_LMA != 0
+            && sregs.cr4 & duet_core::state::ctrl::CR4_PAE == 0
+        {
+            return Err(InterpError::InvalidState("EFER.LMA = 1 needs CR4.PAE = 1".into()).into());
+        }
+        self.cpu.sregs = *sregs;
+        self.cpu.tlb.flush();
+        self.cpu.code.clear();
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<CpuState, VcpuError> {
+        let regs = self.regs()?;
+        let msrs = TRACKED_MSRS.iter().map(|&i| (i, self.cpu.rdmsr(i).unwrap_or(0))).collect();
+        Ok(CpuState { regs, sregs: self.cpu.sregs, fpu: self.cpu.fpu, msrs })
+    }
+
+    fn set_state(&mut self, state: &CpuState) -> Result<(), VcpuError> {
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        self.cpu.fpu = state.fpu;
+        for (&i, &v) in &state.msrs {
+            if i == msr::TSC {
+                self.cpu.tsc_offset = v.wrapping_sub(self.cpu.retired);
+            } else if TRACKED_MSRS.contains(&i) {
+                self.cpu.msrs.insert(i, v);
+            }
+        }
+        self.cpu.io = Default::default();
+        self.cpu.shadow = 0;
+        self.step_report = false;
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>, VcpuError> {
+        let exit = self.run_inner();
+        let rip = self.cpu.rip;
+        Ok(match exit {
+            Exit::IoIn { port, size } => {
+                let n = usize::from(size).min(4);
+                VcpuExit::IoIn { port, size, data: &mut self.cpu.io.scratch[..n] }
+            }
+            Exit::IoOut { port, size } => {
+                let n = usize::from(size).min(4);
+                VcpuExit::IoOut { port, size, data: &self.cpu.io.scratch[..n] }
+            }
+            Exit::MmioRead { addr, len } => {
+                VcpuExit::MmioRead { addr, data: &mut self.cpu.io.scratch[..len] }
+            }
+            Exit::MmioWrite { addr } => VcpuExit::MmioWrite { addr, data: &self.write_buf },
+            Exit::Hlt => VcpuExit::Hlt,
+            Exit::Shutdown => VcpuExit::Shutdown,
+            Exit::Step => VcpuExit::Debug(DebugEvent::SingleStep { rip }),
+            Exit::Window => VcpuExit::InterruptWindow,
+            Exit::Deadline => VcpuExit::DeadlineReached,
+            Exit::Unsupported(i) => VcpuExit::Unsupported(i),
+        })
+    }
+
+    fn ready_for_interrupt(&mut self) -> bool {
+        self.ready()
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), VcpuError> {
+        if let Some(pending) = self.injected {
+            return Err(InterpError::InterruptPending { vector, pending }.into());
+        }
+        self.injected = Some(vector);
+        Ok(())
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.window = on;
+    }
+
+    fn set_single_step(&mut self, on: bool) -> Result<(), VcpuError> {
+        self.single_step = on;
+        Ok(())
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    fn instructions_retired(&self) -> Option<u64> {
+        Some(self.cpu.retired)
+    }
+}

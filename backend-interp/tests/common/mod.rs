@@ -1,0 +1,263 @@
+//! Test helpers: tiny guests in real, protected and long mode, built by hand (GDT, IDT, page
+//! tables) so these tests depend on nothing but duet-core and iced-x86.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use duet_core::state::{ctrl, rflags};
+use duet_core::vm_memory::{Bytes, GuestAddress};
+use duet_core::{
+    BusDevice, CpuState, CpuidProfile, DescriptorTable, Guest, GuestMemory, Machine, RunOptions, RunOutcome,
+    Segment, WriteOutcome,
+};
+use duet_interp::InterpVcpu;
+use iced_x86::code_asm::CodeAssembler;
+
+/// Guest RAM used by every test: 4 MiB.
+pub const RAM: u64 = 4 << 20;
+/// Where test code is loaded.
+pub const CODE: u64 = 0x8000;
+/// Protected/long-mode stack top.
+pub const STACK: u64 = 0x7_0000;
+/// GDT, IDT, TSS, exception stubs.
+pub const GDT: u64 = 0x1000;
+/// IDT base.
+pub const IDT: u64 = 0x2000;
+/// One stub per vector, 8 bytes apart: `push imm32 vector; hlt`.
+pub const STUBS: u64 = 0x3000;
+/// 32-bit TSS.
+pub const TSS: u64 = 0x600;
+/// Ring-0 stack used on privilege changes.
+pub const STACK0: u64 = 0x6_0000;
+/// Page tables (long mode: PML4, PDPT, PD; 32-bit: PD, PT).
+pub const PT: u64 = 0x10000;
+
+/// GDT selectors.
+pub mod sel {
+    /// Ring-0 32-bit code.
+    pub const CODE32: u16 = 0x08;
+    /// Ring-0 data.
+    pub const DATA: u16 = 0x10;
+    /// Ring-3 32-bit code.
+    pub const UCODE32: u16 = 0x18 | 3;
+    /// Ring-3 data.
+    pub const UDATA: u16 = 0x20 | 3;
+    /// 32-bit TSS.
+    pub const TSS: u16 = 0x28;
+    /// Ring-0 64-bit code.
+    pub const CODE64: u16 = 0x30;
+    /// Ring-3 64-bit code.
+    pub const UCODE64: u16 = 0x38 | 3;
+}
+
+/// The GDT every protected/long-mode test uses.
+pub fn gdt() -> Vec<u64> {
+    let tss =
+        Segment { base: TSS, limit: 0x67, type_: 0x9, present: true, ..Segment::default() }.to_descriptor();
+    vec![
+        0,
+        0x00cf_9b00_0000_ffff, // 0x08 code32 ring 0
+        0x00cf_9300_0000_ffff, // 0x10 data ring 0
+        0x00cf_fb00_0000_ffff, // 0x18 code32 ring 3
+        0x00cf_f300_0000_ffff, // 0x20 data ring 3
+        tss,                   // 0x28 TSS
+        0x00af_9b00_0000_ffff, // 0x30 code64 ring 0
+        0x00af_fb00_0000_ffff, // 0x38 code64 ring 3
+        0,                     // upper half of a 64-bit TSS, when used
+    ]
+}
+
+/// Console (0xE9) output collected by a test device.
+#[derive(Clone, Default)]
+pub struct Console(pub Arc<Mutex<Vec<u8>>>);
+
+impl BusDevice for Console {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) -> WriteOutcome {
+        self.0.lock().unwrap().extend_from_slice(data);
+        WriteOutcome::Continue
+    }
+}
+
+impl Console {
+    /// The bytes written so far.
+    pub fn text(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Builds guest memory with `code` at [`CODE`].
+pub fn memory(code: &[u8]) -> Arc<GuestMemory> {
+    let mut g = Guest::new("test", RAM);
+    g.load(CODE, code.to_vec());
+    g.build_memory().unwrap()
+}
+
+/// Assembles with `f` for `bitness` at [`CODE`].
+pub fn asm(bitness: u32, f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bitness).unwrap();
+    f(&mut a);
+    a.assemble(CODE).unwrap()
+}
+
+/// Writes `v` at `addr`.
+pub fn poke(mem: &GuestMemory, addr: u64, bytes: &[u8]) {
+    mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+}
+
+/// Reads a little-endian u64 at `addr`.
+pub fn peek64(mem: &GuestMemory, addr: u64) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// Reads a little-endian u32 at `addr`.
+pub fn peek32(mem: &GuestMemory, addr: u64) -> u32 {
+    peek64(mem, addr) as u32
+}
+
+/// Real mode at 0000:CODE with SS:SP = 0:7000 and an IVT whose every vector points at a
+/// `push vector; hlt` stub in segment 0.
+pub fn real_mode(mem: &GuestMemory) -> CpuState {
+    for v in 0..256u64 {
+        let stub = STUBS + v * 8;
+        // push imm16 (68 iw); hlt
+        poke(mem, stub, &[0x68, v as u8, 0, 0xf4]);
+        poke(mem, v * 4, &[(stub & 0xff) as u8, (stub >> 8) as u8, 0, 0]);
+    }
+    let mut s = CpuState::reset();
+    s.sregs.cs = Segment::real_mode(0, true);
+    s.regs.rip = CODE;
+    s.regs.rsp = 0x7000;
+    s
+}
+
+fn write_gdt_tss(mem: &GuestMemory) {
+    for (i, d) in gdt().iter().enumerate() {
+        poke(mem, GDT + 8 * i as u64, &d.to_le_bytes());
+    }
+    // 32-bit TSS: ESP0 at 4, SS0 at 8; 64-bit TSS: RSP0 at 4 (overlaps: both written for the test).
+    poke(mem, TSS + 4, &(STACK0 as u32).to_le_bytes());
+    poke(mem, TSS + 8, &u32::from(sel::DATA).to_le_bytes());
+    // I/O bitmap base beyond the limit: no bitmap.
+    poke(mem, TSS + 0x66, &0x68u16.to_le_bytes());
+}
+
+fn flat(selector: u16, code: bool, l: bool) -> Segment {
+    let raw = gdt()[usize::from(selector >> 3)];
+    let mut s = Segment::from_descriptor(selector, raw);
+    s.type_ |= 1;
+    if code {
+        s.l = l;
+    }
+    s
+}
+
+/// 32-bit protected mode (ring 0, flat, no paging), with an IDT of 32-bit interrupt gates to
+/// `push vector; hlt` stubs.
+pub fn protected32(mem: &GuestMemory) -> CpuState {
+    write_gdt_tss(mem);
+    for v in 0..256u64 {
+        let stub = STUBS + v * 8;
+        // push imm32 (68 id); hlt
+        let mut b = vec![0x68];
+        b.extend_from_slice(&(v as u32).to_le_bytes());
+        b.push(0xf4);
+        poke(mem, stub, &b);
+        let gate = (stub & 0xffff)
+            | (u64::from(sel::CODE32) << 16)
+            | (0x8e_u64 << 40)
+            | ((stub & 0xffff_0000) << 32);
+        poke(mem, IDT + v * 8, &gate.to_le_bytes());
+    }
+    let mut s = CpuState::reset();
+    s.sregs.cr0 |= ctrl::CR0_PE;
+    s.sregs.cs = flat(sel::CODE32, true, false);
+    let d = flat(sel::DATA, false, false);
+    (s.sregs.ds, s.sregs.es, s.sregs.fs, s.sregs.gs, s.sregs.ss) = (d, d, d, d, d);
+    s.sregs.gdt = DescriptorTable { base: GDT, limit: (gdt().len() * 8 - 1) as u16 };
+    s.sregs.idt = DescriptorTable { base: IDT, limit: 256 * 8 - 1 };
+    let mut tr = Segment::from_descriptor(sel::TSS, gdt()[5]);
+    tr.type_ = 0xb;
+    s.sregs.tr = tr;
+    s.regs.rip = CODE;
+    s.regs.rsp = STACK;
+    s.regs.rflags = rflags::FIXED;
+    s
+}
+
+/// 32-bit paging over the first 4 MiB with 4 KiB pages, all user/writable (PD at PT, table at
+/// PT + 0x1000). Returns the state with CR0.PG and CR3 set.
+pub fn paging32(mem: &GuestMemory, mut s: CpuState) -> CpuState {
+    poke(mem, PT, &((PT + 0x1000) as u32 | 7).to_le_bytes());
+    for i in 0..1024u64 {
+        poke(mem, PT + 0x1000 + i * 4, &((i << 12) as u32 | 7).to_le_bytes());
+    }
+    s.sregs.cr3 = PT;
+    s.sregs.cr0 |= ctrl::CR0_PG;
+    s
+}
+
+/// Overwrites the 32-bit PTE of `page` (a linear = physical address in the first 4 MiB).
+pub fn set_pte32(mem: &GuestMemory, page: u64, pte: u32) {
+    poke(mem, PT + 0x1000 + (page >> 12) * 4, &pte.to_le_bytes());
+}
+
+/// 64-bit long mode (ring 0), first 1 GiB identity-mapped with 2 MiB pages, IDT of 64-bit
+/// interrupt gates to `push vector; hlt` stubs.
+pub fn long64(mem: &GuestMemory) -> CpuState {
+    let mut s = protected32(mem);
+    // 64-bit TSS: RSP0 at 4 (8 bytes), IST1 at 0x24.
+    poke(mem, TSS + 4, &STACK0.to_le_bytes());
+    for v in 0..256u64 {
+        let stub = STUBS + v * 8;
+        let gate_lo = (stub & 0xffff)
+            | (u64::from(sel::CODE64) << 16)
+            | (0x8e_u64 << 40)
+            | ((stub & 0xffff_0000) << 32);
+        poke(mem, IDT + v * 16, &gate_lo.to_le_bytes());
+        poke(mem, IDT + v * 16 + 8, &(stub >> 32).to_le_bytes());
+    }
+    poke(mem, PT, &((PT + 0x1000) | 7).to_le_bytes());
+    poke(mem, PT + 0x1000, &((PT + 0x2000) | 7).to_le_bytes());
+    for i in 0..512u64 {
+        poke(mem, PT + 0x2000 + i * 8, &((i << 21) | 0x87).to_le_bytes());
+    }
+    s.sregs.idt = DescriptorTable { base: IDT, limit: 256 * 16 - 1 };
+    s.sregs.cr3 = PT;
+    s.sregs.cr4 |= ctrl::CR4_PAE;
+    s.sregs.efer |= ctrl::EFER_LME | ctrl::EFER_LMA;
+    s.sregs.cr0 |= ctrl::CR0_PG;
+    s.sregs.cs = flat(sel::CODE64, true, true);
+    s.sregs.cs.db = false;
+    // 64-bit TSS descriptor type 0xB (busy), base TSS.
+    s.sregs.tr.type_ = 0xb;
+    s
+}
+
+/// Runs `state` over `mem` on the interpreter with a console on 0xE9, until a terminal event.
+pub fn run(mem: Arc<GuestMemory>, state: &CpuState) -> (RunOutcome, Console) {
+    run_with(mem, state, Duration::from_secs(5), |_| {})
+}
+
+/// Like [`run`], with a timeout and a hook to add devices.
+pub fn run_with(
+    mem: Arc<GuestMemory>,
+    state: &CpuState,
+    timeout: Duration,
+    setup: impl FnOnce(&mut Machine<InterpVcpu>),
+) -> (RunOutcome, Console) {
+    use duet_core::Vcpu;
+    let mut vcpu = InterpVcpu::new(mem.clone(), &CpuidProfile::baseline());
+    vcpu.set_state(state).unwrap();
+    let mut m = Machine::with_vcpu(mem, vcpu);
+    let console = Console::default();
+    m.pio.insert(0xe9, 1, Arc::new(Mutex::new(console.clone()))).unwrap();
+    setup(&mut m);
+    let out = m.run(&RunOptions { timeout }).unwrap();
+    (out, console)
+}
