@@ -76,7 +76,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         }
         Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq => {
             let a = cpu.gpr_sized(0, n);
-            let b = cpu.read_op(ins, 0)?;
+            let b = cpu.read_op(ins, 1)?;
             let (_, f) = flags::sub(a, b, false, n);
             cpu.set_status(f);
             step_index(cpu, 7, n, asz);

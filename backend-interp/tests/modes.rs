@@ -1,0 +1,166 @@
+//! Mode switches: real → protected by a far jump, protected → long mode by CR0.PG with
+//! EFER.LME (SDM Vol. 3A §10.9 and §10.8.5), far calls and returns, IRET to ring 3.
+
+mod common;
+
+use common::*;
+use duet_core::state::ctrl;
+use duet_core::{CpuMode, StopReason};
+use iced_x86::code_asm::*;
+
+const PM32: u64 = CODE + 0x100;
+const LM64: u64 = CODE + 0x200;
+const GDTR: u64 = 0x900;
+
+#[test]
+fn far_jumps_switch_real_to_protected_to_long_mode() {
+    let real = asm(16, |a| {
+        a.cli().unwrap();
+        a.lgdt(ptr(GDTR)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(sel::CODE32, PM32 as u32).unwrap();
+    });
+    let pm = asm(32, |a| {
+        a.mov(ax, u32::from(sel::DATA)).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(esp, STACK as u32).unwrap();
+        a.mov(al, b'P' as u32).unwrap();
+        a.out(0xe9, al).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, ctrl::CR4_PAE as u32).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, PT as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, ctrl::EFER_LME as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, ctrl::CR0_PG as u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(sel::CODE64, LM64 as u32).unwrap();
+    });
+    let lm = asm(64, |a| {
+        a.mov(al, b'L' as u32).unwrap();
+        a.out(0xe9, al).unwrap();
+        a.mov(rbx, 0x1122_3344_5566_7788u64).unwrap();
+        a.push(rbx).unwrap();
+        a.pop(rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&real);
+    let _ = long64(&mem); // GDT and identity-mapped page tables
+    let s = real_mode(&mem);
+    poke(&mem, PM32, &pm);
+    poke(&mem, LM64, &lm);
+    let mut gdtr = ((gdt().len() * 8 - 1) as u16).to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&(GDT as u32).to_le_bytes());
+    poke(&mem, GDTR, &gdtr);
+    let (out, console) = run(mem, &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    assert_eq!(console.text(), b"PL");
+    assert_eq!(out.state.mode(), CpuMode::Long64);
+    // SDM Vol. 3A §10.8.5: setting CR0.PG with EFER.LME = 1 sets EFER.LMA.
+    assert_ne!(out.state.sregs.efer & ctrl::EFER_LMA, 0);
+    assert_eq!(out.state.regs.rcx, 0x1122_3344_5566_7788);
+    assert_eq!(out.state.regs.rsp, STACK);
+    assert_eq!(out.state.sregs.cs.selector, sel::CODE64);
+}
+
+#[test]
+fn enabling_paging_with_lme_but_no_pae_is_gp() {
+    let code = asm(32, |a| {
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, ctrl::EFER_LME as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, ctrl::CR0_PG as u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    let s = protected32(&mem);
+    let (out, _) = run(mem.clone(), &s);
+    // Stub of vector 13 halted: push imm32 + hlt.
+    assert_eq!(out.state.regs.rip, STUBS + 13 * 8 + 6);
+    assert_eq!(out.state.sregs.efer & ctrl::EFER_LMA, 0);
+}
+
+#[test]
+fn far_call_and_retf_in_protected_mode() {
+    let target = CODE + 0x80;
+    let code = asm(32, |a| {
+        a.call_far(sel::CODE32, target as u32).unwrap();
+        a.mov(ebx, 0x55).unwrap();
+        a.hlt().unwrap();
+    });
+    let sub = asm(32, |a| {
+        a.mov(ecx, dword_ptr(esp + 4)).unwrap();
+        a.retf().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, target, &sub);
+    let s = protected32(&mem);
+    let (out, _) = run(mem, &s);
+    assert_eq!(out.stop, StopReason::Halted);
+    // CALL far pushed CS then EIP: [esp+4] is the old CS.
+    assert_eq!(out.state.regs.rcx, u64::from(sel::CODE32));
+    assert_eq!(out.state.regs.rbx, 0x55);
+    assert_eq!(out.state.regs.rsp, STACK);
+}
+
+#[test]
+fn real_mode_call_ret_loop_and_string_copy() {
+    let code = asm(16, |a| {
+        let mut f = a.create_label();
+        let mut top = a.create_label();
+        a.mov(cx, 5).unwrap();
+        a.xor(ax, ax).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(f).unwrap();
+        a.loop_(top).unwrap();
+        // Copy 4 bytes from 0x9000 to 0x9100 with REP MOVSB.
+        a.mov(si, 0x9000).unwrap();
+        a.mov(di, 0x9100).unwrap();
+        a.mov(cx, 4).unwrap();
+        a.cld().unwrap();
+        a.rep().movsb().unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut f).unwrap();
+        a.add(ax, 3).unwrap();
+        a.ret().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, 0x9000, b"duet");
+    let s = real_mode(&mem);
+    let (out, _) = run(mem.clone(), &s);
+    assert_eq!(out.stop, StopReason::Halted);
+    assert_eq!(out.state.regs.rax & 0xffff, 15);
+    assert_eq!(out.state.regs.rcx & 0xffff, 0);
+    assert_eq!((out.state.regs.rsi & 0xffff, out.state.regs.rdi & 0xffff), (0x9004, 0x9104));
+    assert_eq!(peek32(&mem, 0x9100).to_le_bytes(), *b"duet");
+}
+
+#[test]
+fn repne_scasb_stops_at_the_match() {
+    let code = asm(32, |a| {
+        a.mov(edi, 0x9000).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.mov(al, 0).unwrap();
+        a.cld().unwrap();
+        a.repne().scasb().unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, 0x9000, b"hello\0");
+    let s = protected32(&mem);
+    let (out, _) = run(mem, &s);
+    // Six bytes scanned (the NUL included): EDI one past it, ECX = 100 − 6, ZF = 1.
+    assert_eq!(out.state.regs.rdi, 0x9006);
+    assert_eq!(out.state.regs.rcx, 94);
+    assert_ne!(out.state.regs.rflags & duet_core::state::rflags::ZF, 0);
+}
