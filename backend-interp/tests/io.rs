@@ -15,7 +15,10 @@ const MMIO: u64 = 0xd000_0000;
 
 /// Reads return 0x10 + offset + i; writes are recorded.
 #[derive(Clone, Default)]
-struct Fake(Arc<Mutex<Vec<(u64, Vec<u8>)>>>, Arc<Mutex<u32>>);
+struct Fake(Arc<Mutex<Writes>>, Arc<Mutex<u32>>);
+
+/// Writes a device saw: offset and bytes.
+type Writes = Vec<(u64, Vec<u8>)>;
 
 impl BusDevice for Fake {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
