@@ -32,6 +32,13 @@ pub use vcpu::InterpVcpu;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InterpBackend;
 
+impl InterpBackend {
+    /// The backend (it has no configuration).
+    pub fn new() -> Self {
+        InterpBackend
+    }
+}
+
 impl Backend for InterpBackend {
     fn name(&self) -> &'static str {
         "interp"
