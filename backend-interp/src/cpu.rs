@@ -203,6 +203,8 @@ pub(crate) struct Cpu {
     pub halted: bool,
     /// RIP of the instruction after the current one.
     pub next_rip: u64,
+    /// RFLAGS bits the instructions retired so far left architecturally undefined.
+    pub undefined: u64,
 }
 
 impl Cpu {
@@ -229,6 +231,7 @@ impl Cpu {
             post: None,
             halted: false,
             next_rip: 0,
+            undefined: 0,
         }
     }
 

@@ -183,9 +183,37 @@ pub(crate) fn shift(op: ShiftOp, a: u64, count: u32, cf_in: bool, bytes: u32) ->
     }
 }
 
+/// Converts iced-x86 `RflagsBits` (its own bit order) to RFLAGS layout.
+pub(crate) fn from_iced(bits: u32) -> u64 {
+    use duet_core::state::rflags as R;
+    use iced_x86::RflagsBits as I;
+    [
+        (I::OF, R::OF),
+        (I::SF, R::SF),
+        (I::ZF, R::ZF),
+        (I::AF, R::AF),
+        (I::CF, R::CF),
+        (I::PF, R::PF),
+        (I::DF, R::DF),
+        (I::IF, R::IF),
+        (I::AC, R::AC),
+    ]
+    .iter()
+    .filter(|(i, _)| bits & i != 0)
+    .fold(0, |acc, (_, r)| acc | r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iced_flag_bits_map_to_rflags_layout() {
+        use iced_x86::RflagsBits as I;
+        assert_eq!(from_iced(I::OF | I::CF), OF | CF);
+        assert_eq!(from_iced(I::AF | I::PF | I::SF | I::ZF), AF | PF | SF | ZF);
+        assert_eq!(from_iced(0), 0);
+    }
 
     #[test]
     fn add_flags_at_sign_boundaries() {

@@ -103,6 +103,12 @@ impl InterpVcpu {
         };
         match result {
             Ok(()) => {
+                if let Some(i) = &ins {
+                    // Per iced-x86: what this instruction wrote is defined unless it is undefined.
+                    let written = crate::flags::from_iced(i.rflags_modified());
+                    cpu.undefined =
+                        (cpu.undefined & !written) | crate::flags::from_iced(i.rflags_undefined());
+                }
                 cpu.rip = cpu.next_rip;
                 cpu.retired = cpu.retired.wrapping_add(1);
                 cpu.io.finish();
@@ -265,6 +271,7 @@ impl Vcpu for InterpVcpu {
         }
         self.cpu.io = Default::default();
         self.cpu.shadow = 0;
+        self.cpu.undefined = 0;
         self.step_report = false;
         Ok(())
     }
@@ -321,5 +328,9 @@ impl Vcpu for InterpVcpu {
 
     fn instructions_retired(&self) -> Option<u64> {
         Some(self.cpu.retired)
+    }
+
+    fn undefined_rflags(&self) -> u64 {
+        self.cpu.undefined
     }
 }

@@ -258,3 +258,27 @@ fn setcc_cmovcc_and_sign_extension() {
     assert_eq!((s.regs.rdi, s.regs.r8), (u64::MAX, 0xff));
     assert_eq!(s.regs.r9, (-5i64) as u64);
 }
+
+#[test]
+fn undefined_flags_follow_the_last_writer() {
+    // SDM Vol. 2B MUL: "The SF, ZF, AF, and PF flags are undefined."
+    let code = asm(64, |a| {
+        a.mov(eax, 3).unwrap();
+        a.mul(eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    let s = long64(&mem);
+    let (out, _) = run(mem, &s);
+    assert_eq!(out.undefined_rflags, SF | ZF | AF | PF);
+    // A later ADD defines all six again.
+    let code = asm(64, |a| {
+        a.mul(eax).unwrap();
+        a.add(eax, 1).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    let s = long64(&mem);
+    let (out, _) = run(mem, &s);
+    assert_eq!(out.undefined_rflags, 0);
+}
