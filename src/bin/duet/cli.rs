@@ -1,0 +1,174 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Run the same x86 guest on the host CPU (KVM) and on duet's software CPU, and compare.
+#[derive(Parser, Debug)]
+#[command(name = "duet", version, about, long_about = None, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to do (default: `run`, which runs the `hello` guest on the best backend).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  duet run                          run the `hello` guest on the best backend
+  duet run --backend both --fixture alu
+                                    run on KVM and the software CPU, print the differences
+  duet run --mode real boot.bin     run a flat real-mode image loaded at 0x7c00
+  duet doctor                       explain what this host offers";
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a fixture or an image on one backend or on both.
+    Run(RunArgs),
+    /// List the built-in guests, one line each.
+    List,
+    /// Check this host for virtualization support and say which backend `auto` picks.
+    Doctor(DoctorArgs),
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Run(RunArgs::default())
+    }
+}
+
+/// Which CPU runs the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// KVM when usable, else the software CPU.
+    #[default]
+    Auto,
+    /// The host CPU through /dev/kvm.
+    Kvm,
+    /// duet's software CPU.
+    Interp,
+    /// Both, then compare the final states (exit status 2 when they differ).
+    Both,
+}
+
+/// The CPU mode an image is entered in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// 16-bit real mode; entry E becomes CS = (E >> 4) & 0xF000, IP = E - CS*16.
+    Real,
+    /// 32-bit protected mode, flat segments, no paging.
+    Protected,
+    /// 64-bit long mode, first 4 GiB identity-mapped with 2 MiB pages.
+    #[default]
+    Long,
+}
+
+/// Arguments of `duet run`.
+#[derive(Args, Debug, Default)]
+#[command(after_help = RUN_HELP)]
+pub struct RunArgs {
+    /// Backend to run on.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub backend: BackendArg,
+    /// A built-in guest (see `duet list`); the default when no IMAGE is given is `hello`.
+    #[arg(long, short, conflicts_with_all = ["image", "bios"])]
+    pub fixture: Option<String>,
+    /// A flat binary (or an ELF file, loaded by its program headers) to run.
+    #[arg(conflicts_with = "bios")]
+    pub image: Option<PathBuf>,
+    /// A 64 or 128 KiB firmware image, mapped below 1 MiB and below 4 GiB, started at the reset vector.
+    #[arg(long)]
+    pub bios: Option<PathBuf>,
+    /// Mode a flat image is entered in.
+    #[arg(long, value_enum, default_value_t)]
+    pub mode: ModeArg,
+    /// Guest physical load address of a flat image (hex with 0x); default 0x7c00 in real mode, else 0x100000.
+    #[arg(long, value_parser = parse_u64)]
+    pub load_addr: Option<u64>,
+    /// Entry address (hex with 0x); default: the load address (ELF: its entry point).
+    #[arg(long, value_parser = parse_u64)]
+    pub entry: Option<u64>,
+    /// Guest RAM, e.g. 32M, 1G, 65536 (default 32M).
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Wall-clock limit of each run, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Print the final registers.
+    #[arg(long)]
+    pub regs: bool,
+}
+
+const RUN_HELP: &str = "\
+Guest environment (what an image can rely on):
+  ports    0x3F8 16550 UART, 0xE9 debug console, 0x80 POST code,
+           0xF4 debug exit: writing v ends the run with exit status (v << 1) | 1
+  memory   0x500 exception report, 0x1000 GDT (0x08 code32, 0x10 data, 0x18 code64),
+           0x2000 IDT, 0x3000 IDT stubs (report vector, error code, RIP and halt),
+           0x10000 page tables (long mode), stack top 0x80000 (0x7c00 in real mode),
+           0xD0000000 MMIO test device (0x00 ID, 0x08 scratch, 0x10 counter, 0x18 IRQ)
+Exit status: the debug-exit code when the guest wrote to 0xF4; 0 when it halted;
+  2 when --backend both found a difference; 3 for an exception, triple fault,
+  deadline, unsupported instruction or a backend that cannot run the guest; 1 on error.";
+
+/// Arguments of `duet doctor`.
+#[derive(Args, Debug, Default)]
+pub struct DoctorArgs {
+    /// Also run small probe guests on KVM for the defects known on nested/emulated hosts.
+    #[arg(long)]
+    pub kvm_selfcheck: bool,
+}
+
+/// Parses a number in decimal or 0x-hex.
+pub fn parse_u64(s: &str) -> Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("`{s}` is not a number (use decimal or 0x-prefixed hex)"))
+}
+
+/// Parses a size with an optional K/M/G suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    parse_u64(num)?.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_sizes_parse() {
+        assert_eq!(parse_u64("0x7c00"), Ok(0x7c00));
+        assert_eq!(parse_u64("1_000"), Ok(1000));
+        assert!(parse_u64("7c00").is_err());
+        assert_eq!(parse_size("32M"), Ok(32 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn no_arguments_means_run_hello_on_auto() {
+        let cli = Cli::try_parse_from(["duet"]).unwrap();
+        assert!(cli.command.is_none());
+        let cli = Cli::try_parse_from(["duet", "run", "--backend", "both", "--fixture", "alu"]).unwrap();
+        match cli.command {
+            Some(Command::Run(a)) => {
+                assert_eq!(a.backend, BackendArg::Both);
+                assert_eq!(a.fixture.as_deref(), Some("alu"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["duet", "run", "--fixture", "x", "img.bin"]).is_err());
+    }
+}

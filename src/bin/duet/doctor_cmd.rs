@@ -1,0 +1,69 @@
+//! `duet doctor`: what this host offers and which backend `auto` picks.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use duet::BackendKind;
+
+use crate::cli::DoctorArgs;
+
+/// Prints the host checklist, both backends' availability and `auto`'s choice.
+pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
+    let facts = duet::doctor::HostFacts::gather(Path::new("/"));
+    println!("{facts}");
+    for kind in BackendKind::ALL {
+        match kind.availability() {
+            duet::Availability::Available(what) => println!("backend {kind:<6} available: {what}"),
+            duet::Availability::Unavailable(why) => println!("backend {kind:<6} unavailable: {why}"),
+        }
+    }
+    let (kind, why) = duet::auto();
+    println!("auto picks {kind}: {why}");
+    if args.kvm_selfcheck {
+        kvm_selfcheck()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every probe of a known nested-KVM defect on KVM (and on the software CPU for
+/// reference) and says which ones this host's KVM gets wrong against the SDM's result.
+fn kvm_selfcheck() -> Result<()> {
+    use duet::{run_guest, RunConfig};
+    use std::time::Duration;
+
+    let kvm_usable = BackendKind::Kvm.availability().is_available();
+    if !kvm_usable {
+        println!("\nKVM self-check skipped: KVM is not usable here.");
+        return Ok(());
+    }
+    println!("\nKVM self-check (each probe's expected result is the SDM's; deadline 3 s each):");
+    let config = RunConfig { timeout: Duration::from_secs(3), ..RunConfig::default() };
+    let mut wrong = 0;
+    let probes = duet_fixtures::probes::probes();
+    for probe in &probes {
+        let f = &probe.fixture;
+        let guest = f.guest()?;
+        let verdict = |kind: BackendKind| match run_guest(&*kind.create(), &guest, &config) {
+            Ok(r) => match f.expected.check(&r.outcome.stop, &r.console_text()) {
+                Ok(()) => (true, "as the SDM says".to_string()),
+                Err(why) => (false, format!("{why} (ended: {})", r.outcome.stop)),
+            },
+            Err(e) => (false, format!("error: {e}")),
+        };
+        let (kvm_ok, kvm_what) = verdict(BackendKind::Kvm);
+        let (_, interp_what) = verdict(BackendKind::Interp);
+        wrong += usize::from(!kvm_ok);
+        let mark = if kvm_ok { "ok   " } else { "WRONG" };
+        println!("  {mark} {:<14} kvm: {kvm_what}", f.name);
+        println!("        {:<14} software CPU: {interp_what}", "");
+        if !kvm_ok {
+            println!("        {:<14} known on kvm_pvm: {}", "", probe.kvm_pvm);
+        }
+    }
+    println!(
+        "{wrong} of {} probes show a KVM defect; where KVM is wrong, duet's tests take the expected result from the SDM.",
+        probes.len()
+    );
+    Ok(())
+}

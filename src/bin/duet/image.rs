@@ -1,0 +1,83 @@
+//! Turning `duet run` arguments into a guest: a fixture, a flat image, an ELF file or a ROM.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use duet_core::Guest;
+use duet_fixtures::{GuestBuilder, Mode};
+
+use crate::cli::{ModeArg, RunArgs};
+use crate::elf;
+
+/// The guest to run and, for fixtures, what it is expected to do.
+pub struct Prepared {
+    /// The guest.
+    pub guest: Guest,
+    /// The fixture it came from, if any.
+    pub fixture: Option<duet_fixtures::Fixture>,
+}
+
+fn mode(m: ModeArg) -> Mode {
+    match m {
+        ModeArg::Real => Mode::Real,
+        ModeArg::Protected => Mode::Protected,
+        ModeArg::Long => Mode::Long,
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+/// Builds the guest `args` describe.
+pub fn prepare(args: &RunArgs) -> Result<Prepared> {
+    if let Some(path) = &args.bios {
+        let rom = read(path, "firmware image")?;
+        let mut b = GuestBuilder::bios(rom);
+        if let Some(m) = args.mem {
+            b = b.ram_size(m);
+        }
+        let guest = b.build().with_context(|| format!("cannot map firmware image {}", path.display()))?;
+        return Ok(Prepared { guest, fixture: None });
+    }
+    let Some(path) = &args.image else {
+        let name = args.fixture.as_deref().unwrap_or("hello");
+        let Some(fixture) = duet_fixtures::find(name) else {
+            let names: Vec<&str> = duet_fixtures::catalogue().iter().map(|f| f.name).collect();
+            bail!("no fixture named `{name}`; the fixtures are: {}", names.join(", "));
+        };
+        let mut guest = fixture.guest().with_context(|| format!("cannot build fixture `{name}`"))?;
+        if let Some(m) = args.mem {
+            guest.ram_size = m;
+        }
+        return Ok(Prepared { guest, fixture: Some(fixture) });
+    };
+    let bytes = read(path, "image")?;
+    let mut b = GuestBuilder::new(mode(args.mode));
+    if let Some(m) = args.mem {
+        b = b.ram_size(m);
+    }
+    if elf::is_elf(&bytes) {
+        let img = elf::parse(&bytes).map_err(|e| anyhow!("cannot load ELF image {}: {e}", path.display()))?;
+        if img.is_64 && args.mode != ModeArg::Long {
+            bail!("{} is a 64-bit ELF file: run it with --mode long", path.display());
+        }
+        b = b.entry(args.entry.unwrap_or(img.entry));
+        for l in img.loads {
+            b = b.load(l.addr, l.bytes);
+        }
+    } else {
+        if bytes.is_empty() {
+            bail!("image {} is empty", path.display());
+        }
+        if let Some(a) = args.load_addr {
+            b = b.load_addr(a);
+        }
+        if let Some(e) = args.entry {
+            b = b.entry(e);
+        }
+        b = b.image(bytes);
+    }
+    let guest = b.build().with_context(|| format!("cannot load image {}", path.display()))?;
+    Ok(Prepared { guest, fixture: None })
+}
