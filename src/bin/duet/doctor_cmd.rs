@@ -44,22 +44,23 @@ fn kvm_selfcheck() -> Result<()> {
     for probe in &probes {
         let f = &probe.fixture;
         let guest = f.guest()?;
+        // One short line per backend: whether the run matched the SDM, else how it ended.
         let verdict = |kind: BackendKind| match run_guest(&*kind.create(), &guest, &config) {
             Ok(r) => match f.expected.check(&r.outcome.stop, &r.console_text()) {
-                Ok(()) => (true, "as the SDM says".to_string()),
-                Err(why) => (false, format!("{why} (ended: {})", r.outcome.stop)),
+                Ok(()) => (true, "matches the SDM".to_string()),
+                Err(_) => (false, format!("ended with {}", r.outcome.stop)),
             },
             Err(e) => (false, format!("error: {e}")),
         };
         let (kvm_ok, kvm_what) = verdict(BackendKind::Kvm);
         let (_, interp_what) = verdict(BackendKind::Interp);
         wrong += usize::from(!kvm_ok);
-        let mark = if kvm_ok { "ok   " } else { "WRONG" };
-        println!("  {mark} {:<14} kvm: {kvm_what}", f.name);
-        println!("        {:<14} software CPU: {interp_what}", "");
+        println!("  {} {:<14} {}", if kvm_ok { "ok   " } else { "WRONG" }, f.name, f.summary);
+        println!("        kvm:          {kvm_what}");
         if !kvm_ok {
-            println!("        {:<14} known on kvm_pvm: {}", "", probe.kvm_pvm);
+            println!("        known here:   {}", probe.kvm_pvm);
         }
+        println!("        software CPU: {interp_what}");
     }
     println!(
         "{wrong} of {} probes show a KVM defect; where KVM is wrong, duet's tests take the expected result from the SDM.",
