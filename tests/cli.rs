@@ -1,0 +1,100 @@
+//! The `duet` command as a user runs it: output, exit status and error messages.
+
+use std::process::{Command, Output};
+
+fn duet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duet")).args(args).output().expect("the duet binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn run_without_arguments_prints_hello_and_exits_zero() {
+    let out = duet(&["run", "--backend", "interp"]);
+    assert_eq!(text(&out.stdout), "Hello from duet!\n");
+    assert!(text(&out.stderr).contains("[interp] halted"), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn debug_exit_value_becomes_the_exit_status() {
+    // pio-loop exits with the low byte of 0 + 1 + … + 999 = 499500 = 0x79f2c → 0x2c; status (0x2c << 1) | 1.
+    let out = duet(&["run", "--backend", "interp", "--fixture", "pio-loop"]);
+    assert_eq!(out.status.code(), Some((0x2c << 1) | 1), "{}", text(&out.stderr));
+}
+
+#[test]
+fn flat_real_mode_image_runs_at_0x7c00() {
+    // mov al,'Z' ; out 0xe9,al ; cli ; hlt — hand-encoded (SDM Vol. 2: B0 ib, E6 ib, FA, F4).
+    let path = std::env::temp_dir().join(format!("duet-cli-test-{}.bin", std::process::id()));
+    std::fs::write(&path, [0xb0, b'Z', 0xe6, 0xe9, 0xfa, 0xf4]).unwrap();
+    let out = duet(&["run", "--backend", "interp", "--mode", "real", "--regs", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).ok();
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("Z\n"), "{stdout}");
+    // RIP is past HLT: 0x7c00 + 6 bytes.
+    assert!(stdout.contains("rip=0000000000007c06"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn unknown_fixture_error_lists_the_fixtures() {
+    let out = duet(&["run", "--fixture", "nope"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no fixture named `nope`") && err.contains("hello") && err.contains("sieve"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn image_larger_than_memory_is_one_clear_error() {
+    let path = std::env::temp_dir().join(format!("duet-cli-big-{}.bin", std::process::id()));
+    // 3 MiB of NOPs loaded at 1 MiB cannot fit in 2 MiB of RAM.
+    std::fs::write(&path, vec![0x90u8; 3 << 20]).unwrap();
+    let out = duet(&["run", "--backend", "interp", "--mem", "2M", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).ok();
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("duet: error:") && err.contains("does not fit"), "{err}");
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn missing_image_file_is_named() {
+    let out = duet(&["run", "/nonexistent/duet.img"]);
+    assert!(text(&out.stderr).contains("/nonexistent/duet.img"));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn list_names_every_fixture() {
+    let out = duet(&["list"]);
+    let stdout = text(&out.stdout);
+    for f in duet::fixtures::catalogue() {
+        assert!(stdout.lines().any(|l| l.starts_with(f.name)), "{} missing from:\n{stdout}", f.name);
+    }
+}
+
+#[test]
+fn help_documents_the_guest_environment() {
+    let out = duet(&["run", "--help"]);
+    let help = text(&out.stdout);
+    for needle in ["0x3F8", "0xE9", "0xF4", "0x80", "--bios", "--load-addr", "Exit status"] {
+        assert!(help.contains(needle), "--help lacks {needle}");
+    }
+}
+
+#[test]
+fn both_backends_agree_on_alu_or_kvm_is_skipped() {
+    let kvm = duet::BackendKind::Kvm.availability();
+    if std::env::var("DUET_BACKENDS").is_ok_and(|v| v == "interp") || !kvm.is_available() {
+        eprintln!("skipped: kvm: {kvm:?}");
+        return;
+    }
+    let out = duet(&["run", "--backend", "both", "--fixture", "alu"]);
+    assert!(text(&out.stdout).contains("no difference between kvm and interp"), "{}", text(&out.stdout));
+}
