@@ -183,6 +183,38 @@ pub(crate) fn shift(op: ShiftOp, a: u64, count: u32, cf_in: bool, bytes: u32) ->
     }
 }
 
+/// SHLD (`left`) / SHRD: shift `dest` by `count` (masked to 5 or 6 bits), filling from `src`
+/// (SDM Vol. 2B SHLD/SHRD). A count beyond the operand size (16-bit operands) is undefined; this
+/// shifts through `dest:src:dest`, which is what current Intel parts do.
+pub(crate) fn double_shift(left: bool, dest: u64, src: u64, count: u32, bytes: u32) -> ShiftOut {
+    let bits = bytes * 8;
+    let m = mask(bytes);
+    let (dest, src) = (dest & m, src & m);
+    let cnt = count & if bytes == 8 { 0x3f } else { 0x1f };
+    if cnt == 0 {
+        return ShiftOut { res: dest, flags: None, keep: 0 };
+    }
+    let (res, cf) = if bytes == 2 {
+        let wide = (u64::from(dest as u16) << 32) | (u64::from(src as u16) << 16) | dest;
+        if left {
+            (((wide << cnt) >> 32) & m, (wide >> (48 - cnt)) & 1 != 0)
+        } else {
+            ((wide >> cnt) & m, (wide >> (cnt - 1)) & 1 != 0)
+        }
+    } else if left {
+        // cnt < bits here: the defined case of SDM Vol. 2B SHLD.
+        (((dest << cnt) | (src >> (bits - cnt))) & m, (dest >> (bits - cnt)) & 1 != 0)
+    } else {
+        (((dest >> cnt) | (src << (bits - cnt))) & m, (dest >> (cnt - 1)) & 1 != 0)
+    };
+    let mut f = szp(res, bytes) | if cf { CF } else { 0 };
+    // OF (count 1): set when the sign bit changed.
+    if msb(res, bytes) != msb(dest, bytes) {
+        f |= OF;
+    }
+    ShiftOut { res, flags: Some(f), keep: 0 }
+}
+
 /// Converts iced-x86 `RflagsBits` (its own bit order) to RFLAGS layout.
 pub(crate) fn from_iced(bits: u32) -> u64 {
     use duet_core::state::rflags as R;
@@ -206,6 +238,22 @@ pub(crate) fn from_iced(bits: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_shifts_fill_from_the_source() {
+        // SHLD 0x1234, 0xabcd, 4 (16-bit): 0x234a; CF = bit 12 of 0x1234 = 1.
+        let r = double_shift(true, 0x1234, 0xabcd, 4, 2);
+        assert_eq!((r.res, r.flags.map(|f| f & CF)), (0x234a, Some(CF)));
+        // SHRD 0x1234, 0xabcd, 4: 0xd123; CF = bit 3 of 0x1234 = 0; sign changed → OF.
+        let r = double_shift(false, 0x1234, 0xabcd, 4, 2);
+        assert_eq!((r.res, r.flags.map(|f| f & (CF | OF))), (0xd123, Some(OF)));
+        assert_eq!(double_shift(true, 5, 6, 32, 4).flags, None);
+        // 64-bit, count 63: SHLD 1, 2^63 → bit 63 of dest comes from bit 0, bit 62..0 from src.
+        let r = double_shift(true, 1, 1 << 63, 63, 8);
+        assert_eq!(r.res, (1 << 63) | ((1u64 << 63) >> 1));
+        let r = double_shift(false, 1 << 63, 1, 63, 8);
+        assert_eq!(r.res, 1 | 2);
+    }
 
     #[test]
     fn iced_flag_bits_map_to_rflags_layout() {

@@ -2,6 +2,7 @@
 //! instruction group.
 
 pub(crate) mod alu;
+pub(crate) mod bcd;
 pub(crate) mod bit;
 pub(crate) mod control;
 pub(crate) mod flags;
@@ -12,6 +13,7 @@ pub(crate) mod muldiv;
 pub(crate) mod shift;
 pub(crate) mod stack;
 pub(crate) mod string;
+pub(crate) mod syscall;
 pub(crate) mod system;
 
 use iced_x86::{Instruction, Mnemonic};
@@ -33,6 +35,8 @@ enum Group {
     System,
     Flags,
     Misc,
+    Bcd,
+    Syscall,
 }
 
 /// The group that implements `m`, or `None` when the interpreter does not implement it.
@@ -40,16 +44,16 @@ fn group(m: Mnemonic) -> Option<Group> {
     use Mnemonic::*;
     Some(match m {
         Mov | Movzx | Movsx | Movsxd | Lea | Xchg | Cbw | Cwde | Cdqe | Cwd | Cdq | Cqo | Bswap | Cmpxchg
-        | Xadd | Cmpxchg8b | Xlatb | Cmova | Cmovae | Cmovb | Cmovbe | Cmove | Cmovg | Cmovge | Cmovl
-        | Cmovle | Cmovne | Cmovno | Cmovnp | Cmovns | Cmovo | Cmovp | Cmovs | Seta | Setae | Setb
-        | Setbe | Sete | Setg | Setge | Setl | Setle | Setne | Setno | Setnp | Setns | Seto | Setp | Sets => {
-            Group::Mov
-        }
+        | Xadd | Cmpxchg8b | Xlatb | Lds | Les | Lss | Lfs | Lgs | Cmova | Cmovae | Cmovb | Cmovbe
+        | Cmove | Cmovg | Cmovge | Cmovl | Cmovle | Cmovne | Cmovno | Cmovnp | Cmovns | Cmovo | Cmovp
+        | Cmovs | Seta | Setae | Setb | Setbe | Sete | Setg | Setge | Setl | Setle | Setne | Setno
+        | Setnp | Setns | Seto | Setp | Sets => Group::Mov,
         Add | Adc | Sub | Sbb | Cmp | And | Or | Xor | Test | Inc | Dec | Neg | Not => Group::Alu,
-        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr => Group::Shift,
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd => Group::Shift,
         Mul | Imul | Div | Idiv => Group::MulDiv,
         Bt | Bts | Btr | Btc | Bsf | Bsr => Group::Bit,
-        Push | Pop | Pushf | Pushfd | Pushfq | Popf | Popfd | Popfq | Leave | Enter => Group::Stack,
+        Push | Pop | Pusha | Pushad | Popa | Popad | Pushf | Pushfd | Pushfq | Popf | Popfd | Popfq
+        | Leave | Enter => Group::Stack,
         Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js
         | Jcxz | Jecxz | Jrcxz | Loop | Loope | Loopne | Call | Ret | Retf | Int | Int3 | Into | Iret
         | Iretd | Iretq => Group::Control,
@@ -60,7 +64,9 @@ fn group(m: Mnemonic) -> Option<Group> {
         Hlt | Cpuid | Rdmsr | Wrmsr | Rdtsc | Lgdt | Lidt | Sgdt | Sidt | Ltr | Lldt | Str | Sldt
         | Invlpg | Clts | Wbinvd | Invd | Swapgs | Smsw | Lmsw => Group::System,
         Clc | Stc | Cmc | Cld | Std | Cli | Sti | Lahf | Sahf => Group::Flags,
-        Nop | Pause | Ud2 => Group::Misc,
+        Nop | Pause | Ud2 | Bound | Arpl => Group::Misc,
+        Daa | Das | Aaa | Aas | Aam | Aad => Group::Bcd,
+        Syscall | Sysret | Sysenter | Sysexit => Group::Syscall,
         _ => return None,
     })
 }
@@ -92,6 +98,8 @@ pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         Some(Group::System) => system::exec(cpu, ins),
         Some(Group::Flags) => flags::exec(cpu, ins),
         Some(Group::Misc) => misc::exec(cpu, ins),
+        Some(Group::Bcd) => bcd::exec(cpu, ins),
+        Some(Group::Syscall) => syscall::exec(cpu, ins),
         None => Err(unsupported(format!("{m:?}"))),
     }
 }

@@ -1,5 +1,5 @@
 //! Data movement: MOV (incl. moffs, segment and control registers), MOVZX/MOVSX/MOVSXD, LEA,
-//! XCHG, CBW…CQO, BSWAP, CMPXCHG, CMPXCHG8B, XADD, XLATB, CMOVcc and SETcc.
+//! XCHG, CBW…CQO, BSWAP, CMPXCHG, CMPXCHG8B, XADD, XLATB, LDS/LES/LFS/LGS/LSS, CMOVcc and SETcc.
 
 use duet_core::state::rflags::ZF;
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
@@ -128,6 +128,29 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             }
             cpu.set_status(f);
             Ok(())
+        }
+        Mnemonic::Lds | Mnemonic::Les | Mnemonic::Lss | Mnemonic::Lfs | Mnemonic::Lgs => {
+            // SDM Vol. 2A LDS/LES/LFS/LGS/LSS: offset then selector from m16:16/32/64.
+            if !Cpu::is_mem(ins, 1) {
+                return Err(ud());
+            }
+            let sr = match m {
+                Mnemonic::Lds => Register::DS,
+                Mnemonic::Les => Register::ES,
+                Mnemonic::Lss => Register::SS,
+                Mnemonic::Lfs => Register::FS,
+                _ => Register::GS,
+            };
+            let size = cpu.op_bytes(ins, 0);
+            let (seg, ea) = cpu.mem_addr(ins, 1);
+            let off = cpu.read_mem(seg, ea, size)?;
+            let am = crate::cpu::mask(crate::operand::addr_bytes(ins, cpu.bitness()));
+            let sel = cpu.read_mem(seg, ea.wrapping_add(u64::from(size)) & am, 2)? as u16;
+            cpu.load_data_seg(sr, sel)?;
+            if sr == Register::SS {
+                cpu.shadow = 2;
+            }
+            cpu.write_op(ins, 0, off)
         }
         Mnemonic::Xlatb => {
             let v = cpu.read_op(ins, 0)?;

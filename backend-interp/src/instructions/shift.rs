@@ -1,14 +1,22 @@
-//! SHL/SAL/SHR/SAR/ROL/ROR/RCL/RCR with masked counts (flags in `crate::flags::shift`).
+//! SHL/SAL/SHR/SAR/ROL/ROR/RCL/RCR and SHLD/SHRD with masked counts (flags in `crate::flags::shift`).
 
 use duet_core::state::rflags::{CF, STATUS};
 use iced_x86::{Instruction, Mnemonic};
 
 use super::form;
 use crate::cpu::{Cpu, Flow};
-use crate::flags::{shift, ShiftOp};
+use crate::flags::{double_shift, shift, ShiftOp};
 
 /// Executes a shift or rotate.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    if matches!(ins.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd) {
+        let b = cpu.op_bytes(ins, 0);
+        let a = cpu.read_op(ins, 0)?;
+        let src = cpu.read_op(ins, 1)?;
+        let count = cpu.read_op(ins, 2)? as u32;
+        let out = double_shift(ins.mnemonic() == Mnemonic::Shld, a, src, count, b);
+        return store(cpu, ins, a, out);
+    }
     let op = match ins.mnemonic() {
         Mnemonic::Shl | Mnemonic::Sal => ShiftOp::Shl,
         Mnemonic::Shr => ShiftOp::Shr,
@@ -23,6 +31,11 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let a = cpu.read_op(ins, 0)?;
     let count = if ins.op_count() > 1 { cpu.read_op(ins, 1)? as u32 } else { 1 };
     let out = shift(op, a, count, cpu.flag(CF), b);
+    store(cpu, ins, a, out)
+}
+
+/// Writes a shift's result and flags; with a zero count only a register is rewritten.
+fn store(cpu: &mut Cpu, ins: &Instruction, a: u64, out: crate::flags::ShiftOut) -> Flow {
     match out.flags {
         Some(f) => {
             cpu.write_op(ins, 0, out.res)?;

@@ -1,4 +1,5 @@
-//! PUSH, POP (registers, memory, immediates, segment registers), PUSHF/POPF, LEAVE, ENTER, and
+//! PUSH, POP (registers, memory, immediates, segment registers), PUSHA/POPA, PUSHF/POPF, LEAVE,
+//! ENTER, and
 //! the stack helpers every group uses (SDM Vol. 1 §6.2, Vol. 2B PUSH/POP).
 
 use duet_core::state::rflags;
@@ -81,6 +82,10 @@ impl Cpu {
     }
 }
 
+fn m_is(ins: &Instruction, m: Mnemonic) -> bool {
+    ins.mnemonic() == m
+}
+
 /// Executes a stack-group instruction.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let n = (-ins.stack_pointer_increment()).unsigned_abs();
@@ -122,6 +127,33 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             let n = ins.stack_pointer_increment().unsigned_abs();
             let v = cpu.pop(n)?;
             cpu.load_flags(v, n, false);
+            Ok(())
+        }
+        Mnemonic::Pusha | Mnemonic::Pushad => {
+            // SDM Vol. 2B PUSHA: AX, CX, DX, BX, the original SP, BP, SI, DI.
+            let size = if m_is(ins, Mnemonic::Pushad) { 4 } else { 2 };
+            let sp = cpu.gpr_sized(4, size);
+            for r in 0..8 {
+                let v = if r == 4 { sp } else { cpu.gpr_sized(r, size) };
+                cpu.push(v, size)?;
+            }
+            Ok(())
+        }
+        Mnemonic::Popa | Mnemonic::Popad => {
+            // SDM Vol. 2B POPA: DI, SI, BP, (SP skipped), BX, DX, CX, AX.
+            let size = if m_is(ins, Mnemonic::Popad) { 4 } else { 2 };
+            let mut vals = [0u64; 8];
+            for (i, v) in vals.iter_mut().enumerate() {
+                *v = cpu.peek(u64::from(size) * i as u64, size)?;
+            }
+            for (i, v) in vals.iter().enumerate() {
+                let r = 7 - i;
+                if r != 4 {
+                    cpu.set_gpr_sized(r, size, *v);
+                }
+            }
+            let sp = cpu.sp();
+            cpu.set_sp(sp.wrapping_add(8 * u64::from(size)));
             Ok(())
         }
         Mnemonic::Leave => {
