@@ -1,0 +1,1 @@
+//! duet-qemu: run a duet guest under QEMU TCG as a reference.
