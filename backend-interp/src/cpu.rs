@@ -60,6 +60,10 @@ pub(crate) mod vector {
     pub const OF: u8 = 4;
     /// Invalid opcode.
     pub const UD: u8 = 6;
+    /// Device not available.
+    pub const NM: u8 = 7;
+    /// Debug.
+    pub const DB: u8 = 1;
     /// Double fault.
     pub const DF: u8 = 8;
     /// Invalid TSS.

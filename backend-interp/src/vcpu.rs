@@ -45,6 +45,10 @@ pub struct InterpVcpu {
     step_report: bool,
     /// Data of the MMIO write being lent to the run loop.
     write_buf: Vec<u8>,
+    /// RFLAGS.TF was set when the last instruction began: a single-step #DB trap is due.
+    pending_db: bool,
+    /// The CPU shut down (triple fault); it stays so until new state is loaded.
+    shutdown: bool,
 }
 
 impl InterpVcpu {
@@ -58,6 +62,8 @@ impl InterpVcpu {
             injected: None,
             step_report: false,
             write_buf: Vec::new(),
+            pending_db: false,
+            shutdown: false,
         }
     }
 
@@ -89,6 +95,7 @@ impl InterpVcpu {
     fn step(&mut self) -> Option<Exit> {
         let cpu = &mut self.cpu;
         let snapshot = (cpu.gpr, cpu.rip, cpu.rflags);
+        let tf = cpu.flag(duet_core::state::rflags::TF);
         cpu.io.begin();
         cpu.post = None;
         let fetched = cpu.fetch();
@@ -109,6 +116,13 @@ impl InterpVcpu {
                     cpu.undefined =
                         (cpu.undefined & !written) | crate::flags::from_iced(i.rflags_undefined());
                 }
+                // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it,
+                // except after INT n/INT3/INTO, whose delivery clears TF first.
+                let software_int = ins.as_ref().is_some_and(|i| {
+                    use iced_x86::Mnemonic::{Int, Int1, Int3, Into};
+                    matches!(i.mnemonic(), Int | Int3 | Into | Int1)
+                });
+                self.pending_db = tf && !software_int;
                 cpu.rip = cpu.next_rip;
                 cpu.retired = cpu.retired.wrapping_add(1);
                 cpu.io.finish();
@@ -172,6 +186,12 @@ impl InterpVcpu {
         }
     }
 
+    /// Triple fault: the CPU stays shut down until new state is loaded.
+    fn shut_down(&mut self) -> Exit {
+        self.shutdown = true;
+        Exit::Shutdown
+    }
+
     /// The next queued MMIO write, moved into the lending buffer.
     fn next_write(&mut self) -> Option<Exit> {
         let (addr, data) = self.cpu.io.writes.pop_front()?;
@@ -190,13 +210,26 @@ impl InterpVcpu {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Exit::Deadline;
         }
+        if self.shutdown {
+            return Exit::Shutdown;
+        }
         let mut count = 0u32;
         loop {
+            if std::mem::take(&mut self.pending_db) {
+                let rip = self.cpu.rip;
+                let db =
+                    Event { vector: crate::cpu::vector::DB, error: None, source: Source::Exception, rip };
+                match self.cpu.raise(db) {
+                    Ok(()) => {}
+                    Err(Abort::Shutdown) => return self.shut_down(),
+                    Err(other) => return self.abort_exit(other, None),
+                }
+            }
             if let Some(v) = self.injected.take() {
                 let rip = self.cpu.rip;
                 match self.cpu.raise(Event { vector: v, error: None, source: Source::External, rip }) {
                     Ok(()) => {}
-                    Err(Abort::Shutdown) => return Exit::Shutdown,
+                    Err(Abort::Shutdown) => return self.shut_down(),
                     Err(other) => return self.abort_exit(other, None),
                 }
             }
@@ -210,8 +243,10 @@ impl InterpVcpu {
             if count % DEADLINE_CHECK_INTERVAL == 0 && self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Exit::Deadline;
             }
-            if let Some(e) = self.step() {
-                return e;
+            match self.step() {
+                Some(Exit::Shutdown) => return self.shut_down(),
+                Some(e) => return e,
+                None => {}
             }
         }
     }
@@ -273,6 +308,8 @@ impl Vcpu for InterpVcpu {
         self.cpu.shadow = 0;
         self.cpu.undefined = 0;
         self.step_report = false;
+        self.pending_db = false;
+        self.shutdown = false;
         Ok(())
     }
 

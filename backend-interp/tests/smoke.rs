@@ -20,15 +20,28 @@ impl XorShift {
     }
 }
 
-const SEQUENCES: usize = 2000;
+/// Sequences per mode; `DUET_SMOKE_SEQUENCES` raises it for a longer soak.
+fn sequences() -> usize {
+    std::env::var("DUET_SMOKE_SEQUENCES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+}
 
 fn smoke(name: &str, setup: fn(&GuestMemory) -> CpuState, seed: u64) {
     let mem = memory(&[]);
     let mut rng = XorShift(seed);
     let start = Instant::now();
     let mut deadlines = 0;
-    for i in 0..SEQUENCES {
-        let state = setup(&mem);
+    let n = sequences();
+    for i in 0..n {
+        let mut state = setup(&mem);
+        // Random general registers (except RSP): half small (inside RAM), half anything, so
+        // memory operands reach RAM, MMIO, unmapped and non-canonical addresses.
+        for r in [0usize, 1, 2, 3, 5, 6, 7] {
+            let v = rng.next();
+            let v = if v & 1 == 0 { v % RAM } else { v };
+            let mut g = state.regs.gprs();
+            g[r] = v;
+            state.regs.set_gprs(&g);
+        }
         let mut bytes = [0u8; 15];
         for b in bytes.iter_mut() {
             *b = rng.next() as u8;
@@ -42,7 +55,7 @@ fn smoke(name: &str, setup: fn(&GuestMemory) -> CpuState, seed: u64) {
         }
         assert!(out.exits > 0, "{name} #{i}: {bytes:02x?} ended without an exit");
     }
-    eprintln!("{name}: {SEQUENCES} sequences in {:?}, {deadlines} hit the deadline", start.elapsed());
+    eprintln!("{name}: {n} sequences in {:?}, {deadlines} hit the deadline", start.elapsed());
 }
 
 #[test]

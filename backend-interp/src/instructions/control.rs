@@ -359,6 +359,17 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.far_return(sel, off, size, 2 * u64::from(size), imm, false)
         }
         Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq => cpu.iret(ins),
+        Mnemonic::Int1 => {
+            // INT1 (ICEBP): #DB as a trap, without the gate-DPL check of INT n (SDM Vol. 2A INT n).
+            cpu.raise(Event {
+                vector: vector::DB,
+                error: None,
+                source: Source::External,
+                rip: cpu.next_rip,
+            })?;
+            cpu.next_rip = cpu.rip;
+            Ok(())
+        }
         Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into => {
             let v = match m {
                 Mnemonic::Int => ins.immediate(0) as u8,

@@ -1,4 +1,4 @@
-//! NOP forms, PAUSE, UD2, BOUND and ARPL.
+//! NOP forms and hints (PAUSE, ENDBR, fences, prefetches, CLFLUSH, WAIT), UD0/UD1/UD2, BOUND, ARPL.
 
 use duet_core::state::rflags::ZF;
 use iced_x86::{Instruction, Mnemonic};
@@ -12,9 +12,39 @@ const BR: u8 = 5;
 /// Executes NOP (all encodings, including the multi-byte `0F 1F /0`), PAUSE, UD2, BOUND, ARPL.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     match ins.mnemonic() {
-        Mnemonic::Nop | Mnemonic::Pause => Ok(()),
-        // SDM Vol. 2B UD2: raises #UD, always.
-        Mnemonic::Ud2 => Err(ud()),
+        // Hints and fences have no architectural effect here: NOP, PAUSE, reserved NOPs, ENDBR
+        // (no CET), the fences (one CPU, no weakly ordered memory) and the prefetches.
+        Mnemonic::Nop
+        | Mnemonic::Pause
+        | Mnemonic::Reservednop
+        | Mnemonic::Endbr32
+        | Mnemonic::Endbr64
+        | Mnemonic::Lfence
+        | Mnemonic::Mfence
+        | Mnemonic::Sfence
+        | Mnemonic::Prefetchnta
+        | Mnemonic::Prefetcht0
+        | Mnemonic::Prefetcht1
+        | Mnemonic::Prefetcht2
+        | Mnemonic::Prefetch
+        | Mnemonic::Prefetchw => Ok(()),
+        // CLFLUSH checks the address like a byte read (SDM Vol. 2A CLFLUSH); there is no cache.
+        Mnemonic::Clflush => {
+            let (seg, off) = cpu.mem_addr(ins, 0);
+            let lin = cpu.seg_linear(seg, off, 1, false)?;
+            cpu.translate(lin, crate::mmu::Kind::Read, false)?;
+            Ok(())
+        }
+        // WAIT/FWAIT: #NM when CR0.MP and CR0.TS are both set; no x87 exception can be pending.
+        Mnemonic::Wait => {
+            let cr0 = cpu.sregs.cr0;
+            if cr0 & 0xa == 0xa {
+                return Err(fault(crate::cpu::vector::NM));
+            }
+            Ok(())
+        }
+        // SDM Vol. 2B UD: UD0, UD1, UD2 raise #UD, always.
+        Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(ud()),
         Mnemonic::Bound => {
             // SDM Vol. 2A BOUND: #BR unless lower ≤ index ≤ upper (signed); a register bound is #UD.
             if !Cpu::is_mem(ins, 1) {

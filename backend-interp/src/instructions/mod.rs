@@ -5,6 +5,7 @@ pub(crate) mod alu;
 pub(crate) mod bcd;
 pub(crate) mod bit;
 pub(crate) mod control;
+pub(crate) mod descriptor;
 pub(crate) mod flags;
 pub(crate) mod io;
 pub(crate) mod misc;
@@ -37,6 +38,7 @@ enum Group {
     Misc,
     Bcd,
     Syscall,
+    Descriptor,
 }
 
 /// The group that implements `m`, or `None` when the interpreter does not implement it.
@@ -56,7 +58,7 @@ fn group(m: Mnemonic) -> Option<Group> {
         | Leave | Enter => Group::Stack,
         Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js
         | Jcxz | Jecxz | Jrcxz | Loop | Loope | Loopne | Call | Ret | Retf | Int | Int3 | Into | Iret
-        | Iretd | Iretq => Group::Control,
+        | Iretd | Iretq | Int1 => Group::Control,
         Movsb | Movsw | Movsd | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq
         | Cmpsb | Cmpsw | Cmpsd | Cmpsq | Scasb | Scasw | Scasd | Scasq | Insb | Insw | Insd | Outsb
         | Outsw | Outsd => Group::String,
@@ -64,9 +66,12 @@ fn group(m: Mnemonic) -> Option<Group> {
         Hlt | Cpuid | Rdmsr | Wrmsr | Rdtsc | Lgdt | Lidt | Sgdt | Sidt | Ltr | Lldt | Str | Sldt
         | Invlpg | Clts | Wbinvd | Invd | Swapgs | Smsw | Lmsw => Group::System,
         Clc | Stc | Cmc | Cld | Std | Cli | Sti | Lahf | Sahf => Group::Flags,
-        Nop | Pause | Ud2 | Bound | Arpl => Group::Misc,
+        Nop | Pause | Ud2 | Ud0 | Ud1 | Bound | Arpl | Reservednop | Endbr32 | Endbr64 | Lfence | Mfence
+        | Sfence | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetch | Prefetchw | Clflush
+        | Wait => Group::Misc,
+        Lar | Lsl | Verr | Verw => Group::Descriptor,
         Daa | Das | Aaa | Aas | Aam | Aad => Group::Bcd,
-        Syscall | Sysret | Sysenter | Sysexit => Group::Syscall,
+        Syscall | Sysret | Sysretq | Sysenter | Sysexit | Sysexitq => Group::Syscall,
         _ => return None,
     })
 }
@@ -100,6 +105,7 @@ pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         Some(Group::Misc) => misc::exec(cpu, ins),
         Some(Group::Bcd) => bcd::exec(cpu, ins),
         Some(Group::Syscall) => syscall::exec(cpu, ins),
+        Some(Group::Descriptor) => descriptor::exec(cpu, ins),
         None => Err(unsupported(format!("{m:?}"))),
     }
 }

@@ -43,7 +43,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.sregs.ss = flat(sel.wrapping_add(8), false, 0, false);
             cpu.next_rip = msr_of(cpu, msr::LSTAR);
         }
-        Mnemonic::Sysret => {
+        Mnemonic::Sysret | Mnemonic::Sysretq => {
             if !cpu.mode64() || cpu.sregs.efer & ctrl::EFER_SCE == 0 {
                 return Err(ud());
             }
@@ -82,7 +82,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 cpu.next_rip = ip & 0xffff_ffff;
             }
         }
-        Mnemonic::Sysexit => {
+        Mnemonic::Sysexit | Mnemonic::Sysexitq => {
             let cs = msr_of(cpu, msr::SYSENTER_CS) as u16;
             if !cpu.protected() || cs & 0xfffc == 0 || cpu.cpl() != 0 {
                 return Err(gp(0));
