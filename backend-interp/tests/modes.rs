@@ -164,3 +164,55 @@ fn repne_scasb_stops_at_the_match() {
     assert_eq!(out.state.regs.rcx, 94);
     assert_ne!(out.state.regs.rflags & duet_core::state::rflags::ZF, 0);
 }
+
+#[test]
+fn enter_with_nesting_level_copies_the_display() {
+    let code = asm(32, |a| {
+        a.mov(ebp, 0x6_ff00).unwrap();
+        a.mov(dword_ptr(0x6_fefc), 0xaaaa).unwrap();
+        a.enter(8, 2).unwrap();
+        a.mov(esi, esp).unwrap();
+        a.mov(edi, ebp).unwrap();
+        a.leave().unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    let s = protected32(&mem);
+    let (out, _) = run(mem.clone(), &s);
+    // SDM Vol. 2A ENTER, level 2: old EBP, one copied frame pointer, then the new frame pointer.
+    assert_eq!(
+        (peek32(&mem, 0x6_fffc), peek32(&mem, 0x6_fff8), peek32(&mem, 0x6_fff4)),
+        (0x6_ff00, 0xaaaa, 0x6_fffc)
+    );
+    assert_eq!((out.state.regs.rdi, out.state.regs.rsi), (0x6_fffc, 0x6_ffec));
+    // LEAVE undoes it.
+    assert_eq!((out.state.regs.rbp, out.state.regs.rsp), (0x6_ff00, STACK));
+}
+
+#[test]
+fn long_mode_call_ret_push_pop_use_eight_byte_slots() {
+    let code = asm(64, |a| {
+        let mut f = a.create_label();
+        a.push(-2).unwrap(); // imm8 sign-extended to 64 bits
+        a.pop(rbx).unwrap();
+        a.call(f).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut f).unwrap();
+        a.mov(rcx, qword_ptr(rsp)).unwrap();
+        a.mov(rdx, rsp).unwrap();
+        a.ret().unwrap();
+    });
+    let mem = memory(&code);
+    let s = long64(&mem);
+    let (out, _) = run(mem, &s);
+    let call_len = asm(64, |a| {
+        a.push(-2).unwrap();
+        a.pop(rbx).unwrap();
+        a.call(CODE + 0x40).unwrap();
+    })
+    .len() as u64;
+    assert_eq!(out.state.regs.rbx, u64::MAX - 1);
+    assert_eq!(out.state.regs.rcx, CODE + call_len);
+    assert_eq!(out.state.regs.rdx, STACK - 8);
+    assert_eq!(out.state.regs.rsp, STACK);
+}

@@ -166,16 +166,25 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             Ok(())
         }
         Mnemonic::Enter => {
+            // SDM Vol. 2A ENTER: push rBP; copy level−1 frame pointers from the caller's frame;
+            // push the new frame pointer; rBP ← frame; rSP −= size.
             let level = ins.immediate(1) & 0x1f;
-            if level != 0 {
-                return Err(form(ins));
-            }
             let size = opsize(ins, cpu);
             let alloc = ins.immediate(0) & 0xffff;
+            let sb = cpu.stack_bytes();
             let bp = cpu.gpr_sized(5, size);
             cpu.push(bp, size)?;
             let frame = cpu.sp();
-            let new_sp = frame.wrapping_sub(alloc) & mask(cpu.stack_bytes());
+            if level > 0 {
+                let mut walk = cpu.gpr_sized(5, sb);
+                for _ in 1..level {
+                    walk = walk.wrapping_sub(u64::from(size)) & mask(sb);
+                    let v = cpu.read_mem(Register::SS, walk, size)?;
+                    cpu.push(v, size)?;
+                }
+                cpu.push(frame, size)?;
+            }
+            let new_sp = cpu.sp().wrapping_sub(alloc) & mask(sb);
             if alloc != 0 {
                 // The new stack top must be a valid stack address (#SS(0) otherwise).
                 cpu.seg_linear(Register::SS, new_sp, 1, true)?;
