@@ -61,6 +61,11 @@ impl IoStage {
         self.writes.truncate(self.writes_mark);
     }
 
+    /// Whether an instruction is waiting to be re-executed with data the run loop supplied.
+    pub fn resuming(&self) -> bool {
+        !self.reads.is_empty() || self.port_in.is_some()
+    }
+
     /// The run loop filled the scratch buffer: record it for the re-executed instruction.
     pub fn complete(&mut self) {
         match self.awaiting.take() {

@@ -213,6 +213,12 @@ impl InterpVcpu {
         if self.shutdown {
             return Exit::Shutdown;
         }
+        // An IN or MMIO read completes before any injected event is delivered, as on KVM.
+        if self.cpu.io.resuming() {
+            if let Some(e) = self.step() {
+                return if matches!(e, Exit::Shutdown) { self.shut_down() } else { e };
+            }
+        }
         let mut count = 0u32;
         loop {
             if std::mem::take(&mut self.pending_db) {

@@ -214,3 +214,46 @@ fn single_step_retires_one_instruction_per_run() {
     assert_eq!(v.instructions_retired(), Some(3));
     assert_eq!(v.regs().unwrap().rax & 0xffff, 2);
 }
+
+/// A port that raises an interrupt whenever it is read.
+struct IrqOnRead(duet_core::IrqLine, Arc<Mutex<u32>>);
+
+impl BusDevice for IrqOnRead {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        *self.1.lock().unwrap() += 1;
+        data.fill(0x5a);
+        self.0.trigger();
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) -> WriteOutcome {
+        WriteOutcome::Continue
+    }
+}
+
+#[test]
+fn in_completes_before_an_interrupt_raised_by_its_own_read() {
+    let handler = CODE + 0x100;
+    let code = asm(16, |a| {
+        a.sti().unwrap();
+        a.nop().unwrap();
+        a.in_(al, 0x60).unwrap();
+        a.hlt().unwrap();
+    });
+    let isr = asm(16, |a| {
+        a.mov(cl, al).unwrap();
+        a.iret().unwrap();
+    });
+    let mem = memory(&code);
+    let s = real_mode(&mem);
+    poke(&mem, handler, &isr);
+    poke(&mem, 0x22 * 4, &[(handler & 0xff) as u8, (handler >> 8) as u8, 0, 0]);
+    let reads = Arc::new(Mutex::new(0));
+    let r2 = reads.clone();
+    let (out, _) = run_with(mem, &s, Duration::from_secs(5), move |m| {
+        let line = duet_core::IrqLine::new(m.interrupts(), 0x22);
+        m.pio.insert(0x60, 1, Arc::new(Mutex::new(IrqOnRead(line, r2)))).unwrap();
+    });
+    assert_eq!(out.stop, StopReason::Halted);
+    // The handler saw AL already loaded, and the port was read once.
+    assert_eq!(out.state.regs.rcx & 0xff, 0x5a);
+    assert_eq!(*reads.lock().unwrap(), 1);
+}
