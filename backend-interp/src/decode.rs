@@ -2,6 +2,7 @@
 //! dropped page by page when the guest writes that page (self-modifying code).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use duet_core::vm_memory::{Bytes, GuestAddress};
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
@@ -9,10 +10,35 @@ use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 use crate::cpu::{gp, unsupported, Cpu, Flow};
 use crate::mmu::Kind;
 
+/// A multiplicative hash for integer keys (the FxHash scheme): the default SipHash costs more
+/// than the rest of a cache lookup, and these keys are not attacker-chosen hash-flooding input
+/// in any way that matters (a guest can only slow itself down).
+#[derive(Clone, Copy, Debug, Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type Fx = BuildHasherDefault<FxHasher>;
+
 /// Decoded instructions of each physical page, keyed by (offset, bitness).
 #[derive(Debug, Default)]
 pub(crate) struct DecodeCache {
-    pages: HashMap<u64, HashMap<u32, Instruction>>,
+    pages: HashMap<u64, HashMap<u32, Instruction, Fx>, Fx>,
 }
 
 impl DecodeCache {
