@@ -215,8 +215,35 @@ impl Cpu {
         self.read_lin_u(tr.base.wrapping_add(off), bytes, true)
     }
 
+    /// The checked SS descriptor and stack pointer for privilege level `new_cpl` from the current
+    /// 32- or 16-bit TSS (SDM Vol. 3A §8.7, Figure 8-11): (SS, SP, raw descriptor, its address).
+    pub(crate) fn inner_stack(&mut self, new_cpl: u8, ext: u32) -> Flow<(Segment, u64, u64, u64)> {
+        let tss32 = self.sregs.tr.type_ & 8 != 0;
+        let (sp, sel) = if tss32 {
+            let o = 4 + 8 * u64::from(new_cpl);
+            (self.tss_read(o, 4)?, self.tss_read(o + 4, 2)? as u16)
+        } else {
+            let o = 2 + 4 * u64::from(new_cpl);
+            (self.tss_read(o, 2)?, self.tss_read(o + 2, 2)? as u16)
+        };
+        let ts = |c: u32| fault_code(vector::TS, c);
+        if sel & 0xfffc == 0 {
+            return Err(ts(ext));
+        }
+        let err = u32::from(sel & 0xfffc) + ext;
+        let (sraw, saddr) = self.descriptor(sel).map_err(|_| ts(err))?;
+        let ss = Segment::from_descriptor(sel, sraw);
+        if (sel & 3) as u8 != new_cpl || ss.dpl != new_cpl || !ss.s || ss.type_ & 0xa != 0x2 {
+            return Err(ts(err));
+        }
+        if !ss.present {
+            return Err(fault_code(vector::SS, err));
+        }
+        Ok((ss, sp, sraw, saddr))
+    }
+
     /// Writes `vals` (each `width` bytes) downwards from `sp` on stack segment `ss`.
-    fn push_frame(
+    pub(crate) fn push_frame(
         &mut self,
         ss: &Segment,
         sp: u64,
@@ -268,28 +295,7 @@ impl Cpu {
         }
         let new_cpl = if conforming { cpl } else { cs.dpl };
         if new_cpl < cpl {
-            // Inter-privilege: SS:ESP for the new CPL from the TSS (SDM Vol. 3A §8.7, Figure 8-11).
-            let tss32 = self.sregs.tr.type_ & 8 != 0;
-            let (sp, sel) = if tss32 {
-                let o = 4 + 8 * u64::from(new_cpl);
-                (self.tss_read(o, 4)?, self.tss_read(o + 4, 2)? as u16)
-            } else {
-                let o = 2 + 4 * u64::from(new_cpl);
-                (self.tss_read(o, 2)?, self.tss_read(o + 2, 2)? as u16)
-            };
-            let ts = |c: u32| fault_code(vector::TS, c);
-            if sel & 0xfffc == 0 {
-                return Err(ts(ext));
-            }
-            let err = u32::from(sel & 0xfffc) + ext;
-            let (sraw, saddr) = self.descriptor(sel).map_err(|_| ts(err))?;
-            let mut ss = Segment::from_descriptor(sel, sraw);
-            if (sel & 3) as u8 != new_cpl || ss.dpl != new_cpl || !ss.s || ss.type_ & 0xa != 0x2 {
-                return Err(ts(err));
-            }
-            if !ss.present {
-                return Err(fault_code(vector::SS, err));
-            }
+            let (mut ss, sp, sraw, saddr) = self.inner_stack(new_cpl, ext)?;
             let old_ss = u64::from(self.sregs.ss.selector);
             let old_sp = self.gpr[4] & mask(self.stack_bytes());
             let mut full = vec![old_ss, old_sp];

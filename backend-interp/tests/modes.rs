@@ -216,3 +216,58 @@ fn long_mode_call_ret_push_pop_use_eight_byte_slots() {
     assert_eq!(out.state.regs.rdx, STACK - 8);
     assert_eq!(out.state.regs.rsp, STACK);
 }
+
+#[test]
+fn call_gate_to_ring0_switches_stack_and_copies_a_parameter() {
+    let user_at = CODE + 0x80;
+    let handler = CODE + 0x100;
+    let gate_sel: u16 = 0x48 | 3;
+    let code = asm(32, |a| {
+        a.mov(ax, u32::from(sel::UDATA)).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.push(u32::from(sel::UDATA)).unwrap();
+        a.push(0x5_0000).unwrap();
+        a.push(0x2).unwrap();
+        a.push(u32::from(sel::UCODE32)).unwrap();
+        a.push(user_at as u32).unwrap();
+        a.iretd().unwrap();
+    });
+    let user = asm(32, |a| {
+        a.push(0x1234).unwrap();
+        a.call_far(gate_sel, 0).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.ud2().unwrap();
+    });
+    let kernel = asm(32, |a| {
+        a.mov(eax, dword_ptr(esp + 8)).unwrap();
+        a.mov(ecx, dword_ptr(esp + 4)).unwrap();
+        a.mov(edx, dword_ptr(esp + 12)).unwrap();
+        a.mov(esi, dword_ptr(esp + 16)).unwrap();
+        a.retf_1(4).unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, user_at, &user);
+    poke(&mem, handler, &kernel);
+    let mut s = protected32(&mem);
+    // 32-bit call gate (type 0xC), DPL 3, one parameter, to CODE32:handler (SDM Vol. 3A Figure 5-8).
+    let gate = (handler & 0xffff)
+        | (u64::from(sel::CODE32) << 16)
+        | (1 << 32)
+        | (0xc << 40)
+        | (3 << 45)
+        | (1 << 47)
+        | ((handler >> 16) << 48);
+    poke(&mem, GDT + 0x48, &gate.to_le_bytes());
+    s.sregs.gdt.limit = 10 * 8 - 1;
+    let (out, _) = run(mem.clone(), &s);
+    let r = out.state.regs;
+    // In the handler: [ESP] EIP, [+4] CS, [+8] the copied parameter, [+12] ESP, [+16] SS.
+    assert_eq!(
+        (r.rbx, r.rcx, r.rdx, r.rsi),
+        (0x1234, u64::from(sel::UCODE32), 0x5_0000 - 4, u64::from(sel::UDATA))
+    );
+    // RETF 4 went back to ring 3 and dropped the parameter; UD2 then faulted from ring 3.
+    assert_eq!(r.rip, STUBS + 6 * 8 + 6);
+    let frame = |i: u64| peek32(&mem, r.rsp + 4 * i);
+    assert_eq!((frame(2), frame(4), frame(5)), (u32::from(sel::UCODE32), 0x5_0000, u32::from(sel::UDATA)));
+}

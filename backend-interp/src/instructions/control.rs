@@ -122,6 +122,15 @@ impl Cpu {
         if self.v86() {
             return Err(unsupported("far transfer in virtual-8086 mode"));
         }
+        if sel & 0xfffc != 0 {
+            let (raw, addr) = self.descriptor(sel)?;
+            // Type with the S bit: 0x0C is a 32-bit (or, in IA-32e mode, 64-bit) call gate, 0x04 a
+            // 16-bit one (not valid in IA-32e mode).
+            let ty = (raw >> 40) & 0x1f;
+            if ty == 0x0c || (ty == 0x04 && !self.long_mode()) {
+                return self.through_call_gate(sel, raw, addr, call);
+            }
+        }
         let (d, raw, addr) = self.far_code(sel, false)?;
         let off = if self.long_mode() && d.l { off } else { off & mask(size) };
         self.check_far_offset(&d, off)?;

@@ -7,6 +7,7 @@ pub(crate) mod bit;
 pub(crate) mod control;
 pub(crate) mod descriptor;
 pub(crate) mod flags;
+pub(crate) mod gate;
 pub(crate) mod io;
 pub(crate) mod misc;
 pub(crate) mod mov;
