@@ -39,7 +39,9 @@ impl Cpu {
         let cs_err = u32::from(cs_sel & 0xfffc);
         let (craw, caddr) = self.descriptor(cs_sel).map_err(|_| gp(cs_err))?;
         let mut d = Segment::from_descriptor(cs_sel, craw);
-        if !d.s || d.type_ & 8 == 0 || d.dpl > cpl || (lm && !(d.l && !d.db)) {
+        // In IA-32e mode the target must be 64-bit code (L = 1, D = 0).
+        let not_64bit_code = !d.l || d.db;
+        if !d.s || d.type_ & 8 == 0 || d.dpl > cpl || (lm && not_64bit_code) {
             return Err(gp(cs_err));
         }
         if !d.present {
