@@ -1,11 +1,38 @@
 //! duet backend: a software x86 CPU on the iced-x86 decoder.
 //!
-//! [`InterpBackend`] creates [`InterpVcpu`]s: real mode, 16/32-bit protected mode and 64-bit
-//! long mode, segmentation and paging with a TLB, exception and interrupt delivery, MMIO and
-//! port I/O as exits. Instructions are decoded once by iced-x86, cached by physical address
-//! (dropped when the guest writes the page) and executed by group in [`instructions`](crate)
-//! modules. Anything not implemented returns `VcpuExit::Unsupported`; nothing a guest does
-//! makes it panic.
+//! [`InterpBackend`] creates [`InterpVcpu`]s that run real mode, 16/32-bit protected mode and
+//! 64-bit long mode: segmentation with limit/type checks, paging (32-bit with PSE, PAE, 4-level
+//! with 2 MiB/1 GiB pages, NX, WP, accessed/dirty bits) behind a TLB, exception and interrupt
+//! delivery through the IVT, 32-bit gates (with TSS stack switch) and the 64-bit IDT (IST), double
+//! and triple fault, and the integer instruction set [`implemented_mnemonics`] lists. Guest
+//! physical addresses outside RAM are MMIO: reads and `IN` end `run` with an exit and the
+//! instruction is re-executed with the data the run loop supplied; writes and `OUT` retire the
+//! instruction first. Instructions are decoded once, cached by physical address and dropped when
+//! the guest writes their page, so self-modifying code works.
+//!
+//! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, task switches
+//! (task gates, far transfers to a TSS, IRET with NT), virtual-8086 mode, SMM, debug registers.
+//! Nothing a guest does makes the interpreter panic.
+//!
+//! ```
+//! use duet_core::{CpuState, CpuidProfile, Guest, Machine, RunOptions, Segment, StopReason, Vcpu};
+//! use duet_interp::InterpVcpu;
+//!
+//! // mov al, 'A'; out 0xe9, al; hlt — at 0000:7C00 in real mode.
+//! let mut guest = Guest::new("doc", 0x10000);
+//! guest.load(0x7c00, vec![0xb0, b'A', 0xe6, 0xe9, 0xf4]);
+//! let mem = guest.build_memory()?;
+//! let mut state = CpuState::reset();
+//! state.sregs.cs = Segment::real_mode(0, true);
+//! state.regs.rip = 0x7c00;
+//! let mut vcpu = InterpVcpu::new(mem.clone(), &CpuidProfile::baseline());
+//! vcpu.set_state(&state)?;
+//! let mut machine = Machine::with_vcpu(mem, vcpu);
+//! let out = machine.run(&RunOptions::default())?;
+//! assert_eq!(out.stop, StopReason::Halted);
+//! assert_eq!((out.instructions, out.state.regs.rip), (Some(3), 0x7c05));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

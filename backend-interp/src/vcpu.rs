@@ -67,6 +67,12 @@ impl InterpVcpu {
         }
     }
 
+    /// Drops every cached decoded instruction. Guest writes do this page by page on their own;
+    /// call it after the host (not the guest) wrote guest memory that may hold code.
+    pub fn invalidate_code(&mut self) {
+        self.cpu.code.clear();
+    }
+
     fn ready(&self) -> bool {
         self.cpu.flag(duet_core::state::rflags::IF) && self.cpu.shadow == 0 && self.injected.is_none()
     }

@@ -257,3 +257,27 @@ fn in_completes_before_an_interrupt_raised_by_its_own_read() {
     assert_eq!(out.state.regs.rcx & 0xff, 0x5a);
     assert_eq!(*reads.lock().unwrap(), 1);
 }
+
+#[test]
+fn invalidate_code_picks_up_host_writes() {
+    let first = asm(16, |a| {
+        a.mov(al, 1).unwrap();
+        a.hlt().unwrap();
+    });
+    let second = asm(16, |a| {
+        a.mov(al, 2).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&first);
+    let s = real_mode(&mem);
+    let mut v = InterpVcpu::new(mem.clone(), &CpuidProfile::baseline());
+    v.set_state(&s).unwrap();
+    assert!(matches!(v.run().unwrap(), VcpuExit::Hlt));
+    poke(&mem, CODE, &second);
+    let mut r = v.regs().unwrap();
+    r.rip = CODE;
+    v.set_regs(&r).unwrap();
+    v.invalidate_code();
+    assert!(matches!(v.run().unwrap(), VcpuExit::Hlt));
+    assert_eq!(v.regs().unwrap().rax & 0xff, 2);
+}
