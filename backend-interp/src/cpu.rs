@@ -209,6 +209,8 @@ pub(crate) struct Cpu {
     pub next_rip: u64,
     /// RFLAGS bits the instructions retired so far left architecturally undefined.
     pub undefined: u64,
+    /// The last step ran one iteration of a REP string instruction that is not finished.
+    pub rep_pending: bool,
 }
 
 impl Cpu {
@@ -236,6 +238,7 @@ impl Cpu {
             halted: false,
             next_rip: 0,
             undefined: 0,
+            rep_pending: false,
         }
     }
 

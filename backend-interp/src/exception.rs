@@ -39,6 +39,12 @@ enum Class {
     PageFault,
 }
 
+/// Fault-class exceptions (SDM Vol. 3A Table 6-1): the saved RIP is the faulting instruction
+/// and the saved RFLAGS image has RF = 1 (Vol. 3A §18.3.1.1).
+fn fault_class(v: u8) -> bool {
+    matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20)
+}
+
 fn class(v: u8) -> Class {
     match v {
         0 | 10..=13 => Class::Contributory,
@@ -109,6 +115,18 @@ impl Cpu {
         }
         let error = if self.protected() { e.error } else { None };
         self.raise(Event { vector: e.vector, error, source: Source::Exception, rip: self.rip })
+    }
+
+    /// The RFLAGS image an event pushes: RF = 1 for faults and for an interrupt that arrives
+    /// between iterations of a REP string instruction (SDM Vol. 3A §18.3.1.1).
+    fn pushed_flags(&self, ev: &Event) -> u64 {
+        let fault = ev.source == Source::Exception && fault_class(ev.vector);
+        let mid_rep = ev.source == Source::External && self.rep_pending;
+        if fault || mid_rep {
+            self.rflags | rflags::RF
+        } else {
+            self.rflags
+        }
     }
 
     fn deliver(&mut self, ev: &Event) -> Flow {
@@ -287,7 +305,7 @@ impl Cpu {
         let cpl = self.cpl();
         let conforming = cs.type_ & 4 != 0;
         let width = if gate.wide { 4 } else { 2 };
-        let flags = self.rflags;
+        let flags = self.pushed_flags(ev);
         let old_cs = u64::from(self.sregs.cs.selector);
         let mut frame = vec![flags, old_cs, ev.rip];
         if let Some(e) = ev.error {

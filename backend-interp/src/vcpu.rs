@@ -102,6 +102,7 @@ impl InterpVcpu {
         let cpu = &mut self.cpu;
         let snapshot = (cpu.gpr, cpu.rip, cpu.rflags);
         let tf = cpu.flag(duet_core::state::rflags::TF);
+        cpu.rep_pending = false;
         cpu.io.begin();
         cpu.post = None;
         let fetched = cpu.fetch();
@@ -129,6 +130,15 @@ impl InterpVcpu {
                     matches!(i.mnemonic(), Int | Int3 | Into | Int1)
                 });
                 self.pending_db = tf && !software_int;
+                // RF is cleared at the start of every instruction; only IRET loads it (SDM Vol. 3A
+                // §18.3.1.1).
+                let iret = ins.as_ref().is_some_and(|i| {
+                    use iced_x86::Mnemonic::{Iret, Iretd, Iretq};
+                    matches!(i.mnemonic(), Iret | Iretd | Iretq)
+                });
+                if !iret {
+                    cpu.rflags &= !duet_core::state::rflags::RF;
+                }
                 cpu.rip = cpu.next_rip;
                 cpu.retired = cpu.retired.wrapping_add(1);
                 cpu.io.finish();

@@ -39,6 +39,8 @@ fn div_by_zero_raises_de_through_the_idt() {
     assert_eq!(st[0], 0);
     assert_eq!(u64::from(st[1]), CODE + div_at);
     assert_eq!(st[2], u32::from(sel::CODE32));
+    // A fault pushes RF = 1 in the EFLAGS image (SDM Vol. 3A §18.3.1.1).
+    assert_ne!(st[3] & (1 << 16), 0);
     assert_eq!(out.state.regs.rsp, STACK - 16);
 }
 
@@ -187,7 +189,10 @@ fn int_n_and_int3_push_the_next_eip() {
     let s = protected32(&mem);
     let (out, _) = run(mem.clone(), &s);
     assert_in_stub(&out.state, 3);
-    assert_eq!(u64::from(stack32(&mem, &out.state, 2)[1]), CODE + 1);
+    let st = stack32(&mem, &out.state, 4);
+    assert_eq!(u64::from(st[1]), CODE + 1);
+    // INT3 is a trap: RF is pushed as it was, 0.
+    assert_eq!(st[3] & (1 << 16), 0);
 }
 
 #[test]

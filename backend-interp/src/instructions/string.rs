@@ -108,6 +108,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         if c & crate::cpu::mask(asz) != 0 && !stop {
             // Not done: run this instruction again (its next element) at the next step.
             cpu.next_rip = cpu.rip;
+            cpu.rep_pending = true;
         }
     }
     Ok(())
