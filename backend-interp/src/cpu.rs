@@ -413,9 +413,30 @@ impl Cpu {
     }
 }
 
+/// A CPU over 64 KiB of RAM in the RESET state, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_cpu() -> Cpu {
+    let mem = duet_core::Guest::new("unit", 0x10000).build_memory().unwrap_or_else(|e| panic!("{e}"));
+    Cpu::new(mem, CpuidProfile::baseline())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_reg_merges_narrow_writes_and_zero_extends_32bit() {
+        let mut c = test_cpu();
+        c.gpr[0] = 0x1122_3344_5566_7788;
+        c.set_reg(Register::AH, 0xaa);
+        assert_eq!(c.gpr[0], 0x1122_3344_5566_aa88);
+        c.set_reg(Register::AX, 0xbbcc);
+        assert_eq!(c.gpr[0], 0x1122_3344_5566_bbcc);
+        // SDM Vol. 1 §3.4.1.1: a 32-bit destination zero-extends into the full register.
+        c.set_reg(Register::EAX, 0xdead_beef);
+        assert_eq!(c.gpr[0], 0xdead_beef);
+        assert_eq!(c.reg(Register::AH), 0xbe);
+    }
 
     #[test]
     fn gpr_slot_maps_legacy_high_bytes_and_rex_bytes() {

@@ -140,3 +140,45 @@ impl Cpu {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::{Decoder, DecoderOptions};
+
+    use super::*;
+    use crate::cpu::test_cpu;
+
+    fn decode(bitness: u32, bytes: &[u8]) -> Instruction {
+        Decoder::with_ip(bitness, bytes, 0, DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn sixteen_bit_effective_addresses_wrap_at_64k() {
+        let mut c = test_cpu();
+        c.sregs.cs.db = false;
+        c.gpr[3] = 0xfff0; // BX
+        c.gpr[6] = 0x0020; // SI
+                           // mov ax, [bx+si+4] (8B 40 04): 0xfff0 + 0x20 + 4 wraps to 0x0014.
+        assert_eq!(c.ea(&decode(16, &[0x8b, 0x40, 0x04])), 0x14);
+    }
+
+    #[test]
+    fn rip_relative_is_relative_to_the_next_instruction() {
+        let mut c = test_cpu();
+        c.rip = 0x1000;
+        // mov eax, [rip+0x10] (8B 05 10 00 00 00) is 6 bytes: 0x1000 + 6 + 0x10.
+        assert_eq!(c.ea(&decode(64, &[0x8b, 0x05, 0x10, 0, 0, 0])), 0x1016);
+        // With an address-size prefix (67), EIP-relative wraps at 4 GiB.
+        c.rip = 0xffff_fff0;
+        assert_eq!(c.ea(&decode(64, &[0x67, 0x8b, 0x05, 0x10, 0, 0, 0])), 0x7);
+    }
+
+    #[test]
+    fn scaled_index_and_32bit_wrap() {
+        let mut c = test_cpu();
+        c.gpr[0] = 0xffff_fff0; // EAX
+        c.gpr[1] = 0x8; // ECX
+                        // mov edx, [eax+ecx*4+4] (8B 54 88 04) in 32-bit code: 0xfffffff0 + 0x20 + 4 wraps.
+        assert_eq!(c.ea(&decode(32, &[0x8b, 0x54, 0x88, 0x04])), 0x14);
+    }
+}

@@ -148,3 +148,57 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use duet_core::state::ctrl;
+
+    use super::*;
+    use crate::cpu::{test_cpu, Abort};
+
+    fn is_fault(r: Flow<u64>, v: u8) -> bool {
+        matches!(r, Err(Abort::Exception(e)) if e.vector == v && e.error == Some(0))
+    }
+
+    #[test]
+    fn real_mode_checks_the_limit_and_adds_the_base() {
+        let mut c = test_cpu();
+        c.sregs.ds = Segment::real_mode(0x1234, false);
+        assert_eq!(c.seg_linear(Register::DS, 0x10, 2, false).ok(), Some(0x12350));
+        // A word at offset 0xffff crosses the 64 KiB limit: #GP(0); on SS it is #SS(0).
+        assert!(is_fault(c.seg_linear(Register::DS, 0xffff, 2, false), vector::GP));
+        assert!(is_fault(c.seg_linear(Register::SS, 0xffff, 2, true), vector::SS));
+    }
+
+    #[test]
+    fn protected_mode_type_and_expand_down_checks() {
+        let mut c = test_cpu();
+        c.sregs.cr0 |= ctrl::CR0_PE;
+        // Read-only data: reads pass, writes are #GP(0) (SDM Vol. 3A §5.5).
+        c.sregs.ds = Segment::from_descriptor(0x10, 0x00cf_9100_0000_ffff);
+        assert!(c.seg_linear(Register::DS, 0, 4, false).is_ok());
+        assert!(is_fault(c.seg_linear(Register::DS, 0, 4, true), vector::GP));
+        // Expand-down, 16-bit (B = 0), limit 0x0fff: valid offsets are 0x1000..=0xffff.
+        c.sregs.es = Segment::from_descriptor(0x18, 0x0000_9700_0000_0fff);
+        assert!(is_fault(c.seg_linear(Register::ES, 0xfff, 1, false), vector::GP));
+        assert!(c.seg_linear(Register::ES, 0x1000, 1, true).is_ok());
+        assert!(is_fault(c.seg_linear(Register::ES, 0xffff, 2, false), vector::GP));
+        // An unusable (null-loaded) segment faults on any access.
+        c.sregs.fs.unusable = true;
+        assert!(is_fault(c.seg_linear(Register::FS, 0, 1, false), vector::GP));
+    }
+
+    #[test]
+    fn long_mode_checks_canonical_addresses_and_ignores_ds_base() {
+        let mut c = test_cpu();
+        c.sregs.cr0 |= ctrl::CR0_PE | ctrl::CR0_PG;
+        c.sregs.efer |= ctrl::EFER_LMA | ctrl::EFER_LME;
+        c.sregs.cs.l = true;
+        c.sregs.ds.base = 0x1000;
+        c.sregs.gs.base = 0x2000;
+        assert_eq!(c.seg_linear(Register::DS, 0x10, 8, false).ok(), Some(0x10));
+        assert_eq!(c.seg_linear(Register::GS, 0x10, 8, false).ok(), Some(0x2010));
+        assert!(is_fault(c.seg_linear(Register::DS, 0x0000_8000_0000_0000, 1, false), vector::GP));
+        assert!(is_fault(c.seg_linear(Register::SS, 0x0000_7fff_ffff_fffc, 8, true), vector::SS));
+    }
+}
