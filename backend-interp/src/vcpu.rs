@@ -107,6 +107,8 @@ impl InterpVcpu {
         cpu.post = None;
         let fetched = cpu.fetch();
         let (result, ins) = match fetched {
+            // More than 15 bytes is #GP(0) (SDM Vol. 2A §2.3.11); any other undecodable form is #UD.
+            Ok(ins) if ins.is_invalid() && ins.len() >= 15 => (Err(crate::cpu::gp(0)), Some(ins)),
             Ok(ins) if ins.is_invalid() => (Err(ud()), Some(ins)),
             Ok(ins) => {
                 let lim = if cpu.mode64() { u64::MAX } else { 0xffff_ffff };

@@ -212,3 +212,15 @@ fn long_mode_non_canonical_access_is_gp_with_aligned_frame() {
     assert_eq!(q(5), STACK - 8);
     assert_eq!(out.state.regs.rsp, STACK - 16 - 7 * 8);
 }
+
+#[test]
+fn instruction_longer_than_15_bytes_is_gp() {
+    // Fifteen operand-size prefixes before NOP: 16 bytes in all.
+    let mut code = vec![0x66; 15];
+    code.push(0x90);
+    let mem = memory(&code);
+    let s = protected32(&mem);
+    let (out, _) = run(mem.clone(), &s);
+    assert_in_stub(&out.state, 13);
+    assert_eq!(stack32(&mem, &out.state, 3), vec![13, 0, CODE as u32]);
+}
