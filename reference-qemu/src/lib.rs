@@ -1,1 +1,33 @@
-//! duet-qemu: run a duet guest under QEMU TCG as a reference.
+//! duet-qemu: run a duet guest under QEMU TCG as a third opinion.
+//!
+//! [`run`] starts `qemu-system-x86_64 -accel tcg` on the `isapc` machine with an entry stub as
+//! its only firmware ([`stub`]): the stub installs the guest's start state exactly (or the run
+//! is refused with [`QemuError::Unsupported`]) and jumps to it. Guest RAM is loaded with
+//! `-device loader`. Ports follow duet's conventions: debug console 0xE9 and a 16550 at 0x3F8
+//! feed the console, 0x80 is the POST code, and 0xF4 is the debug exit, observed without
+//! losing the state (see [`run`]'s module for how). The result holds the same
+//! [`duet_core::RunOutcome`] and a [`duet_core::GuestMemory`] as the other backends, so
+//! `StateDiff` compares any two of the three.
+//!
+//! Known limits, all documented where they arise: MSRs are not read back (QEMU 7.2 exposes
+//! them neither through QMP nor `info registers`), CR8 reads 0, GPR upper halves are only seen
+//! in 64-bit mode, the debug-exit value is one byte, RFLAGS.IF after a debug exit is the value
+//! after the guest's CLI, and duet's MMIO test device does not exist under QEMU (its address
+//! is unassigned there).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cpuid;
+mod error;
+pub mod process;
+pub mod qmp;
+pub mod regs;
+mod run;
+pub mod stub;
+
+pub use error::QemuError;
+pub use process::availability;
+pub use run::{run, QemuRun};
+
+/// Backend name used in outcomes and diffs.
+pub const BACKEND_NAME: &str = "qemu";

@@ -1,0 +1,588 @@
+//! The entry stub: a 256 KiB firmware image that QEMU runs from the reset vector and that
+//! installs a guest's start state, so no other firmware runs before the guest.
+//!
+//! Where it lives: QEMU's `isapc` machine maps the firmware at [`ROM_BASE`]`..4 GiB` and
+//! aliases its last 128 KiB at `0xe0000..0x100000` (RAM-backed and writable on `isapc`). The
+//! stub's code and data sit in the first 64 KiB of the image, which only appear at
+//! `0xfffc_0000`, above any duet guest's RAM (at most 3 GiB). The only bytes it needs in the
+//! guest-visible window are the reset code at `0xfff00..0x100000` (the reset vector is at
+//! `0xffff0`); the stub zeroes them before entering the guest, and guests that load bytes there
+//! are refused. Everything else below 1 MiB reads as zeros, as in duet's RAM.
+//!
+//! What it does: from the reset vector it enters 32-bit protected mode with its own GDT, masks
+//! both 8259 PICs (duet's machine has no PIC or timer, so no interrupt may arrive), zeroes the
+//! reset code, writes the tracked MSRs, EFER, CR4, CR3, CR2 and CR0, loads the guest's GDTR and
+//! IDTR, loads every segment register from the guest's own descriptor tables (TR with its
+//! descriptor's busy bit handled so guest memory ends as it started), sets RFLAGS with
+//! POPF from a value in the stub, then the GPRs with MOVs (which leave flags alone), and jumps
+//! to the guest's CS:RIP. Real-mode targets leave protected mode through a 16-bit segment;
+//! long-mode targets turn paging on with the guest's tables, so the stub's first 64 KiB must be
+//! identity-mapped by them (checked before the run).
+//!
+//! The stub can only produce hidden segment parts that loading the selectors produces, so a
+//! start state whose hidden parts differ from its descriptors is refused with
+//! [`QemuError::Unsupported`] rather than run as something else.
+
+use duet_core::state::{ctrl, msr, rflags, TRACKED_MSRS};
+use duet_core::vm_memory::{Bytes, GuestAddress};
+use duet_core::{CpuMode, CpuState, GuestMemory, Segment};
+use iced_x86::code_asm::*;
+
+use crate::QemuError;
+
+/// Size of the firmware image.
+pub const ROM_SIZE: usize = 0x4_0000;
+/// Guest physical address of the firmware image (it ends at 4 GiB).
+pub const ROM_BASE: u64 = (1 << 32) - ROM_SIZE as u64;
+/// Guest-visible window the reset code occupies (low alias of the firmware's last 256 bytes).
+pub const RESET_WINDOW: (u64, u64) = (0xf_ff00, 0x10_0000);
+/// Bytes of the image (from [`ROM_BASE`]) the stub uses once the guest's paging is on.
+pub const STUB_SPAN: u64 = 0x1_0000;
+
+const RESET_CODE_OFF: usize = ROM_SIZE - 0x100;
+const BODY_OFF: u64 = 0x100;
+const CODE64_OFF: u64 = 0x2000;
+const TAIL16_OFF: u64 = 0x3000;
+/// Data: guest GDTR pseudo-descriptor at +0, IDTR at +0x10, RFLAGS at +0x20.
+const DATA_OFF: u64 = 0x4000;
+
+const SEL_CODE32: u16 = 0x08;
+const SEL_DATA32: u16 = 0x10;
+const SEL_CODE16: u16 = 0x18;
+const SEL_DATA16: u16 = 0x20;
+
+/// RFLAGS bits the stub cannot set with POPF at CPL 0 (or must not: TF would trap at once).
+const FORBIDDEN_FLAGS: u64 = rflags::TF | rflags::VM | rflags::RF | rflags::VIF | rflags::VIP;
+
+fn unsupported(msg: impl Into<String>) -> QemuError {
+    QemuError::Unsupported(msg.into())
+}
+
+/// The stub's own GDT: null, flat code32, flat data32, code16 at `ROM_BASE`, data16 at 0.
+fn stub_gdt() -> [u64; 5] {
+    let seg = |base: u64, limit: u32, type_: u8, db: bool, g: bool| {
+        Segment { base, limit, type_, present: true, s: true, db, g, ..Segment::default() }.to_descriptor()
+    };
+    [
+        0,
+        seg(0, 0xffff_ffff, 0xb, true, true),
+        seg(0, 0xffff_ffff, 0x3, true, true),
+        seg(ROM_BASE, 0xffff, 0xb, false, false),
+        seg(0, 0xffff, 0x3, false, false),
+    ]
+}
+
+/// Reads the little-endian u64 at guest physical `addr`.
+fn read_u64(mem: &GuestMemory, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+/// Translates `lin` through 4-level paging (SDM Vol. 3A §4.5): physical address and whether
+/// every level allows writes and execution.
+pub fn translate4(mem: &GuestMemory, cr3_value: u64, lin: u64) -> Option<(u64, bool, bool)> {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let (mut table, mut writable, mut exec) = (cr3_value & ADDR, true, true);
+    for (level, shift) in [(4, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let e = read_u64(mem, table + ((lin >> shift) & 511) * 8)?;
+        if e & 1 == 0 {
+            return None;
+        }
+        writable &= e & 2 != 0;
+        exec &= e & (1 << 63) == 0;
+        let page = (level == 3 || level == 2) && e & 0x80 != 0;
+        if page || level == 1 {
+            let mask = (1u64 << shift) - 1;
+            return Some(((e & ADDR & !mask) | (lin & mask), writable, exec));
+        }
+        table = e & ADDR;
+    }
+    None
+}
+
+/// Where a segment's descriptor lives and what it holds.
+struct Desc {
+    /// Linear = physical address of the 8-byte descriptor in guest memory.
+    addr: u64,
+    /// The low 8 bytes.
+    raw: u64,
+    /// The next 8 bytes (system descriptors in long mode).
+    high: u64,
+}
+
+/// Everything the stub needs to know, checked against the guest.
+struct Plan<'a> {
+    s: &'a CpuState,
+    mode: CpuMode,
+    mem: &'a GuestMemory,
+}
+
+impl Plan<'_> {
+    fn phys(&self, lin: u64) -> Result<u64, QemuError> {
+        if self.mode == CpuMode::Long64 {
+            translate4(self.mem, self.s.sregs.cr3, lin)
+                .map(|t| t.0)
+                .ok_or_else(|| unsupported(format!("the guest's page tables do not map its GDT at {lin:#x}")))
+        } else {
+            Ok(lin)
+        }
+    }
+
+    /// The GDT descriptor of `sel` from guest memory.
+    fn descriptor(&self, name: &str, sel: u16) -> Result<Desc, QemuError> {
+        if sel & 4 != 0 {
+            return Err(unsupported(format!("{name} selector {sel:#x} refers to an LDT")));
+        }
+        let gdt = self.s.sregs.gdt;
+        let off = u64::from(sel & !7);
+        if off + 7 > u64::from(gdt.limit) {
+            return Err(unsupported(format!(
+                "{name} selector {sel:#x} is beyond the GDT limit {:#x}",
+                gdt.limit
+            )));
+        }
+        let addr = self.phys(gdt.base + off)?;
+        let raw = read_u64(self.mem, addr)
+            .ok_or_else(|| unsupported(format!("{name} descriptor at {addr:#x} is not in guest RAM")))?;
+        let high = read_u64(self.mem, addr + 8).unwrap_or(0);
+        Ok(Desc { addr, raw, high })
+    }
+
+    /// Checks that loading `seg.selector` from the GDT yields exactly `seg` (bases of FS/GS in
+    /// 64-bit mode excepted: they are written through their MSRs).
+    fn check_segment(&self, name: &str, seg: &Segment) -> Result<(), QemuError> {
+        if seg.selector & !3 == 0 {
+            if name != "cs" && name != "ss" && seg.unusable {
+                return Ok(());
+            }
+            return Err(unsupported(format!("{name} holds a null selector with a usable hidden part")));
+        }
+        let d = self.descriptor(name, seg.selector)?;
+        if d.raw & (1 << 40) == 0 {
+            return Err(unsupported(format!(
+                "{name} descriptor {:#018x} has the accessed bit clear; loading it would change guest memory",
+                d.raw
+            )));
+        }
+        let mut want = Segment::from_descriptor(seg.selector, d.raw);
+        let mut have = *seg;
+        if self.mode == CpuMode::Long64 && (name == "fs" || name == "gs") {
+            (want.base, have.base) = (0, 0);
+        }
+        if want != have {
+            return Err(unsupported(format!(
+                "{name} hidden part {seg:?} differs from what its descriptor {:#018x} loads ({want:?})",
+                d.raw
+            )));
+        }
+        Ok(())
+    }
+
+    /// For TR/LDTR: `None` when the register holds its RESET value (left as QEMU resets it),
+    /// else the descriptor's address and access byte to restore after loading.
+    fn check_system(
+        &self,
+        name: &str,
+        seg: &Segment,
+        reset: &Segment,
+    ) -> Result<Option<(u64, u8)>, QemuError> {
+        if seg == reset {
+            return Ok(None);
+        }
+        let d = self.descriptor(name, seg.selector)?;
+        let busy = if name == "tr" { 1u64 << 41 } else { 0 };
+        let mut want = Segment::from_descriptor(seg.selector, d.raw | busy);
+        if self.mode == CpuMode::Long64 {
+            want.base |= (d.high & 0xffff_ffff) << 32;
+        }
+        if want != *seg {
+            return Err(unsupported(format!(
+                "{name} hidden part {seg:?} differs from what its descriptor {:#018x} loads ({want:?})",
+                d.raw
+            )));
+        }
+        Ok(Some((d.addr + 5, (d.raw >> 40) as u8)))
+    }
+}
+
+/// Emits WRMSR of `value` to `index` (clobbers EAX, ECX, EDX).
+fn wrmsr(a: &mut CodeAssembler, index: u32, value: u64) -> Result<(), QemuError> {
+    a.mov(ecx, index)?;
+    a.mov(eax, value as u32)?;
+    a.mov(edx, (value >> 32) as u32)?;
+    a.wrmsr()?;
+    Ok(())
+}
+
+/// A 10-byte pseudo-descriptor (limit, 64-bit base), padded to 16.
+fn pseudo(limit: u16, base: u64) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[..2].copy_from_slice(&limit.to_le_bytes());
+    p[2..10].copy_from_slice(&base.to_le_bytes());
+    p
+}
+
+/// Builds the firmware image that starts `state` (checked against the guest memory `mem`).
+pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> {
+    let mode = state.mode();
+    let plan = Plan { s: state, mode, mem };
+    let s = &state.sregs;
+    let r = &state.regs;
+    if r.rflags & FORBIDDEN_FLAGS != 0 || r.rflags & rflags::FIXED == 0 {
+        return Err(unsupported(format!("RFLAGS {:#x} (TF, VM, RF, VIF, VIP must be clear)", r.rflags)));
+    }
+    if let Some(k) =
+        state.msrs.keys().find(|k| !TRACKED_MSRS.contains(k) && ![msr::FS_BASE, msr::GS_BASE].contains(k))
+    {
+        return Err(unsupported(format!("MSR {k:#x} in the start state is not one the stub writes")));
+    }
+    if s.cr4 & (1 << 12) != 0 {
+        return Err(unsupported("CR4.LA57 (5-level paging)"));
+    }
+    let mut rom = vec![0u8; ROM_SIZE];
+    for (i, d) in stub_gdt().iter().enumerate() {
+        rom[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());
+    }
+    let data = DATA_OFF as usize;
+    rom[data..data + 16].copy_from_slice(&pseudo(s.gdt.limit, s.gdt.base));
+    rom[data + 0x10..data + 0x20].copy_from_slice(&pseudo(s.idt.limit, s.idt.base));
+    rom[data + 0x20..data + 0x28].copy_from_slice(&r.rflags.to_le_bytes());
+
+    // Common 32-bit part: segments, PIC mask, reset code cleared, MSRs and control registers.
+    let mut a = CodeAssembler::new(32)?;
+    a.mov(ax, u32::from(SEL_DATA32))?;
+    for sr in [ds, es, ss, fs, gs] {
+        a.mov(sr, ax)?;
+    }
+    a.mov(esp, (ROM_BASE + STUB_SPAN) as u32)?;
+    a.mov(al, 0xff)?;
+    a.out(0x21, al)?;
+    a.out(0xa1, al)?;
+    a.cld()?;
+    a.mov(edi, RESET_WINDOW.0 as u32)?;
+    a.xor(eax, eax)?;
+    a.mov(ecx, ((RESET_WINDOW.1 - RESET_WINDOW.0) / 4) as u32)?;
+    a.rep().stosd()?;
+    for (&index, &value) in state.msrs.iter().filter(|(k, _)| TRACKED_MSRS.contains(k)) {
+        wrmsr(&mut a, index, value)?;
+    }
+    wrmsr(&mut a, msr::EFER, s.efer & !ctrl::EFER_LMA)?;
+    if s.cr3 > u64::from(u32::MAX) || s.cr4 > u64::from(u32::MAX) {
+        return Err(unsupported(format!("CR3 {:#x} / CR4 {:#x} above 32 bits", s.cr3, s.cr4)));
+    }
+    // CR2 may be 64 bits wide: long-mode targets write it again from 64-bit code.
+    for (cr, value) in [(cr4, s.cr4), (cr3, s.cr3), (cr2, s.cr2)] {
+        a.mov(eax, value as u32)?;
+        a.mov(cr, eax)?;
+    }
+    let far32 = |sel: u16, off: u32| {
+        let mut b = vec![0xea];
+        b.extend(off.to_le_bytes());
+        b.extend(sel.to_le_bytes());
+        b
+    };
+    let mut tail16 = None;
+    let mut code64 = None;
+    match mode {
+        CpuMode::Real => {
+            check_real(state)?;
+            a.mov(esp, (ROM_BASE + DATA_OFF + 0x20) as u32)?;
+            a.popfd()?;
+            a.db(&far32(SEL_CODE16, TAIL16_OFF as u32))?;
+            tail16 = Some(real_tail(state)?);
+        }
+        CpuMode::Protected32 | CpuMode::Protected16 => {
+            if s.cr0 & ctrl::CR0_PG != 0 {
+                return Err(unsupported("protected-mode start state with paging on"));
+            }
+            if s.gdt.base > u64::from(u32::MAX) || s.idt.base > u64::from(u32::MAX) {
+                return Err(unsupported("GDT or IDT above 4 GiB outside long mode"));
+            }
+            check_high_bits(state)?;
+            check_ring0(state)?;
+            for (name, seg) in s.segments() {
+                plan.check_segment(name, seg)?;
+            }
+            let reset = CpuState::reset().sregs;
+            let tr = plan.check_system("tr", &s.tr, &reset.tr)?;
+            let ldt = plan.check_system("ldtr", &s.ldt, &reset.ldt)?;
+            a.mov(eax, s.cr0 as u32)?;
+            a.mov(cr0, eax)?;
+            a.lgdt(ptr((ROM_BASE + DATA_OFF) as u32))?;
+            a.lidt(ptr((ROM_BASE + DATA_OFF + 0x10) as u32))?;
+            system_regs32(&mut a, state, tr, ldt)?;
+            a.mov(esp, (ROM_BASE + DATA_OFF + 0x20) as u32)?;
+            a.popfd()?;
+            for (sr, seg) in [(ds, s.ds), (es, s.es), (fs, s.fs), (gs, s.gs), (ss, s.ss)] {
+                a.mov(ax, u32::from(seg.selector))?;
+                a.mov(sr, ax)?;
+            }
+            for (reg, v) in
+                [(eax, r.rax), (ebx, r.rbx), (ecx, r.rcx), (edx, r.rdx), (esi, r.rsi), (edi, r.rdi)]
+            {
+                a.mov(reg, v as u32)?;
+            }
+            a.mov(ebp, r.rbp as u32)?;
+            a.mov(esp, r.rsp as u32)?;
+            a.db(&far32(s.cs.selector, r.rip as u32))?;
+        }
+        CpuMode::Long64 => {
+            if s.cr4 & ctrl::CR4_PAE == 0 || s.efer & ctrl::EFER_LME == 0 || s.cr0 & ctrl::CR0_PG == 0 {
+                return Err(unsupported("long mode without CR4.PAE, EFER.LME and CR0.PG"));
+            }
+            check_ring0(state)?;
+            check_identity(state, mem)?;
+            for (name, seg) in s.segments() {
+                plan.check_segment(name, seg)?;
+            }
+            let reset = CpuState::reset().sregs;
+            let tr = plan.check_system("tr", &s.tr, &reset.tr)?;
+            let ldt = plan.check_system("ldtr", &s.ldt, &reset.ldt)?;
+            a.mov(eax, s.cr0 as u32)?;
+            a.mov(cr0, eax)?;
+            a.lgdt(ptr((ROM_BASE + DATA_OFF) as u32))?;
+            a.db(&far32(s.cs.selector, (ROM_BASE + CODE64_OFF) as u32))?;
+            code64 = Some(long_tail(state, tr, ldt)?);
+        }
+        CpuMode::Compatibility | CpuMode::Virtual8086 => {
+            return Err(unsupported(format!("{mode:?} start state")));
+        }
+    }
+    let body = a.assemble(ROM_BASE + BODY_OFF)?;
+    place(&mut rom, BODY_OFF, &body, CODE64_OFF)?;
+    if let Some(c) = code64 {
+        place(&mut rom, CODE64_OFF, &c, TAIL16_OFF)?;
+    }
+    if let Some(c) = tail16 {
+        place(&mut rom, TAIL16_OFF, &c, DATA_OFF)?;
+    }
+    reset_code(&mut rom);
+    Ok(rom)
+}
+
+fn place(rom: &mut [u8], off: u64, code: &[u8], limit: u64) -> Result<(), QemuError> {
+    let (start, end) = (off as usize, off as usize + code.len());
+    if end as u64 > limit {
+        return Err(QemuError::Asm(format!(
+            "stub piece at {off:#x} is {} bytes, past {limit:#x}",
+            code.len()
+        )));
+    }
+    rom[start..end].copy_from_slice(code);
+    Ok(())
+}
+
+/// The real-mode reset code at `0xffff_ff00`: load the stub GDT, set CR0.PE, far jump to the body.
+fn reset_code(rom: &mut [u8]) {
+    let gdt_pseudo = 0xff40u16;
+    let mut c = vec![0xfa]; // cli
+                            // o32 lgdt cs:[0xff40]
+    c.extend([0x66, 0x2e, 0x0f, 0x01, 0x16]);
+    c.extend(gdt_pseudo.to_le_bytes());
+    c.extend([0x0f, 0x20, 0xc0]); // mov eax, cr0
+    c.extend([0x66, 0x83, 0xc8, 0x01]); // or eax, 1
+    c.extend([0x0f, 0x22, 0xc0]); // mov cr0, eax
+    c.extend([0x66, 0xea]); // o32 jmp far 0x08:body
+    c.extend(((ROM_BASE + BODY_OFF) as u32).to_le_bytes());
+    c.extend(SEL_CODE32.to_le_bytes());
+    rom[RESET_CODE_OFF..RESET_CODE_OFF + c.len()].copy_from_slice(&c);
+    let p = RESET_CODE_OFF + 0x40;
+    rom[p..p + 2].copy_from_slice(&((stub_gdt().len() * 8 - 1) as u16).to_le_bytes());
+    rom[p + 2..p + 6].copy_from_slice(&(ROM_BASE as u32).to_le_bytes());
+    // Reset vector (IP 0xfff0 with CS base 0xffff_0000): jmp near 0xff00.
+    let v = ROM_SIZE - 16;
+    let rel = 0xff00u16.wrapping_sub(0xfff3);
+    rom[v] = 0xe9;
+    rom[v + 1..v + 3].copy_from_slice(&rel.to_le_bytes());
+}
+
+/// TR and LDTR for 32-bit targets: mark the TSS available, LTR, restore the access byte; LLDT.
+fn system_regs32(
+    a: &mut CodeAssembler,
+    s: &CpuState,
+    tr: Option<(u64, u8)>,
+    ldt: Option<(u64, u8)>,
+) -> Result<(), QemuError> {
+    if let Some((at, access)) = tr {
+        a.mov(byte_ptr(at as u32), u32::from(access & !0x02))?;
+        a.mov(ax, u32::from(s.sregs.tr.selector))?;
+        a.ltr(ax)?;
+        a.mov(byte_ptr(at as u32), u32::from(access))?;
+    }
+    if ldt.is_some() {
+        a.mov(ax, u32::from(s.sregs.ldt.selector))?;
+        a.lldt(ax)?;
+    }
+    Ok(())
+}
+
+fn check_ring0(s: &CpuState) -> Result<(), QemuError> {
+    if s.sregs.cs.dpl != 0 || s.sregs.ss.dpl != 0 || s.sregs.cs.selector & 3 != 0 {
+        return Err(unsupported("start state outside ring 0 (the stub enters with a far JMP at CPL 0)"));
+    }
+    Ok(())
+}
+
+/// Outside long mode the stub writes 32-bit registers: upper halves and R8–R15 must be zero.
+fn check_high_bits(s: &CpuState) -> Result<(), QemuError> {
+    let g = s.regs.gprs();
+    if g[..8].iter().any(|&v| v > u64::from(u32::MAX))
+        || g[8..].iter().any(|&v| v != 0)
+        || s.regs.rip > u64::from(u32::MAX)
+    {
+        return Err(unsupported("outside long mode, GPR upper halves, R8–R15 and RIP[63:32] must be zero"));
+    }
+    let r = &s.sregs;
+    if r.cr2 > u64::from(u32::MAX) || r.cr3 > u64::from(u32::MAX) || r.cr8 != 0 {
+        return Err(unsupported("outside long mode, CR2/CR3 must fit 32 bits and CR8 must be zero"));
+    }
+    Ok(())
+}
+
+fn check_real(s: &CpuState) -> Result<(), QemuError> {
+    check_high_bits(s)?;
+    let r = &s.sregs;
+    for (name, seg) in r.segments() {
+        if *seg != Segment::real_mode(seg.selector, name == "cs") {
+            return Err(unsupported(format!(
+                "real-mode {name} hidden part {seg:?} is not what loading selector {:#x} in real mode gives \
+                 (for a RESET-state ROM guest use GuestBuilder::bios, which QEMU runs with -bios)",
+                seg.selector
+            )));
+        }
+    }
+    let reset = CpuState::reset().sregs;
+    if r.tr != reset.tr || r.ldt != reset.ldt {
+        return Err(unsupported("real-mode start state with TR/LDTR other than their RESET values"));
+    }
+    if s.regs.rip > 0xffff || s.regs.rsp > 0xffff_ffff {
+        return Err(unsupported(format!("real-mode RIP {:#x} beyond 0xffff", s.regs.rip)));
+    }
+    if r.gdt.base > u64::from(u32::MAX) || r.idt.base > u64::from(u32::MAX) {
+        return Err(unsupported("GDTR/IDTR base above 4 GiB in real mode"));
+    }
+    Ok(())
+}
+
+/// 16-bit code at `ROM_BASE + TAIL16_OFF`: 16-bit data segments, guest GDTR/IDTR and CR0
+/// (leaving protected mode), real-mode segment loads, GPRs, far jump.
+fn real_tail(s: &CpuState) -> Result<Vec<u8>, QemuError> {
+    let (r, sr) = (&s.regs, &s.sregs);
+    let mut a = CodeAssembler::new(16)?;
+    a.mov(ax, u32::from(SEL_DATA16))?;
+    for seg in [ds, es, fs, gs, ss] {
+        a.mov(seg, ax)?;
+    }
+    // o32 lgdt cs:[DATA_OFF]; o32 lidt cs:[DATA_OFF + 0x10]
+    for (reg, off) in [(0x16u8, DATA_OFF as u16), (0x1e, DATA_OFF as u16 + 0x10)] {
+        a.db(&[0x66, 0x2e, 0x0f, 0x01, reg])?;
+        a.db(&off.to_le_bytes())?;
+    }
+    a.mov(eax, sr.cr0 as u32)?;
+    a.mov(cr0, eax)?;
+    for (seg, v) in [(ds, sr.ds), (es, sr.es), (fs, sr.fs), (gs, sr.gs), (ss, sr.ss)] {
+        a.mov(ax, u32::from(v.selector))?;
+        a.mov(seg, ax)?;
+    }
+    for (reg, v) in [
+        (eax, r.rax),
+        (ebx, r.rbx),
+        (ecx, r.rcx),
+        (edx, r.rdx),
+        (esi, r.rsi),
+        (edi, r.rdi),
+        (ebp, r.rbp),
+        (esp, r.rsp),
+    ] {
+        a.mov(reg, v as u32)?;
+    }
+    let mut far = vec![0xea];
+    far.extend((r.rip as u16).to_le_bytes());
+    far.extend(sr.cs.selector.to_le_bytes());
+    a.db(&far)?;
+    Ok(a.assemble(TAIL16_OFF)?)
+}
+
+/// The stub's pages must translate to themselves under the guest's 4-level tables.
+fn check_identity(s: &CpuState, mem: &GuestMemory) -> Result<(), QemuError> {
+    let wp = s.sregs.cr0 & ctrl::CR0_WP != 0;
+    for page in (ROM_BASE..ROM_BASE + STUB_SPAN).step_by(4096) {
+        match translate4(mem, s.sregs.cr3, page) {
+            Some((phys, w, x)) if phys == page && x && (w || !wp) => {}
+            _ => {
+                return Err(unsupported(format!(
+                    "the guest's page tables (CR3 {:#x}) do not identity-map the entry stub at {page:#x} \
+                     (writable, executable), which long-mode entry needs",
+                    s.sregs.cr3
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 64-bit code at `ROM_BASE + CODE64_OFF`, entered with the guest's CS.
+fn long_tail(s: &CpuState, tr: Option<(u64, u8)>, ldt: Option<(u64, u8)>) -> Result<Vec<u8>, QemuError> {
+    let (r, sr) = (&s.regs, &s.sregs);
+    let mut a = CodeAssembler::new(64)?;
+    let (mut flags, mut target) = (a.create_label(), a.create_label());
+    a.mov(rax, ROM_BASE + DATA_OFF)?;
+    a.lgdt(ptr(rax))?;
+    a.lidt(ptr(rax + 0x10))?;
+    if let Some((at, access)) = tr {
+        a.mov(rbx, at)?;
+        a.mov(byte_ptr(rbx), u32::from(access & !0x02))?;
+        a.mov(ax, u32::from(sr.tr.selector))?;
+        a.ltr(ax)?;
+        a.mov(byte_ptr(rbx), u32::from(access))?;
+    }
+    if ldt.is_some() {
+        a.mov(ax, u32::from(sr.ldt.selector))?;
+        a.lldt(ax)?;
+    }
+    a.mov(rax, sr.cr8)?;
+    a.mov(cr8, rax)?;
+    a.mov(rax, sr.cr2)?;
+    a.mov(cr2, rax)?;
+    for (seg, v) in [(ds, sr.ds), (es, sr.es), (fs, sr.fs), (gs, sr.gs), (ss, sr.ss)] {
+        a.mov(ax, u32::from(v.selector))?;
+        a.mov(seg, ax)?;
+    }
+    for (seg, index) in [(sr.fs, msr::FS_BASE), (sr.gs, msr::GS_BASE)] {
+        if !seg.unusable || seg.base != 0 {
+            a.mov(ecx, index)?;
+            a.mov(eax, seg.base as u32)?;
+            a.mov(edx, (seg.base >> 32) as u32)?;
+            a.wrmsr()?;
+        }
+    }
+    a.lea(rsp, ptr(flags))?;
+    a.popfq()?;
+    for (reg, v) in [
+        (rax, r.rax),
+        (rbx, r.rbx),
+        (rcx, r.rcx),
+        (rdx, r.rdx),
+        (rsi, r.rsi),
+        (rdi, r.rdi),
+        (rbp, r.rbp),
+        (r8, r.r8),
+        (r9, r.r9),
+        (r10, r.r10),
+        (r11, r.r11),
+        (r12, r.r12),
+        (r13, r.r13),
+        (r14, r.r14),
+        (r15, r.r15),
+        (rsp, r.rsp),
+    ] {
+        a.mov(reg, v)?;
+    }
+    a.jmp(qword_ptr(target))?;
+    a.set_label(&mut flags)?;
+    a.dq(&[r.rflags])?;
+    a.set_label(&mut target)?;
+    a.dq(&[r.rip])?;
+    Ok(a.assemble(ROM_BASE + CODE64_OFF)?)
+}
