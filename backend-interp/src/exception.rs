@@ -6,6 +6,7 @@ use duet_core::state::rflags;
 use duet_core::Segment;
 
 use crate::cpu::{canonical, fault_code, gp, mask, unsupported, vector, Abort, Cpu, Exception, Flow};
+use crate::instructions::task::Switch;
 
 /// What raised an event: it decides the saved RIP, the EXT bit and the gate-DPL check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +56,10 @@ fn class(v: u8) -> Class {
 
 /// The gate's software-visible fields.
 struct Gate {
+    /// Code segment selector, or the TSS selector of a task gate.
     selector: u16,
+    /// A task gate: the event switches tasks.
+    task: bool,
     offset: u64,
     ist: u8,
     interrupt: bool,
@@ -179,7 +183,7 @@ impl Cpu {
             (true, 0xe | 0xf) => (true, false),
             (false, 0xe | 0xf) => (true, false),
             (false, 0x6 | 0x7) => (true, true),
-            (false, 0x5) => return Err(unsupported("task gate in the IDT")),
+            (false, 0x5) => (true, false),
             _ => (false, false),
         };
         if !ok {
@@ -200,6 +204,7 @@ impl Cpu {
         }
         Ok(Gate {
             selector: (lo >> 16) as u16,
+            task: !wide && ty == 0x5,
             offset,
             ist: ((lo >> 32) & 7) as u8,
             interrupt: ty & 1 == 0,
@@ -301,6 +306,15 @@ impl Cpu {
     fn deliver_protected(&mut self, ev: &Event) -> Flow {
         let ext = u32::from(ev.source != Source::Software);
         let gate = self.read_gate(ev, ext)?;
+        if gate.task {
+            // Task gate: switch tasks, then push the error code on the new task's stack.
+            let eip = self.task_switch(gate.selector, Switch::Interrupt, ev.rip)?;
+            self.rip = eip;
+            if let Some(e) = ev.error {
+                self.push(u64::from(e), 4)?;
+            }
+            return Ok(());
+        }
         let (mut cs, raw, addr) = self.gate_code(gate.selector, ext)?;
         let cpl = self.cpl();
         let conforming = cs.type_ & 4 != 0;

@@ -3,15 +3,16 @@
 //! [`InterpBackend`] creates [`InterpVcpu`]s that run real mode, 16/32-bit protected mode and
 //! 64-bit long mode: segmentation with limit/type checks, paging (32-bit with PSE, PAE, 4-level
 //! with 2 MiB/1 GiB pages, NX, WP, accessed/dirty bits) behind a TLB, exception and interrupt
-//! delivery through the IVT, 32-bit gates (with TSS stack switch) and the 64-bit IDT (IST), double
-//! and triple fault, and the integer instruction set [`implemented_mnemonics`] lists. Guest
+//! delivery through the IVT, 32-bit gates (with TSS stack switch), task gates and the 64-bit IDT
+//! (IST), double and triple fault, call gates, 32-bit hardware task switches, and the integer
+//! instruction set [`implemented_mnemonics`] lists. Guest
 //! physical addresses outside RAM are MMIO: reads and `IN` end `run` with an exit and the
 //! instruction is re-executed with the data the run loop supplied; writes and `OUT` retire the
 //! instruction first. Instructions are decoded once, cached by physical address and dropped when
 //! the guest writes their page, so self-modifying code works.
 //!
-//! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, task switches
-//! (task gates, far transfers to a TSS, IRET with NT), virtual-8086 mode, SMM, debug registers.
+//! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, 16-bit TSSs,
+//! virtual-8086 mode, SMM, debug registers.
 //! Nothing a guest does makes the interpreter panic.
 //!
 //! ```

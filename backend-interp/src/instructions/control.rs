@@ -8,6 +8,7 @@ use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 use super::flags::cond;
 use super::form;
 use super::stack::opsize;
+use super::task::Switch;
 use crate::cpu::{canonical, fault_code, gp, mask, unsupported, vector, Cpu, Flow};
 use crate::exception::{Event, Source};
 
@@ -130,6 +131,21 @@ impl Cpu {
             if ty == 0x0c || (ty == 0x04 && !self.long_mode()) {
                 return self.through_call_gate(sel, raw, addr, call);
             }
+            // A TSS (0x01/0x09 available, 0x03/0x0B busy) or a task gate (0x05): task switch, after
+            // DPL ≥ max(CPL, RPL) (SDM Vol. 3A §8.3, step 2).
+            if matches!(ty, 0x01 | 0x03 | 0x09 | 0x0b | 0x05) {
+                let dpl = ((raw >> 45) & 3) as u8;
+                if dpl < self.cpl() || dpl < (sel & 3) as u8 {
+                    return Err(gp(u32::from(sel & 0xfffc)));
+                }
+                if raw & (1 << 47) == 0 {
+                    return Err(fault_code(vector::NP, u32::from(sel & 0xfffc)));
+                }
+                let tss = if ty == 0x05 { (raw >> 16) as u16 } else { sel };
+                let kind = if call { Switch::Call } else { Switch::Jmp };
+                self.next_rip = self.task_switch(tss, kind, ret)?;
+                return Ok(());
+            }
         }
         let (d, raw, addr) = self.far_code(sel, false)?;
         let off = if self.long_mode() && d.l { off } else { off & mask(size) };
@@ -235,7 +251,11 @@ impl Cpu {
             if self.long_mode() {
                 return Err(gp(0));
             }
-            return Err(unsupported("IRET task return (NT = 1)"));
+            // Return to the task in the back link of the current TSS (SDM Vol. 2A IRET, TASK-RETURN).
+            let link = self.tss_read(0, 2)? as u16;
+            let next = self.next_rip;
+            self.next_rip = self.task_switch(link, Switch::Iret, next)?;
+            return Ok(());
         }
         if size == 4 && fl & rflags::VM != 0 && self.cpl() == 0 && !self.long_mode() {
             return Err(unsupported("IRET to virtual-8086 mode"));

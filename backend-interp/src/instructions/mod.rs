@@ -17,6 +17,7 @@ pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod syscall;
 pub(crate) mod system;
+pub(crate) mod task;
 
 use iced_x86::{Instruction, Mnemonic};
 

@@ -245,7 +245,7 @@ impl Cpu {
     }
 
     /// LTR / LLDT: loads TR (available TSS, marked busy) or LDTR (SDM Vol. 2A LTR, LLDT).
-    fn load_system_seg(&mut self, tr: bool, sel: u16) -> Flow {
+    pub(crate) fn load_system_seg(&mut self, tr: bool, sel: u16) -> Flow {
         let err = u32::from(sel & 0xfffc);
         if sel & 0xfffc == 0 {
             if tr {

@@ -1,0 +1,91 @@
+//! Hardware task switches (SDM Vol. 3A §8.3): CALL to a TSS and IRET back through the link,
+//! and an exception delivered through a task gate with its error code on the new task's stack.
+
+mod common;
+
+use common::*;
+use duet_core::state::{ctrl, rflags};
+use duet_core::{CpuState, GuestMemory, Segment, StopReason};
+use iced_x86::code_asm::*;
+
+const TSS_B: u64 = 0x700;
+const TSS_B_SEL: u16 = 0x48;
+const TASK_B: u64 = CODE + 0x100;
+
+/// Writes TSS B (32-bit, available) whose task starts at `TASK_B` with flat ring-0 segments.
+fn setup_task_b(mem: &GuestMemory, s: &mut CpuState) {
+    let desc = Segment { base: TSS_B, limit: 0x67, type_: 0x9, present: true, ..Segment::default() };
+    poke(mem, GDT + u64::from(TSS_B_SEL), &desc.to_descriptor().to_le_bytes());
+    s.sregs.gdt.limit = 10 * 8 - 1;
+    // The running task's TSS descriptor is busy, as LTR leaves it.
+    let a = peek64(mem, GDT + u64::from(sel::TSS)) | (2 << 40);
+    poke(mem, GDT + u64::from(sel::TSS), &a.to_le_bytes());
+    let w = |o: u64, v: u32| poke(mem, TSS_B + o, &v.to_le_bytes());
+    w(0x20, TASK_B as u32); // EIP
+    w(0x24, 0x2); // EFLAGS
+    w(0x38, 0x6_0000); // ESP
+    for (i, sel) in [sel::DATA, sel::CODE32, sel::DATA, sel::DATA, sel::DATA, sel::DATA].iter().enumerate() {
+        w(0x48 + 4 * i as u64, u32::from(*sel)); // ES, CS, SS, DS, FS, GS
+    }
+}
+
+#[test]
+fn call_to_tss_and_iret_return_through_the_back_link() {
+    let code = asm(32, |a| {
+        a.mov(eax, 1).unwrap();
+        a.call_far(TSS_B_SEL, 0).unwrap();
+        a.mov(ecx, 2).unwrap();
+        a.hlt().unwrap();
+    });
+    let task_b = asm(32, |a| {
+        a.mov(dword_ptr(0x9000), 0xb).unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(0x9004)).unwrap();
+        a.iretd().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, TASK_B, &task_b);
+    let mut s = protected32(&mem);
+    setup_task_b(&mem, &mut s);
+    let (out, _) = run(mem.clone(), &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    // Task B ran with NT set (it was CALLed), and linked back to task A's TSS.
+    assert_eq!(peek32(&mem, 0x9000), 0xb);
+    assert_ne!(u64::from(peek32(&mem, 0x9004)) & rflags::NT, 0);
+    assert_eq!(peek32(&mem, TSS_B) & 0xffff, u32::from(sel::TSS));
+    // Back in task A: its registers came back from its TSS, TR is A again, CR0.TS is set.
+    let st = &out.state;
+    assert_eq!((st.regs.rax, st.regs.rcx), (1, 2));
+    assert_eq!(st.sregs.tr.selector, sel::TSS);
+    assert_ne!(st.sregs.cr0 & ctrl::CR0_TS, 0);
+    // IRET freed task B: its descriptor is available (type 9) again.
+    assert_eq!((peek64(&mem, GDT + u64::from(TSS_B_SEL)) >> 40) & 0xf, 0x9);
+}
+
+#[test]
+fn exception_through_a_task_gate_pushes_the_error_code_on_the_new_stack() {
+    let code = asm(32, |a| {
+        a.mov(ax, 0x1233).unwrap();
+        a.mov(ds, ax).unwrap();
+    });
+    let task_b = asm(32, |a| {
+        a.pop(eax).unwrap();
+        a.mov(dword_ptr(0x9000), eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, TASK_B, &task_b);
+    let mut s = protected32(&mem);
+    setup_task_b(&mem, &mut s);
+    // IDT vector 13: task gate (type 5, present) to TSS B.
+    let gate = (u64::from(TSS_B_SEL) << 16) | (0x85 << 40);
+    poke(&mem, IDT + 13 * 8, &gate.to_le_bytes());
+    let (out, _) = run(mem.clone(), &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    // #GP(0x1230) landed on task B's stack; task A's EIP (the faulting MOV) is in its TSS.
+    assert_eq!(peek32(&mem, 0x9000), 0x1230);
+    assert_eq!(u64::from(peek32(&mem, TSS + 0x20)), CODE + 4);
+    assert_eq!(out.state.sregs.tr.selector, TSS_B_SEL);
+    assert_ne!(out.state.regs.rflags & rflags::NT, 0);
+    assert_eq!(out.state.regs.rsp, 0x6_0000);
+}
