@@ -238,6 +238,7 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
     let memory = dump_memory(&mut qmp, guest, &dir)?;
     let mut state = dump.state;
     state.sregs.apic_base = guest.state.sregs.apic_base;
+    busy_tr(&mut state);
     let mut notes = Vec::new();
     let stop = match end {
         End::Exit => {
@@ -343,4 +344,15 @@ fn rewind_exit(
         ));
     }
     Ok(())
+}
+
+/// QEMU's LTR caches the TSS type it read (available, 1 or 9) and sets the busy bit only in
+/// memory; hardware holds a busy type in TR once loaded (a TR with an available type cannot
+/// exist: VMX guest-state checks require type 3 or 11, SDM Vol. 3C §28.3.1.2). The SDM wins,
+/// so a present, loaded TR is reported busy.
+fn busy_tr(s: &mut CpuState) {
+    let tr = &mut s.sregs.tr;
+    if tr.present && !tr.s && (tr.type_ == 1 || tr.type_ == 9) && tr.selector & !7 != 0 {
+        tr.type_ |= 2;
+    }
 }
