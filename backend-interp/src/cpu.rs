@@ -295,6 +295,26 @@ impl Cpu {
         }
     }
 
+    /// The fixed hidden part a virtual-8086 segment load produces (SDM Vol. 3A §20.2.1).
+    pub fn v86_segment(sel: u16, code: bool) -> Segment {
+        Segment { dpl: 3, ..Segment::real_mode(sel, code) }
+    }
+
+    /// In virtual-8086 mode, an IOPL-sensitive instruction with IOPL < 3 is #GP(0) (SDM Vol. 3A
+    /// §20.2.7); CR4.VME's virtual-interrupt extensions are not modelled.
+    pub fn v86_iopl_check(&self) -> Flow {
+        if !self.v86() {
+            return Ok(());
+        }
+        if self.sregs.cr4 & 1 != 0 {
+            return Err(unsupported("virtual-8086 mode with CR4.VME"));
+        }
+        if self.iopl() < 3 {
+            return Err(gp(0));
+        }
+        Ok(())
+    }
+
     /// IOPL field of RFLAGS.
     pub fn iopl(&self) -> u8 {
         ((self.rflags >> 12) & 3) as u8

@@ -136,8 +136,8 @@ impl Cpu {
     fn deliver(&mut self, ev: &Event) -> Flow {
         if !self.protected() {
             self.deliver_real(ev)
-        } else if self.v86() {
-            Err(unsupported("interrupt delivery in virtual-8086 mode"))
+        } else if self.v86() && self.sregs.cr4 & 1 != 0 {
+            Err(unsupported("interrupt delivery in virtual-8086 mode with CR4.VME"))
         } else if self.long_mode() {
             self.deliver_long(ev)
         } else {
@@ -318,6 +318,12 @@ impl Cpu {
         let (mut cs, raw, addr) = self.gate_code(gate.selector, ext)?;
         let cpl = self.cpl();
         let conforming = cs.type_ & 4 != 0;
+        let from_v86 = self.v86();
+        // From virtual-8086 mode only a ring-0, non-conforming handler is allowed (SDM Vol. 3A
+        // §20.3.1.1).
+        if from_v86 && (conforming || cs.dpl != 0) {
+            return Err(gp(u32::from(gate.selector & 0xfffc) + ext));
+        }
         let width = if gate.wide { 4 } else { 2 };
         let flags = self.pushed_flags(ev);
         let old_cs = u64::from(self.sregs.cs.selector);
@@ -329,8 +335,15 @@ impl Cpu {
         if new_cpl < cpl {
             let (mut ss, sp, sraw, saddr) = self.inner_stack(new_cpl, ext)?;
             let old_ss = u64::from(self.sregs.ss.selector);
-            let old_sp = self.gpr[4] & mask(self.stack_bytes());
-            let mut full = vec![old_ss, old_sp];
+            let old_sp =
+                if from_v86 { self.gpr[4] & 0xffff_ffff } else { self.gpr[4] & mask(self.stack_bytes()) };
+            let mut full = if from_v86 {
+                let s = &self.sregs;
+                [s.gs, s.fs, s.ds, s.es].iter().map(|x| u64::from(x.selector)).collect()
+            } else {
+                Vec::new()
+            };
+            full.extend_from_slice(&[old_ss, old_sp]);
             full.extend_from_slice(&frame);
             let sp_bytes = if ss.db { 4 } else { 2 };
             let new_sp = self.push_frame(&ss, sp, sp_bytes, &full, width, new_cpl != 3)?;
@@ -338,6 +351,12 @@ impl Cpu {
             ss.type_ |= 1;
             self.sregs.ss = ss;
             self.set_gpr_sized(4, if sp_bytes == 4 { 4 } else { 2 }, new_sp);
+            if from_v86 {
+                // The handler starts with null data segments (SDM Vol. 3A §20.3.1.1).
+                for r in [&mut self.sregs.ds, &mut self.sregs.es, &mut self.sregs.fs, &mut self.sregs.gs] {
+                    *r = Segment { unusable: true, ..Segment::default() };
+                }
+            }
         } else {
             if !conforming && cs.dpl != cpl {
                 return Err(gp(u32::from(gate.selector & 0xfffc) + ext));

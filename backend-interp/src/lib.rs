@@ -4,15 +4,15 @@
 //! 64-bit long mode: segmentation with limit/type checks, paging (32-bit with PSE, PAE, 4-level
 //! with 2 MiB/1 GiB pages, NX, WP, accessed/dirty bits) behind a TLB, exception and interrupt
 //! delivery through the IVT, 32-bit gates (with TSS stack switch), task gates and the 64-bit IDT
-//! (IST), double and triple fault, call gates, 32-bit hardware task switches, and the integer
-//! instruction set [`implemented_mnemonics`] lists. Guest
+//! (IST), double and triple fault, call gates, 32-bit hardware task switches, virtual-8086 mode
+//! (without CR4.VME), and the integer instruction set [`implemented_mnemonics`] lists. Guest
 //! physical addresses outside RAM are MMIO: reads and `IN` end `run` with an exit and the
 //! instruction is re-executed with the data the run loop supplied; writes and `OUT` retire the
 //! instruction first. Instructions are decoded once, cached by physical address and dropped when
 //! the guest writes their page, so self-modifying code works.
 //!
 //! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, 16-bit TSSs,
-//! virtual-8086 mode, SMM, debug registers.
+//! the CR4.VME/PVI virtual-interrupt extensions, SMM, debug registers.
 //! Nothing a guest does makes the interpreter panic.
 //!
 //! ```

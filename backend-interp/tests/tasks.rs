@@ -1,5 +1,6 @@
 //! Hardware task switches (SDM Vol. 3A §8.3): CALL to a TSS and IRET back through the link,
-//! and an exception delivered through a task gate with its error code on the new task's stack.
+//! and an exception delivered through a task gate with its error code on the new task's stack;
+//! and the other legacy protected-mode task environment, virtual-8086 mode (Chapter 20).
 
 mod common;
 
@@ -88,4 +89,40 @@ fn exception_through_a_task_gate_pushes_the_error_code_on_the_new_stack() {
     assert_eq!(out.state.sregs.tr.selector, TSS_B_SEL);
     assert_ne!(out.state.regs.rflags & rflags::NT, 0);
     assert_eq!(out.state.regs.rsp, 0x6_0000);
+}
+
+#[test]
+fn iret_into_virtual_8086_mode_and_a_gp_back_to_ring0() {
+    let v86_code = 0x9100u64;
+    let code = asm(32, |a| {
+        // IRETD frame for virtual-8086 mode: GS, FS, DS, ES, SS, ESP, EFLAGS (VM), CS, EIP.
+        for v in [0u32, 0, 0, 0, 0, 0x7000, (rflags::VM | 2) as u32, 0, v86_code as u32] {
+            a.push(v).unwrap();
+        }
+        a.iretd().unwrap();
+    });
+    let v86 = asm(16, |a| {
+        a.mov(ax, 0x900).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(byte_ptr(0x10), 0x5a).unwrap(); // 0x900 × 16 + 0x10
+        a.cli().unwrap(); // IOPL 0: #GP(0) (SDM Vol. 3A §20.2.7)
+    });
+    let cli_ip = v86_code + v86.len() as u64 - 1;
+    let mem = memory(&code);
+    poke(&mem, v86_code, &v86);
+    let s = protected32(&mem);
+    let (out, _) = run(mem.clone(), &s);
+    assert_eq!(peek32(&mem, 0x9010) & 0xff, 0x5a);
+    let st = &out.state;
+    assert_eq!(st.regs.rip, STUBS + 13 * 8 + 6, "halted in the #GP stub");
+    // Ring-0 frame from virtual-8086 mode (SDM Vol. 3A Figure 20-2):
+    // [vector, error, EIP, CS, EFLAGS, ESP, SS, ES, DS, FS, GS].
+    let f: Vec<u32> = (0..11).map(|i| peek32(&mem, st.regs.rsp + 4 * i)).collect();
+    assert_eq!((f[0], f[1], u64::from(f[2]), f[3]), (13, 0, cli_ip, 0));
+    assert_ne!(u64::from(f[4]) & rflags::VM, 0);
+    assert_eq!((f[5], f[6], f[7], f[8]), (0x7000, 0, 0, 0x900));
+    // The handler runs in protected mode at ring 0 with null data segments.
+    assert_eq!(st.regs.rflags & rflags::VM, 0);
+    assert!(st.sregs.ds.unusable);
+    assert_eq!(st.cpl(), 0);
 }

@@ -101,10 +101,15 @@ impl Cpu {
         Ok(())
     }
 
-    /// Real-mode CS load: selector and base only (SDM Vol. 3A §20.1.1).
+    /// Real-mode CS load: selector and base only (SDM Vol. 3A §20.1.1); in virtual-8086 mode the
+    /// whole fixed hidden part (§20.2.1).
     fn real_cs(&mut self, sel: u16, off: u64) {
-        self.sregs.cs.selector = sel;
-        self.sregs.cs.base = u64::from(sel) << 4;
+        if self.v86() {
+            self.sregs.cs = Cpu::v86_segment(sel, true);
+        } else {
+            self.sregs.cs.selector = sel;
+            self.sregs.cs.base = u64::from(sel) << 4;
+        }
         self.next_rip = off;
     }
 
@@ -112,16 +117,13 @@ impl Cpu {
     fn far_transfer(&mut self, sel: u16, off: u64, size: u32, call: bool) -> Flow {
         let ret = self.next_rip;
         let old_cs = u64::from(self.sregs.cs.selector);
-        if !self.protected() {
+        if !self.protected() || self.v86() {
             if call {
                 self.push(old_cs, size)?;
                 self.push(ret, size)?;
             }
             self.real_cs(sel, off & mask(size));
             return Ok(());
-        }
-        if self.v86() {
-            return Err(unsupported("far transfer in virtual-8086 mode"));
         }
         if sel & 0xfffc != 0 {
             let (raw, addr) = self.descriptor(sel)?;
@@ -224,6 +226,26 @@ impl Cpu {
         Ok(())
     }
 
+    /// IRET from CPL 0 to virtual-8086 mode: ESP, SS, ES, DS, FS, GS follow EIP, CS, EFLAGS on
+    /// the stack (SDM Vol. 2A IRET, RETURN-TO-VIRTUAL-8086-MODE).
+    fn iret_to_v86(&mut self, off: u64, sel: u16, fl: u64) -> Flow {
+        let mut v = [0u64; 6];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = self.peek(12 + 4 * i as u64, 4)?;
+        }
+        let [esp, ss, es, ds, fs, gs] = v;
+        self.set_rflags(fl & 0xffff_ffff);
+        self.sregs.cs = Cpu::v86_segment(sel, true);
+        for (r, x) in [(&mut self.sregs.ss, ss), (&mut self.sregs.es, es), (&mut self.sregs.ds, ds)] {
+            *r = Cpu::v86_segment(x as u16, false);
+        }
+        self.sregs.fs = Cpu::v86_segment(fs as u16, false);
+        self.sregs.gs = Cpu::v86_segment(gs as u16, false);
+        self.gpr[4] = esp & 0xffff_ffff;
+        self.next_rip = off & 0xffff;
+        Ok(())
+    }
+
     fn iret(&mut self, ins: &Instruction) -> Flow {
         let size = match ins.code() {
             Code::Iretw => 2,
@@ -245,7 +267,13 @@ impl Cpu {
             return Ok(());
         }
         if self.v86() {
-            return Err(unsupported("IRET in virtual-8086 mode"));
+            // IOPL 3: a real-mode style IRET that cannot change IOPL or VM (SDM Vol. 2A IRET).
+            self.v86_iopl_check()?;
+            let sp = self.sp();
+            self.set_sp(sp.wrapping_add(3 * sz));
+            self.real_cs(sel, off & mask(size));
+            self.load_flags(fl, size, true);
+            return Ok(());
         }
         if self.rflags & rflags::NT != 0 {
             if self.long_mode() {
@@ -258,7 +286,7 @@ impl Cpu {
             return Ok(());
         }
         if size == 4 && fl & rflags::VM != 0 && self.cpl() == 0 && !self.long_mode() {
-            return Err(unsupported("IRET to virtual-8086 mode"));
+            return self.iret_to_v86(off, sel, fl);
         }
         let old = self.rflags;
         let always_ss = self.mode64();
@@ -376,14 +404,11 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             let imm = if ins.op_count() > 0 { ins.immediate(0) & 0xffff } else { 0 };
             let off = cpu.peek(0, size)?;
             let sel = cpu.peek(u64::from(size), size)? as u16;
-            if !cpu.protected() {
+            if !cpu.protected() || cpu.v86() {
                 let sp = cpu.sp();
                 cpu.set_sp(sp.wrapping_add(2 * u64::from(size)).wrapping_add(imm));
                 cpu.real_cs(sel, off & mask(size));
                 return Ok(());
-            }
-            if cpu.v86() {
-                return Err(unsupported("RETF in virtual-8086 mode"));
             }
             cpu.far_return(sel, off, size, 2 * u64::from(size), imm, false)
         }
@@ -410,8 +435,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                     vector::OF
                 }
             };
-            if cpu.v86() {
-                return Err(unsupported("INT n in virtual-8086 mode"));
+            if m == Mnemonic::Int {
+                // INT n (not INT3/INTO) is IOPL-sensitive in virtual-8086 mode.
+                cpu.v86_iopl_check()?;
             }
             cpu.raise(Event { vector: v, error: None, source: Source::Software, rip: cpu.next_rip })?;
             cpu.next_rip = cpu.rip;

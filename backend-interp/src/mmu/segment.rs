@@ -4,7 +4,7 @@
 use duet_core::Segment;
 use iced_x86::Register;
 
-use crate::cpu::{canonical, fault_code, gp, unsupported, vector, Cpu, Flow};
+use crate::cpu::{canonical, fault_code, gp, vector, Cpu, Flow};
 
 impl Cpu {
     /// The fault a bad access through `sr` raises: #SS(0) for the stack segment, else #GP(0).
@@ -99,7 +99,10 @@ impl Cpu {
             return Ok(());
         }
         if self.v86() {
-            return Err(unsupported("segment load in virtual-8086 mode"));
+            if let Some(s) = self.seg_mut(sr) {
+                *s = Cpu::v86_segment(sel, false);
+            }
+            return Ok(());
         }
         let cpl = self.cpl();
         let rpl = (sel & 3) as u8;
