@@ -68,6 +68,25 @@ fn random_bytes_protected_mode_never_panic() {
     smoke("protected32", protected32, 0xdead_beef_cafe_f00d);
 }
 
+/// Virtual-8086 mode over the protected-mode tables: CS:IP = 0800:0000 (linear `CODE`).
+fn v86(mem: &GuestMemory) -> CpuState {
+    let mut s = protected32(mem);
+    let seg =
+        |sel: u16, code: bool| duet_core::Segment { dpl: 3, ..duet_core::Segment::real_mode(sel, code) };
+    s.sregs.cs = seg((CODE >> 4) as u16, true);
+    (s.sregs.ds, s.sregs.es, s.sregs.fs, s.sregs.gs, s.sregs.ss) =
+        (seg(0, false), seg(0, false), seg(0, false), seg(0, false), seg(0, false));
+    s.regs.rip = 0;
+    s.regs.rsp = 0x7000;
+    s.regs.rflags |= duet_core::state::rflags::VM;
+    s
+}
+
+#[test]
+fn random_bytes_virtual_8086_mode_never_panic() {
+    smoke("v86", v86, 0x5555_aaaa_0f0f_f0f0);
+}
+
 #[test]
 fn random_bytes_long_mode_never_panic() {
     smoke("long64", long64, 0x0123_4567_89ab_cdef);
