@@ -1,0 +1,141 @@
+//! How runs end under QEMU (deadline, triple fault, debug exit from a ROM guest), what the
+//! guest sees of CPUID, and start states the entry stub refuses rather than approximate.
+
+mod common;
+
+use std::time::Duration;
+
+use duet_core::layout::LOAD_ADDR;
+use duet_core::vm_memory::{Bytes, GuestAddress};
+use duet_core::{CpuidProfile, StopReason};
+use duet_fixtures::{GuestBuilder, Mode};
+use duet_qemu::QemuError;
+use iced_x86::code_asm::*;
+
+#[test]
+fn endless_loop_ends_at_the_deadline_in_the_loop() {
+    if !common::qemu_available() {
+        return;
+    }
+    let guest = GuestBuilder::new(Mode::Long)
+        .code(|a| {
+            let mut l = a.create_label();
+            a.set_label(&mut l)?;
+            a.jmp(l)?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let r = duet_qemu::run(&guest, &CpuidProfile::baseline(), Duration::from_millis(300)).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::Deadline);
+    assert_eq!(r.outcome.state.regs.rip, LOAD_ADDR, "stopped inside `jmp $`");
+    assert_eq!(r.outcome.backend, "qemu");
+}
+
+#[test]
+fn exception_without_idt_is_a_triple_fault_shutdown() {
+    if !common::qemu_available() {
+        return;
+    }
+    // SDM Vol. 3A §6.15 (#DF): #UD cannot be delivered through an empty IDT (#GP), nor can the
+    // #DF that follows: the processor shuts down.
+    let guest = GuestBuilder::new(Mode::Protected)
+        .code(|a| Ok(a.ud2()?))
+        .with_state(|s| s.sregs.idt.limit = 0)
+        .build()
+        .unwrap();
+    let r = common::run(&guest).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::Shutdown);
+}
+
+#[test]
+fn rom_guest_starts_at_the_reset_vector_through_qemus_reset() {
+    if !common::qemu_available() {
+        return;
+    }
+    let mut rom = vec![0u8; 64 << 10];
+    // At F000:FFF0: mov al, 'B'; out 0xe9, al; mov al, 5; out 0xf4, al; cli; hlt
+    rom[0xfff0..0xfffa].copy_from_slice(&[0xb0, b'B', 0xe6, 0xe9, 0xb0, 5, 0xe6, 0xf4, 0xfa, 0xf4]);
+    let guest = GuestBuilder::bios(rom).build().unwrap();
+    let r = common::run(&guest).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::DebugExit { value: 5 });
+    assert_eq!(r.console_text(), "B");
+    let s = &r.outcome.state;
+    // RIP right after the OUT, CS base still the RESET one (SDM Vol. 3A §10.1.4).
+    assert_eq!((s.sregs.cs.base, s.regs.rip), (0xffff_0000, 0xfff8));
+}
+
+#[test]
+fn post_code_is_the_last_byte_written_to_port_0x80() {
+    if !common::qemu_available() {
+        return;
+    }
+    let guest = duet_fixtures::find("pio-loop").unwrap().guest().unwrap();
+    let r = common::run(&guest).unwrap();
+    // The loop writes 0..999; 999 = 0x3e7.
+    assert_eq!(r.post_code, Some(0xe7));
+}
+
+/// Where the CPUID guest stores EAX..EDX of each leaf.
+const CPUID_OUT: u64 = 0x20_0000;
+const LEAVES: [u32; 3] = [0, 1, 0x8000_0001];
+
+#[test]
+fn cpuid_leaves_match_the_profile_except_what_qemu_computes() {
+    if !common::qemu_available() {
+        return;
+    }
+    let guest = GuestBuilder::new(Mode::Long)
+        .code(|a| {
+            a.mov(rdi, CPUID_OUT)?;
+            for leaf in LEAVES {
+                a.mov(eax, leaf)?;
+                a.xor(ecx, ecx)?;
+                a.cpuid()?;
+                for r in [eax, ebx, ecx, edx] {
+                    a.mov(dword_ptr(rdi), r)?;
+                    a.add(rdi, 4)?;
+                }
+            }
+            a.cli()?;
+            Ok(a.hlt()?)
+        })
+        .build()
+        .unwrap();
+    let profile = CpuidProfile::baseline();
+    let r = common::run(&guest).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::Halted);
+    for (i, leaf) in LEAVES.into_iter().enumerate() {
+        let mut b = [0u8; 16];
+        r.memory.read_slice(&mut b, GuestAddress(CPUID_OUT + 16 * i as u64)).unwrap();
+        let got: Vec<u32> = b.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut want = profile.lookup(leaf, 0).to_vec();
+        let mut got = got;
+        match leaf {
+            // QEMU puts the number of logical processors (EBX[23:16]) only when above one.
+            1 => (got[1], want[1]) = (got[1] & !0x00ff_0000, want[1] & !0x00ff_0000),
+            // QEMU repeats the leaf 1 signature in EAX; the profile (and Intel) return 0.
+            0x8000_0001 => (got[0], want[0]) = (0, 0),
+            _ => {}
+        }
+        assert_eq!(got, want, "leaf {leaf:#x}: EAX..EDX");
+    }
+}
+
+#[test]
+fn start_states_the_stub_cannot_produce_are_refused() {
+    // No QEMU needed: the refusal comes before QEMU starts.
+    let base = || GuestBuilder::new(Mode::Protected).code(|a| Ok(a.hlt()?));
+    let odd_cs = base().with_state(|s| s.sregs.cs.base = 0x1000).build().unwrap();
+    let err = common::run(&odd_cs).unwrap_err();
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("cs hidden part")), "{err}");
+    let real =
+        GuestBuilder::new(Mode::Real).code(|a| Ok(a.hlt()?)).with_state(|s| s.sregs.ds.limit = 0xffff_ffff);
+    let err = common::run(&real.build().unwrap()).unwrap_err();
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("real-mode ds")), "{err}");
+    let window = base().load(0xf_fff0, vec![0x90; 16]).build().unwrap();
+    let err = common::run(&window).unwrap_err();
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("0xfff00")), "{err}");
+    let ring3 = base().with_state(|s| s.regs.rflags |= duet_core::state::rflags::TF).build().unwrap();
+    assert!(matches!(common::run(&ring3), Err(QemuError::Unsupported(_))));
+}
