@@ -121,6 +121,51 @@ pub(crate) fn form(ins: &Instruction) -> crate::cpu::Abort {
 mod tests {
     use super::*;
 
+    /// STYLE §7: iced-x86 says which status flags an instruction may write; the interpreter must
+    /// not change any other. Random 16-bit instructions over random registers, real mode.
+    #[test]
+    fn status_flags_change_only_where_iced_says_they_are_written() {
+        use duet_core::state::rflags::STATUS;
+        use iced_x86::{Decoder, DecoderOptions};
+
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cpu = crate::cpu::test_cpu();
+        cpu.sregs.cs = duet_core::Segment::real_mode(0, true);
+        let mut checked = 0;
+        for _ in 0..std::env::var("DUET_FLAG_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000) {
+            let bytes: Vec<u8> = (0..15).map(|_| next() as u8).collect();
+            let ins = Decoder::with_ip(16, &bytes, 0, DecoderOptions::NONE).decode();
+            if ins.is_invalid() || !is_implemented(ins.mnemonic()) {
+                continue;
+            }
+            for g in cpu.gpr.iter_mut() {
+                *g = next() & 0xffff;
+            }
+            cpu.rflags = (next() & STATUS) | duet_core::state::rflags::FIXED;
+            cpu.sregs.ss = duet_core::Segment::real_mode(0, false);
+            cpu.sregs.ds = duet_core::Segment::real_mode(0, false);
+            cpu.sregs.es = duet_core::Segment::real_mode(0, false);
+            cpu.gpr[4] = 0x8000;
+            cpu.rip = 0x100;
+            cpu.next_rip = 0x100 + ins.len() as u64;
+            cpu.io = Default::default();
+            let before = cpu.rflags;
+            if execute(&mut cpu, &ins).is_ok() {
+                let written = crate::flags::from_iced(ins.rflags_modified());
+                let changed = (before ^ cpu.rflags) & STATUS;
+                assert_eq!(changed & !written, 0, "{ins} changed {changed:#x}, iced allows {written:#x}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "only {checked} instructions retired");
+    }
+
     #[test]
     fn implemented_list_matches_dispatch() {
         let all = implemented_mnemonics();
