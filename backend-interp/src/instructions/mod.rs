@@ -124,7 +124,7 @@ mod tests {
     /// STYLE §7: iced-x86 says which status flags an instruction may write; the interpreter must
     /// not change any other. Random 16-bit instructions over random registers, real mode.
     #[test]
-    fn status_flags_change_only_where_iced_says_they_are_written() {
+    fn flags_and_registers_change_only_where_iced_says_they_are_written() {
         use duet_core::state::rflags::STATUS;
         use iced_x86::{Decoder, DecoderOptions};
 
@@ -137,6 +137,8 @@ mod tests {
         };
         let mut cpu = crate::cpu::test_cpu();
         cpu.sregs.cs = duet_core::Segment::real_mode(0, true);
+        let mut info_factory = iced_x86::InstructionInfoFactory::new();
+        use iced_x86::OpAccess;
         let mut checked = 0;
         for _ in 0..std::env::var("DUET_FLAG_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000) {
             let bytes: Vec<u8> = (0..15).map(|_| next() as u8).collect();
@@ -156,10 +158,33 @@ mod tests {
             cpu.next_rip = 0x100 + ins.len() as u64;
             cpu.io = Default::default();
             let before = cpu.rflags;
+            let gprs = cpu.gpr;
             if execute(&mut cpu, &ins).is_ok() {
                 let written = crate::flags::from_iced(ins.rflags_modified());
                 let changed = (before ^ cpu.rflags) & STATUS;
                 assert_eq!(changed & !written, 0, "{ins} changed {changed:#x}, iced allows {written:#x}");
+                // Likewise for general registers: only those iced-x86 lists as written.
+                let info = info_factory.info(&ins);
+                let mut allowed = 0u16;
+                for u in info.used_registers() {
+                    let full = u.register().full_register();
+                    if full.is_gpr64()
+                        && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
+                    {
+                        allowed |= 1 << (full as u32 - iced_x86::Register::RAX as u32);
+                    }
+                }
+                // Event delivery (INT n, INT3, INTO, INT1) pushes a frame iced-x86 does not list.
+                let delivers = matches!(
+                    ins.mnemonic(),
+                    Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into | Mnemonic::Int1
+                );
+                for (i, (a, b)) in gprs.iter().zip(cpu.gpr.iter()).enumerate() {
+                    assert!(
+                        delivers || a == b || allowed & (1 << i) != 0,
+                        "{ins} wrote register {i} ({a:#x} → {b:#x})"
+                    );
+                }
                 checked += 1;
             }
         }
