@@ -1,0 +1,56 @@
+//! Differential cases per second with VM reuse: one machine per backend, reset between cases
+//! (`Vcpu::set_state` + `Guest::load_into`), each case run on every backend and the final
+//! states compared.
+//!
+//! Until the differential engine in src/fuzz/ lands, a case is a small fixed guest (nine ALU
+//! and flag instructions on seeded registers, a store, the debug exit) with a new register seed
+//! per case. Throughput is in elements = cases. `cargo bench -p duet-benches --bench diff_cases`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use duet::core::{DiffMask, StateDiff};
+use duet::StopReason;
+use duet_benches::workloads::diff_case;
+use duet_benches::{backends, Rig};
+
+/// Cases per criterion iteration (each with its own seed).
+const CASES: u64 = 16;
+
+fn diff_cases(c: &mut Criterion) {
+    let mut group = c.benchmark_group("diff_cases");
+    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    group.throughput(Throughput::Elements(CASES));
+    let kinds = backends();
+    let cases: Vec<_> = (1..=CASES).map(|seed| diff_case(seed).expect("diff case")).collect();
+    let mut rigs: Vec<Rig> = kinds.iter().map(|k| Rig::new(*k, &cases[0]).expect("machine")).collect();
+    let label = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+");
+    group.bench_function(format!("alu-case/{label}"), |b| {
+        b.iter(|| {
+            let mut differing = 0;
+            for case in &cases {
+                let mut outcomes = Vec::with_capacity(rigs.len());
+                for rig in &mut rigs {
+                    rig.guest.state = case.state.clone();
+                    let (outcome, _) = rig.reset_and_run().expect("case run");
+                    assert_eq!(outcome.stop, StopReason::DebugExit { value: 0 });
+                    outcomes.push(outcome);
+                }
+                if let [l, r] = &outcomes[..] {
+                    let mask = DiffMask {
+                        rflags_undefined: l.undefined_rflags | r.undefined_rflags,
+                        ignore_fpu: false,
+                    };
+                    if !StateDiff::states((l.backend, &l.state), (r.backend, &r.state), &mask).is_empty() {
+                        differing += 1;
+                    }
+                }
+            }
+            differing
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, diff_cases);
+criterion_main!(benches);
