@@ -1,0 +1,208 @@
+//! Checks that the stub can produce a start state exactly, against the guest's own tables.
+
+use duet_core::state::ctrl;
+use duet_core::vm_memory::{Bytes, GuestAddress};
+use duet_core::{CpuMode, CpuState, GuestMemory, Segment};
+
+use super::{unsupported, ROM_BASE, STUB_SPAN};
+use crate::QemuError;
+
+/// Reads the little-endian u64 at guest physical `addr`.
+fn read_u64(mem: &GuestMemory, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+/// Translates `lin` through 4-level paging (SDM Vol. 3A §4.5): physical address and whether
+/// every level allows writes and execution.
+pub fn translate4(mem: &GuestMemory, cr3_value: u64, lin: u64) -> Option<(u64, bool, bool)> {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let (mut table, mut writable, mut exec) = (cr3_value & ADDR, true, true);
+    for (level, shift) in [(4, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let e = read_u64(mem, table + ((lin >> shift) & 511) * 8)?;
+        if e & 1 == 0 {
+            return None;
+        }
+        writable &= e & 2 != 0;
+        exec &= e & (1 << 63) == 0;
+        let page = (level == 3 || level == 2) && e & 0x80 != 0;
+        if page || level == 1 {
+            let mask = (1u64 << shift) - 1;
+            return Some(((e & ADDR & !mask) | (lin & mask), writable, exec));
+        }
+        table = e & ADDR;
+    }
+    None
+}
+
+/// Where a segment's descriptor lives and what it holds.
+struct Desc {
+    /// Linear = physical address of the 8-byte descriptor in guest memory.
+    addr: u64,
+    /// The low 8 bytes.
+    raw: u64,
+    /// The next 8 bytes (system descriptors in long mode).
+    high: u64,
+}
+
+/// Everything the stub needs to know, checked against the guest.
+pub(super) struct Plan<'a> {
+    pub(super) s: &'a CpuState,
+    pub(super) mode: CpuMode,
+    pub(super) mem: &'a GuestMemory,
+}
+
+impl Plan<'_> {
+    fn phys(&self, lin: u64) -> Result<u64, QemuError> {
+        if self.mode == CpuMode::Long64 {
+            translate4(self.mem, self.s.sregs.cr3, lin)
+                .map(|t| t.0)
+                .ok_or_else(|| unsupported(format!("the guest's page tables do not map its GDT at {lin:#x}")))
+        } else {
+            Ok(lin)
+        }
+    }
+
+    /// The GDT descriptor of `sel` from guest memory.
+    fn descriptor(&self, name: &str, sel: u16) -> Result<Desc, QemuError> {
+        if sel & 4 != 0 {
+            return Err(unsupported(format!("{name} selector {sel:#x} refers to an LDT")));
+        }
+        let gdt = self.s.sregs.gdt;
+        let off = u64::from(sel & !7);
+        if off + 7 > u64::from(gdt.limit) {
+            return Err(unsupported(format!(
+                "{name} selector {sel:#x} is beyond the GDT limit {:#x}",
+                gdt.limit
+            )));
+        }
+        let addr = self.phys(gdt.base + off)?;
+        let raw = read_u64(self.mem, addr)
+            .ok_or_else(|| unsupported(format!("{name} descriptor at {addr:#x} is not in guest RAM")))?;
+        let high = read_u64(self.mem, addr + 8).unwrap_or(0);
+        Ok(Desc { addr, raw, high })
+    }
+
+    /// Checks that loading `seg.selector` from the GDT yields exactly `seg` (bases of FS/GS in
+    /// 64-bit mode excepted: they are written through their MSRs).
+    pub(super) fn check_segment(&self, name: &str, seg: &Segment) -> Result<(), QemuError> {
+        if seg.selector & !3 == 0 {
+            if name != "cs" && name != "ss" && seg.unusable {
+                return Ok(());
+            }
+            return Err(unsupported(format!("{name} holds a null selector with a usable hidden part")));
+        }
+        let d = self.descriptor(name, seg.selector)?;
+        if d.raw & (1 << 40) == 0 {
+            return Err(unsupported(format!(
+                "{name} descriptor {:#018x} has the accessed bit clear; loading it would change guest memory",
+                d.raw
+            )));
+        }
+        let mut want = Segment::from_descriptor(seg.selector, d.raw);
+        let mut have = *seg;
+        if self.mode == CpuMode::Long64 && (name == "fs" || name == "gs") {
+            (want.base, have.base) = (0, 0);
+        }
+        if want != have {
+            return Err(unsupported(format!(
+                "{name} hidden part {seg:?} differs from what its descriptor {:#018x} loads ({want:?})",
+                d.raw
+            )));
+        }
+        Ok(())
+    }
+
+    /// For TR/LDTR: `None` when the register holds its RESET value (left as QEMU resets it),
+    /// else the descriptor's address and access byte to restore after loading.
+    pub(super) fn check_system(
+        &self,
+        name: &str,
+        seg: &Segment,
+        reset: &Segment,
+    ) -> Result<Option<(u64, u8)>, QemuError> {
+        if seg == reset {
+            return Ok(None);
+        }
+        let d = self.descriptor(name, seg.selector)?;
+        let busy = if name == "tr" { 1u64 << 41 } else { 0 };
+        let mut want = Segment::from_descriptor(seg.selector, d.raw | busy);
+        if self.mode == CpuMode::Long64 {
+            want.base |= (d.high & 0xffff_ffff) << 32;
+        }
+        if want != *seg {
+            return Err(unsupported(format!(
+                "{name} hidden part {seg:?} differs from what its descriptor {:#018x} loads ({want:?})",
+                d.raw
+            )));
+        }
+        Ok(Some((d.addr + 5, (d.raw >> 40) as u8)))
+    }
+}
+
+pub(super) fn check_ring0(s: &CpuState) -> Result<(), QemuError> {
+    if s.sregs.cs.dpl != 0 || s.sregs.ss.dpl != 0 || s.sregs.cs.selector & 3 != 0 {
+        return Err(unsupported("start state outside ring 0 (the stub enters with a far JMP at CPL 0)"));
+    }
+    Ok(())
+}
+
+/// Outside long mode the stub writes 32-bit registers: upper halves and R8–R15 must be zero.
+pub(super) fn check_high_bits(s: &CpuState) -> Result<(), QemuError> {
+    let g = s.regs.gprs();
+    if g[..8].iter().any(|&v| v > u64::from(u32::MAX))
+        || g[8..].iter().any(|&v| v != 0)
+        || s.regs.rip > u64::from(u32::MAX)
+    {
+        return Err(unsupported("outside long mode, GPR upper halves, R8–R15 and RIP[63:32] must be zero"));
+    }
+    let r = &s.sregs;
+    if r.cr2 > u64::from(u32::MAX) || r.cr3 > u64::from(u32::MAX) || r.cr8 != 0 {
+        return Err(unsupported("outside long mode, CR2/CR3 must fit 32 bits and CR8 must be zero"));
+    }
+    Ok(())
+}
+
+pub(super) fn check_real(s: &CpuState) -> Result<(), QemuError> {
+    check_high_bits(s)?;
+    let r = &s.sregs;
+    for (name, seg) in r.segments() {
+        if *seg != Segment::real_mode(seg.selector, name == "cs") {
+            return Err(unsupported(format!(
+                "real-mode {name} hidden part {seg:?} is not what loading selector {:#x} in real mode gives \
+                 (for a RESET-state ROM guest use GuestBuilder::bios, which QEMU runs with -bios)",
+                seg.selector
+            )));
+        }
+    }
+    let reset = CpuState::reset().sregs;
+    if r.tr != reset.tr || r.ldt != reset.ldt {
+        return Err(unsupported("real-mode start state with TR/LDTR other than their RESET values"));
+    }
+    if s.regs.rip > 0xffff || s.regs.rsp > 0xffff_ffff {
+        return Err(unsupported(format!("real-mode RIP {:#x} beyond 0xffff", s.regs.rip)));
+    }
+    if r.gdt.base > u64::from(u32::MAX) || r.idt.base > u64::from(u32::MAX) {
+        return Err(unsupported("GDTR/IDTR base above 4 GiB in real mode"));
+    }
+    Ok(())
+}
+
+/// The stub's pages must translate to themselves under the guest's 4-level tables.
+pub(super) fn check_identity(s: &CpuState, mem: &GuestMemory) -> Result<(), QemuError> {
+    let wp = s.sregs.cr0 & ctrl::CR0_WP != 0;
+    for page in (ROM_BASE..ROM_BASE + STUB_SPAN).step_by(4096) {
+        match translate4(mem, s.sregs.cr3, page) {
+            Some((phys, w, x)) if phys == page && x && (w || !wp) => {}
+            _ => {
+                return Err(unsupported(format!(
+                    "the guest's page tables (CR3 {:#x}) do not identity-map the entry stub at {page:#x} \
+                     (writable, executable), which long-mode entry needs",
+                    s.sregs.cr3
+                )))
+            }
+        }
+    }
+    Ok(())
+}
