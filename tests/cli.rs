@@ -98,3 +98,68 @@ fn both_backends_agree_on_alu_or_kvm_is_skipped() {
     let out = duet(&["run", "--backend", "both", "--fixture", "alu"]);
     assert!(text(&out.stdout).contains("no difference between kvm and interp"), "{}", text(&out.stdout));
 }
+
+/// A temporary file removed when dropped.
+struct TempFile(std::path::PathBuf);
+impl TempFile {
+    fn new(tag: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("duet-cli-{tag}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        TempFile(path)
+    }
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
+}
+
+#[test]
+fn bios_image_starts_at_the_reset_vector() {
+    // SDM Vol. 3A §10.1.4: the first instruction is fetched at 0xFFFFFFF0 (CS base 0xFFFF0000,
+    // IP 0xFFF0), i.e. offset 0xFFF0 of a 64 KiB ROM mapped just below 4 GiB.
+    let mut rom = vec![0xffu8; 0x10000];
+    rom[0xfff0..0xfff6].copy_from_slice(&[0xb0, b'B', 0xe6, 0xe9, 0xfa, 0xf4]); // mov al,'B'; out 0xe9,al; cli; hlt
+    let rom = TempFile::new("rom", &rom);
+    let out = duet(&["run", "--backend", "interp", "--bios", rom.arg(), "--regs"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("B\n"), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("rip=000000000000fff6") && stdout.contains("cs=f000 base=00000000ffff0000"),
+        "{stdout}"
+    );
+    let bad = TempFile::new("badrom", &[0u8; 1000]);
+    let out = duet(&["run", "--backend", "interp", "--bios", bad.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("duet: error:"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn elf_image_is_loaded_by_its_program_headers() {
+    // ELF64 header + one PT_LOAD (System V gABI): code at paddr 0x200000, entry 0x200000.
+    let code = [0xb0, b'E', 0xe6, 0xe9, 0xfa, 0xf4];
+    let mut f = vec![0u8; 120];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&0x200000u64.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    f[64..68].copy_from_slice(&1u32.to_le_bytes());
+    f[72..80].copy_from_slice(&120u64.to_le_bytes());
+    f[88..96].copy_from_slice(&0x200000u64.to_le_bytes());
+    f[96..104].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[104..112].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&code);
+    let elf = TempFile::new("elf", &f);
+    let out = duet(&["run", "--backend", "interp", elf.arg()]);
+    assert_eq!(text(&out.stdout), "E\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    let out = duet(&["run", "--backend", "interp", "--mode", "real", elf.arg()]);
+    assert!(text(&out.stderr).contains("--mode long"), "{}", text(&out.stderr));
+}

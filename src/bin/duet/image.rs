@@ -62,8 +62,16 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         if img.is_64 && args.mode != ModeArg::Long {
             bail!("{} is a 64-bit ELF file: run it with --mode long", path.display());
         }
-        b = b.entry(args.entry.unwrap_or(img.entry));
-        for l in img.loads {
+        let entry = args.entry.unwrap_or(img.entry);
+        // The segment holding the entry point is the image; the others are extra loads.
+        let mut loads = img.loads;
+        let Some(i) = loads.iter().position(|l| entry >= l.addr && entry - l.addr < l.bytes.len() as u64)
+        else {
+            bail!("the entry point {entry:#x} of {} lies in no loadable segment", path.display());
+        };
+        let main = loads.remove(i);
+        b = b.load_addr(main.addr).entry(entry).image(main.bytes);
+        for l in loads {
             b = b.load(l.addr, l.bytes);
         }
     } else {
