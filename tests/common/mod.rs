@@ -216,13 +216,6 @@ impl Batch {
                 duet::run::format_regs(&report.outcome.state)
             );
             let slots = read_slots(&report, mode, labels.len());
-            insta::with_settings!({
-                snapshot_path => "../snapshots",
-                prepend_module_to_snapshot => false,
-                description => format!("isa batch `{name}` ({mode} mode): per case, nonzero result registers and defined flags; recorded on KVM and reviewed"),
-            }, {
-                insta::assert_snapshot!(format!("isa-{name}"), slots_text(&labels, &slots));
-            });
             runs.push((kind, report, slots));
         }
         if let [(_, kvm, ks), (_, interp, is)] = &runs[..] {
@@ -240,6 +233,15 @@ impl Batch {
             );
             let diff = compare(kvm, interp);
             assert!(diff.is_empty(), "{name}: final states differ:\n{diff}");
+        }
+        for (_, _, slots) in &runs {
+            insta::with_settings!({
+                snapshot_path => "../snapshots",
+                prepend_module_to_snapshot => false,
+                description => format!("isa batch `{name}` ({mode} mode): per case, nonzero result registers and defined flags; recorded on KVM and reviewed"),
+            }, {
+                insta::assert_snapshot!(format!("isa-{name}"), slots_text(&labels, slots));
+            });
         }
         runs.into_iter().map(|(k, _, s)| (k, s)).collect()
     }
@@ -330,6 +332,9 @@ fn epilogue(a: &mut CodeAssembler, mode: Mode, at: u64, undefined: u64) -> Resul
             }
             a.pop(rax)?;
             a.and(eax, keep)?;
+            // Leave the masked flags, not the raw ones, in the stack memory the run compares.
+            a.push(rax)?;
+            a.pop(rax)?;
             a.mov(qword_ptr(at + 48), rax)?;
         }
         Mode::Protected | Mode::Real => {
@@ -352,6 +357,8 @@ fn epilogue(a: &mut CodeAssembler, mode: Mode, at: u64, undefined: u64) -> Resul
             }
             a.pop(eax)?;
             a.and(eax, keep)?;
+            a.push(eax)?;
+            a.pop(eax)?;
             a.mov(dword_ptr(at + 48), eax)?;
         }
     }
