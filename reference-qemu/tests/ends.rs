@@ -139,3 +139,39 @@ fn start_states_the_stub_cannot_produce_are_refused() {
     let ring3 = base().with_state(|s| s.regs.rflags |= duet_core::state::rflags::TF).build().unwrap();
     assert!(matches!(common::run(&ring3), Err(QemuError::Unsupported(_))));
 }
+
+#[test]
+fn the_stub_leaves_guest_memory_as_loaded() {
+    if !common::qemu_available() {
+        return;
+    }
+    for mode in [Mode::Real, Mode::Protected, Mode::Long] {
+        let guest = GuestBuilder::new(mode)
+            .code(|a| {
+                a.cli()?;
+                Ok(a.hlt()?)
+            })
+            .build()
+            .unwrap();
+        let r = common::run(&guest).unwrap();
+        assert_eq!(r.outcome.stop, StopReason::Halted, "{mode}");
+        // The start state came through: only RIP moved (past CLI; HLT).
+        let mut want = guest.state.clone();
+        want.regs.rip += 2;
+        let mask = duet_core::DiffMask { rflags_undefined: 0, ignore_fpu: true };
+        let mut diff = duet_core::StateDiff::states(("start", &want), ("qemu", &r.outcome.state), &mask);
+        // All of RAM (reset-code window, GDT with the TSS descriptor, stack) is as loaded.
+        let before = guest.build_memory().unwrap();
+        if mode == Mode::Long {
+            // SDM Vol. 3A §4.8: fetching CLI; HLT at LOAD_ADDR sets the accessed flag (bit 5) in
+            // the PML4E, PDPTE and PDE used (entry 0 of each table of the identity map).
+            for table in 0..3 {
+                let at = GuestAddress(duet_core::layout::PAGE_TABLES_ADDR + table * 0x1000);
+                let e: u64 = before.read_obj(at).unwrap();
+                before.write_obj(e | 0x20, at).unwrap();
+            }
+        }
+        diff.memory(&before, &r.memory, 0, guest.ram_size);
+        assert!(diff.is_empty(), "{mode}:\n{diff}");
+    }
+}

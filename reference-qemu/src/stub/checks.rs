@@ -36,6 +36,22 @@ pub fn translate4(mem: &GuestMemory, cr3_value: u64, lin: u64) -> Option<(u64, b
     None
 }
 
+/// The paging-structure entries (physical address, value) a 4-level walk of `lin` reads.
+pub(super) fn walk_entries(mem: &GuestMemory, cr3_value: u64, lin: u64) -> Vec<(u64, u64)> {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let (mut table, mut out) = (cr3_value & ADDR, Vec::new());
+    for (level, shift) in [(4, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let at = table + ((lin >> shift) & 511) * 8;
+        let Some(e) = read_u64(mem, at) else { break };
+        out.push((at, e));
+        if e & 1 == 0 || ((level == 3 || level == 2) && e & 0x80 != 0) {
+            break;
+        }
+        table = e & ADDR;
+    }
+    out
+}
+
 /// Where a segment's descriptor lives and what it holds.
 struct Desc {
     /// Linear = physical address of the 8-byte descriptor in guest memory.

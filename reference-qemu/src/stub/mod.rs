@@ -32,7 +32,7 @@ use crate::QemuError;
 mod checks;
 
 pub use checks::translate4;
-use checks::{check_high_bits, check_identity, check_real, check_ring0, Plan};
+use checks::{check_high_bits, check_identity, check_real, check_ring0, walk_entries, Plan};
 
 /// Size of the firmware image.
 pub const ROM_SIZE: usize = 0x4_0000;
@@ -213,7 +213,18 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
             a.mov(cr0, eax)?;
             a.lgdt(ptr((ROM_BASE + DATA_OFF) as u32))?;
             a.db(&far32(s.cs.selector, (ROM_BASE + CODE64_OFF) as u32))?;
-            code64 = Some(long_tail(state, tr, ldt)?);
+            // Walks by the stub set accessed/dirty bits the guest's run would not: the entries
+            // for the stub's pages and the GDT are written back at the end (twice: the first
+            // pass may walk to reach the tables' own pages, the second hits the TLB only).
+            let mut entries = std::collections::BTreeMap::new();
+            let gdt_end = s.gdt.base + u64::from(s.gdt.limit);
+            let pages = (ROM_BASE..ROM_BASE + STUB_SPAN)
+                .step_by(4096)
+                .chain((s.gdt.base & !0xfff..=gdt_end).step_by(4096));
+            for page in pages {
+                entries.extend(walk_entries(mem, s.cr3, page));
+            }
+            code64 = Some(long_tail(state, tr, ldt, &entries)?);
         }
         CpuMode::Compatibility | CpuMode::Virtual8086 => {
             return Err(unsupported(format!("{mode:?} start state")));
@@ -327,7 +338,12 @@ fn real_tail(s: &CpuState) -> Result<Vec<u8>, QemuError> {
 }
 
 /// 64-bit code at `ROM_BASE + CODE64_OFF`, entered with the guest's CS.
-fn long_tail(s: &CpuState, tr: Option<(u64, u8)>, ldt: Option<(u64, u8)>) -> Result<Vec<u8>, QemuError> {
+fn long_tail(
+    s: &CpuState,
+    tr: Option<(u64, u8)>,
+    ldt: Option<(u64, u8)>,
+    entries: &std::collections::BTreeMap<u64, u64>,
+) -> Result<Vec<u8>, QemuError> {
     let (r, sr) = (&s.regs, &s.sregs);
     let mut a = CodeAssembler::new(64)?;
     let (mut flags, mut target) = (a.create_label(), a.create_label());
@@ -359,6 +375,13 @@ fn long_tail(s: &CpuState, tr: Option<(u64, u8)>, ldt: Option<(u64, u8)>) -> Res
             a.mov(eax, seg.base as u32)?;
             a.mov(edx, (seg.base >> 32) as u32)?;
             a.wrmsr()?;
+        }
+    }
+    for _pass in 0..2 {
+        for (&at, &value) in entries {
+            a.mov(rbx, at)?;
+            a.mov(rax, value)?;
+            a.mov(qword_ptr(rbx), rax)?;
         }
     }
     a.lea(rsp, ptr(flags))?;
