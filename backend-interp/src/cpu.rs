@@ -273,22 +273,25 @@ impl Cpu {
         }
     }
 
-    /// Code size in bits: 16, 32 or 64.
+    /// Code size in bits: 16, 32 or 64. Outside 64-bit and virtual-8086 mode the cached CS.D bit
+    /// decides, in real mode too (a CS left with D = 1 by protected mode runs 32-bit code until
+    /// it is reloaded, SDM Vol. 3A §10.9.2).
     pub fn bitness(&self) -> u32 {
         if self.mode64() {
             64
-        } else if self.protected() && !self.v86() && self.sregs.cs.db {
+        } else if !self.v86() && self.sregs.cs.db {
             32
         } else {
             16
         }
     }
 
-    /// Width of the stack pointer in bytes (SS.B, or 8 in 64-bit mode).
+    /// Width of the stack pointer in bytes: 8 in 64-bit mode, else 4 when the cached SS.B is set
+    /// (also in real mode), else 2.
     pub fn stack_bytes(&self) -> u32 {
         if self.mode64() {
             8
-        } else if self.sregs.ss.db && self.protected() && !self.v86() {
+        } else if !self.v86() && self.sregs.ss.db {
             4
         } else {
             2

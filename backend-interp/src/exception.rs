@@ -161,6 +161,9 @@ impl Cpu {
         let sel = (ent >> 16) as u16;
         self.sregs.cs.selector = sel;
         self.sregs.cs.base = u64::from(sel) << 4;
+        // As for a real-mode far transfer: 16-bit code from here (SDM Vol. 3A §10.9.2).
+        self.sregs.cs.db = false;
+        self.sregs.cs.l = false;
         self.rip = ent & 0xffff;
         Ok(())
     }

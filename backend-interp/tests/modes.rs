@@ -271,3 +271,28 @@ fn call_gate_to_ring0_switches_stack_and_copies_a_parameter() {
     let frame = |i: u64| peek32(&mem, r.rsp + 4 * i);
     assert_eq!((frame(2), frame(4), frame(5)), (u32::from(sel::UCODE32), 0x5_0000, u32::from(sel::UDATA)));
 }
+
+#[test]
+fn return_to_real_mode_from_a_32bit_segment() {
+    let real_at = 0x9000u64;
+    let code = asm(32, |a| {
+        a.mov(eax, cr0).unwrap();
+        a.and(eax, !1u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // Still running with the cached 32-bit CS: this far JMP has a 32-bit offset.
+        a.jmp_far(0, real_at as u32).unwrap();
+    });
+    let real = asm(16, |a| {
+        a.mov(ax, 0x1234).unwrap(); // decoded as 16-bit code after the real-mode CS load
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    poke(&mem, real_at, &real);
+    let s = protected32(&mem);
+    let (out, _) = run(mem, &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    assert_eq!(out.state.mode(), CpuMode::Real);
+    assert_eq!(out.state.regs.rax & 0xffff, 0x1234);
+    assert_eq!(out.state.regs.rip, real_at + real.len() as u64);
+    assert!(!out.state.sregs.cs.db);
+}

@@ -101,14 +101,19 @@ impl Cpu {
         Ok(())
     }
 
-    /// Real-mode CS load: selector and base only (SDM Vol. 3A §20.1.1); in virtual-8086 mode the
-    /// whole fixed hidden part (§20.2.1).
-    fn real_cs(&mut self, sel: u16, off: u64) {
+    /// Real-mode CS load: selector and base, and 16-bit default size — the far JMP that ends a
+    /// return from protected mode "puts appropriate values in the access rights of CS" (SDM Vol.
+    /// 3A §10.9.2, step 5) while the limit stays; in virtual-8086 mode the whole fixed hidden part
+    /// (§20.2.1).
+    pub(crate) fn real_cs(&mut self, sel: u16, off: u64) {
         if self.v86() {
             self.sregs.cs = Cpu::v86_segment(sel, true);
         } else {
-            self.sregs.cs.selector = sel;
-            self.sregs.cs.base = u64::from(sel) << 4;
+            let cs = &mut self.sregs.cs;
+            cs.selector = sel;
+            cs.base = u64::from(sel) << 4;
+            cs.db = false;
+            cs.l = false;
         }
         self.next_rip = off;
     }
