@@ -43,6 +43,10 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         Mnemonic::Cmc => cpu.rflags ^= CF,
         Mnemonic::Cld => cpu.set_flag(DF, false),
         Mnemonic::Std => cpu.set_flag(DF, true),
+        Mnemonic::Cli | Mnemonic::Sti if !if_allowed(cpu) && cpu.sregs.cr4 & 3 != 0 => {
+            // CR4.VME/PVI turn this #GP into a VIF update; that extension is not modelled.
+            return Err(crate::cpu::unsupported("CLI/STI under CR4.VME/PVI"));
+        }
         Mnemonic::Cli => {
             if !if_allowed(cpu) {
                 return Err(gp(0));
