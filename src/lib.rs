@@ -36,6 +36,7 @@
 
 pub mod backends;
 pub mod doctor;
+pub mod fuzz;
 pub mod run;
 pub mod testing;
 

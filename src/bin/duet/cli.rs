@@ -30,6 +30,10 @@ pub enum Command {
     List,
     /// Check this host for virtualization support and say which backend `auto` picks.
     Doctor(DoctorArgs),
+    /// Generate random programs, run them on KVM and the software CPU, save every divergence.
+    Fuzz(crate::fuzz_cmd::FuzzArgs),
+    /// Replay case files on both backends (or against their recorded result) and show the first difference.
+    Diff(crate::fuzz_cmd::DiffArgs),
 }
 
 impl Default for Command {

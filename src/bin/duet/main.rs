@@ -3,6 +3,7 @@
 mod cli;
 mod doctor_cmd;
 mod elf;
+mod fuzz_cmd;
 mod image;
 mod run_cmd;
 
@@ -21,6 +22,8 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor(args) => doctor_cmd::doctor(&args),
+        Command::Fuzz(args) => fuzz_cmd::fuzz(&args),
+        Command::Diff(args) => fuzz_cmd::diff(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,238 @@
+//! `duet fuzz` and `duet diff`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use duet::fuzz::campaign::{self, Config, Summary};
+use duet::fuzz::check::{against_recorded, Checker, Verdict};
+use duet::fuzz::lockstep::lockstep;
+use duet::fuzz::{Case, FuzzMode};
+
+/// Arguments of `duet fuzz`.
+#[derive(Args, Debug)]
+#[command(after_help = FUZZ_HELP)]
+pub struct FuzzArgs {
+    /// Modes to draw from: real, prot16, prot32, prot32-ring3, long64, long64-ring3, long (both
+    /// 64-bit ones), protected (the three protected ones) or all; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub mode: Vec<String>,
+    /// Cases in the whole campaign (all shards together).
+    #[arg(long, default_value_t = 1000)]
+    pub cases: u64,
+    /// Seed; with the same seed and shard the same cases run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after this many seconds even if cases remain.
+    #[arg(long)]
+    pub time: Option<f64>,
+    /// Run only shard I of N (`I/N`, case k belongs to shard k mod N).
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Directory for divergence case files (default: fuzz-out).
+    #[arg(long, default_value = "fuzz-out")]
+    pub out: PathBuf,
+    /// Most instructions per program.
+    #[arg(long, default_value_t = 16)]
+    pub max_insns: usize,
+    /// Run the interpreter alone, even where KVM is usable.
+    #[arg(long)]
+    pub interp_only: bool,
+    /// Divergences of one kind (KVM's stop and the fields that differ) shrunk and saved; the rest are counted.
+    #[arg(long, default_value_t = 2)]
+    pub per_kind: u64,
+    /// Also save agreeing cases among the first N (in DIR/agree), to grow a regression corpus.
+    #[arg(long, default_value_t = 0)]
+    pub keep_agreeing: u64,
+}
+
+const FUZZ_HELP: &str = "\
+Each divergence is shrunk to a minimal program, rerun in lockstep, and saved in --out as a
+JSON case file with KVM's result as the expected one; replay it with `duet diff FILE`.
+Cases this host's KVM is known to get wrong are counted as `undecided`, never as divergences.
+A sharded campaign: run `--shard I/N --seed S` for I in 0..N on N machines, then concatenate
+the --out directories. Exit status: 0 no divergence, 2 divergences found, 1 error.";
+
+/// Arguments of `duet diff`.
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// Case files (JSON, as `duet fuzz` writes them).
+    #[arg(required = true)]
+    pub cases: Vec<PathBuf>,
+    /// Check only the interpreter against the recorded result, even where KVM is usable.
+    #[arg(long)]
+    pub interp_only: bool,
+}
+
+fn modes(names: &[String]) -> Result<Vec<FuzzMode>> {
+    let mut out = Vec::new();
+    for n in names {
+        let more: Vec<FuzzMode> = match n.as_str() {
+            "all" => FuzzMode::ALL.to_vec(),
+            "long" => vec![FuzzMode::Long64, FuzzMode::Long64Ring3],
+            "protected" => vec![FuzzMode::Prot16, FuzzMode::Prot32, FuzzMode::Prot32Ring3],
+            other => vec![other.parse().map_err(anyhow::Error::msg)?],
+        };
+        for m in more {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn shard(s: &str) -> Result<(u64, u64)> {
+    let parsed = s.split_once('/').and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => bail!("--shard `{s}` is not I/N with 0 <= I < N (e.g. 3/8)"),
+    }
+}
+
+fn line(s: &Summary, total: u64) -> String {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let undecided: u64 = s.undecided.values().sum();
+    let unsupported: u64 = s.unsupported.values().sum();
+    format!(
+        "{}/{total} cases  {:.0} cases/s  divergences {}  undecided {undecided}  unsupported {unsupported}  hung {}",
+        s.cases,
+        s.cases as f64 / secs,
+        s.diverged,
+        s.hung
+    )
+}
+
+/// `duet fuzz`.
+pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
+    let time = match args.time {
+        Some(t) if !(t > 0.0 && t.is_finite()) => bail!("--time {t} is not a positive number of seconds"),
+        t => t.map(Duration::from_secs_f64),
+    };
+    let cfg = Config {
+        modes: modes(&args.mode)?,
+        cases: args.cases,
+        seed: args.seed,
+        time,
+        shard: shard(&args.shard)?,
+        jobs: args.jobs.max(1),
+        out: Some(args.out.clone()),
+        max_insns: args.max_insns.clamp(1, 256),
+        use_kvm: !args.interp_only,
+        keep_agreeing: args.keep_agreeing,
+        per_signature: args.per_kind,
+        ..Config::default()
+    };
+    let mine = cfg.cases / cfg.shard.1 + u64::from(cfg.cases % cfg.shard.1 > cfg.shard.0);
+    let mut last = Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = campaign::run(&cfg, &mut |s| {
+        if last.elapsed() >= Duration::from_millis(if tty { 200 } else { 5000 }) || s.cases == mine {
+            last = Instant::now();
+            let end = if tty { "\r" } else { "\n" };
+            eprint!("{}{end}", line(s, mine));
+            let _ = std::io::stderr().flush();
+        }
+    })?;
+    eprintln!();
+    print_summary(&summary, &cfg);
+    Ok(if summary.found.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn print_summary(s: &Summary, cfg: &Config) {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let names: Vec<&str> = cfg.modes.iter().map(|m| m.name()).collect();
+    println!(
+        "duet fuzz: seed {} shard {}/{} modes {} on {}",
+        cfg.seed,
+        cfg.shard.0,
+        cfg.shard.1,
+        names.join(","),
+        if s.kvm { "kvm + interp" } else { "interp only (KVM not used: nothing is compared)" }
+    );
+    println!("  cases        {} in {:.1} s ({:.0} cases/s)", s.cases, secs, s.cases as f64 / secs);
+    println!("  agree        {}", s.agree);
+    println!(
+        "  divergences  {} ({} kinds; each kind's first cases are shrunk and saved)",
+        s.diverged,
+        s.signatures.len()
+    );
+    for (sig, n) in &s.signatures {
+        println!("    {n:>8}  {sig}");
+    }
+    for f in &s.found {
+        let first = f.case.note.lines().find(|l| l.starts_with("first difference")).unwrap_or("");
+        let at = f.path.as_ref().map_or_else(|| "(not saved)".into(), |p| p.display().to_string());
+        println!("    case {} -> {at}  {first}", f.index);
+    }
+    let undecided: u64 = s.undecided.values().sum();
+    println!("  undecided    {undecided} (the hardware cannot decide these here; no reference wired yet)");
+    for (why, n) in &s.undecided {
+        println!("    {n:>8}  {why}");
+    }
+    let unsupported: u64 = s.unsupported.values().sum();
+    println!(
+        "  unsupported  {unsupported} (the interpreter stopped at an instruction it does not implement)"
+    );
+    for (what, n) in &s.unsupported {
+        println!("    {n:>8}  {what}");
+    }
+    println!("  hung         {} (both backends reached the deadline)", s.hung);
+    if s.interp_only > 0 {
+        println!("  interp only  {} (no KVM: run, not compared)", s.interp_only);
+    }
+    for e in &s.errors {
+        println!("  error: {e}");
+    }
+}
+
+/// `duet diff`.
+pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
+    let mut checker = Checker::new(!args.interp_only, Duration::from_secs(2));
+    let mut differ = false;
+    for path in &args.cases {
+        let file = path.display().to_string();
+        let case = Case::load(path)?;
+        if checker.kvm.is_some() {
+            match checker.check(&case, &file).with_context(|| format!("running {file}"))? {
+                Verdict::Agree => println!("{file}: kvm and interp agree"),
+                Verdict::Diverge { diff, .. } => {
+                    differ = true;
+                    println!("{file}: kvm and interp differ\n{diff}");
+                    if let Some(kvm) = checker.kvm.as_mut() {
+                        match lockstep(kvm, &mut checker.interp, &case, &file) {
+                            Ok(r) => println!("lockstep: {r}"),
+                            Err(e) => println!("lockstep rerun failed: {e}"),
+                        }
+                    }
+                }
+                Verdict::Undecided { why } => println!("{file}: undecided: {why}"),
+                Verdict::Unsupported { what } => {
+                    println!("{file}: the interpreter does not implement {what}")
+                }
+                Verdict::Hung => println!("{file}: both backends hung"),
+                Verdict::InterpOnly => {}
+            }
+        }
+        match against_recorded(&mut checker.interp, &case, &file)? {
+            None => println!("{file}: no recorded result"),
+            Some(d) if d.is_empty() => {
+                println!(
+                    "{file}: interp matches the recorded {} result",
+                    case.expected.as_ref().map_or("", |e| e.source.as_str())
+                )
+            }
+            Some(d) => {
+                differ = true;
+                println!("{file}: interp differs from the recorded result\n{d}");
+            }
+        }
+    }
+    Ok(if differ { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,315 @@
+//! A fuzzing campaign: cases from a seed, spread over shards and threads, divergences shrunk,
+//! rerun in lockstep and saved as case files.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestRng, TestRunner};
+
+use super::case::{Case, Expected, FuzzMode};
+use super::check::{Checker, Verdict};
+use super::gen::{realize, spec_strategy, Spec};
+use super::lockstep::lockstep;
+use super::FuzzError;
+
+/// What a campaign runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Modes to draw cases from.
+    pub modes: Vec<FuzzMode>,
+    /// Cases in the whole campaign (all shards together).
+    pub cases: u64,
+    /// Seed: with the shard, fixes every case.
+    pub seed: u64,
+    /// Stop after this long even if cases remain.
+    pub time: Option<Duration>,
+    /// This shard's index and the number of shards: case k belongs to shard k mod N.
+    pub shard: (u64, u64),
+    /// Worker threads, each with its own machines.
+    pub jobs: usize,
+    /// Where divergences are saved.
+    pub out: Option<PathBuf>,
+    /// Most instructions per program.
+    pub max_insns: usize,
+    /// Wall-clock budget of one run.
+    pub timeout: Duration,
+    /// Run KVM when usable (else the interpreter alone: unsupported instructions and crashes only).
+    pub use_kvm: bool,
+    /// Most reruns spent shrinking one divergence.
+    pub shrink_budget: u32,
+    /// Divergences of one signature shrunk and saved; later ones are only counted.
+    pub per_signature: u64,
+    /// Also save this many agreeing cases (KVM's result as expected) in `out/agree`, for a corpus.
+    pub keep_agreeing: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            modes: FuzzMode::ALL.to_vec(),
+            cases: 1000,
+            seed: 0,
+            time: None,
+            shard: (0, 1),
+            jobs: 1,
+            out: None,
+            max_insns: 16,
+            timeout: Duration::from_millis(500),
+            use_kvm: true,
+            shrink_budget: 300,
+            per_signature: 2,
+            keep_agreeing: 0,
+        }
+    }
+}
+
+/// A divergence found and shrunk.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// The minimal case, with KVM's outcome as expected and the lockstep report as its note.
+    pub case: Case,
+    /// Where it was saved.
+    pub path: Option<PathBuf>,
+    /// The campaign case number it came from.
+    pub index: u64,
+}
+
+/// What a campaign did.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Cases run.
+    pub cases: u64,
+    /// KVM and the interpreter agreed.
+    pub agree: u64,
+    /// Divergences (before shrinking, one per case).
+    pub diverged: u64,
+    /// Divergences by signature (KVM's stop and the kinds of fields that differ).
+    pub signatures: BTreeMap<String, u64>,
+    /// Not decided by the hardware, by reason.
+    pub undecided: BTreeMap<String, u64>,
+    /// The interpreter does not implement an instruction, by mnemonic.
+    pub unsupported: BTreeMap<String, u64>,
+    /// Both backends hit the deadline.
+    pub hung: u64,
+    /// Only the interpreter ran (no KVM).
+    pub interp_only: u64,
+    /// Errors of the harness, with the case number.
+    pub errors: Vec<String>,
+    /// The divergences.
+    pub found: Vec<Found>,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+    /// Whether KVM took part.
+    pub kvm: bool,
+}
+
+/// The RNG of case `k` of the campaign with `seed` (independent of shards and threads).
+fn case_rng(seed: u64, k: u64) -> TestRng {
+    let mut x = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(8) {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
+}
+
+/// The spec of case `k` and its shrinkable tree.
+pub fn case_tree(cfg: &Config, k: u64) -> Result<(FuzzMode, Box<dyn ValueTree<Value = Spec>>), FuzzError> {
+    let modes = if cfg.modes.is_empty() { FuzzMode::ALL.to_vec() } else { cfg.modes.clone() };
+    let mode = modes[((k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % modes.len() as u64) as usize];
+    let mut runner = TestRunner::new_with_rng(PtConfig::default(), case_rng(cfg.seed, k));
+    let tree = spec_strategy(mode, cfg.max_insns)
+        .new_tree(&mut runner)
+        .map_err(|e| FuzzError::Setup(format!("generating case {k}: {e}")))?;
+    Ok((mode, Box::new(tree)))
+}
+
+/// The case numbered `k` of a campaign (what `--seed S` and the index reproduce).
+pub fn case_number(cfg: &Config, k: u64) -> Result<Case, FuzzError> {
+    Ok(realize(&case_tree(cfg, k)?.1.current()))
+}
+
+/// Shrinks a diverging tree: the simplest spec that still diverges, within `budget` reruns.
+fn shrink(checker: &mut Checker, tree: &mut dyn ValueTree<Value = Spec>, budget: u32) -> Spec {
+    let mut best = tree.current();
+    let mut runs = 0;
+    let mut more = tree.simplify();
+    while more && runs < budget {
+        runs += 1;
+        let case = realize(&tree.current());
+        let diverges = matches!(checker.check(&case, "shrinking"), Ok(Verdict::Diverge { .. }));
+        if diverges {
+            best = tree.current();
+            more = tree.simplify();
+        } else {
+            more = tree.complicate();
+        }
+    }
+    best
+}
+
+/// Progress as the campaign goes: cases done, divergences, elapsed.
+pub type Progress<'a> = &'a mut dyn FnMut(&Summary);
+
+/// Runs a campaign; `progress` is called after each case.
+pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
+    let (shard, shards) = cfg.shard;
+    if shards == 0 || shard >= shards {
+        return Err(FuzzError::Setup(format!("shard {shard}/{shards} does not exist (use I/N with I < N)")));
+    }
+    if let Some(dir) = &cfg.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| FuzzError::Io { path: dir.display().to_string(), source: e })?;
+    }
+    let start = Instant::now();
+    let mine = cfg.cases / shards + u64::from(cfg.cases % shards > shard);
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<(u64, Result<Outcome, FuzzError>)>();
+    let mut summary =
+        Summary { kvm: Checker::new(cfg.use_kvm, cfg.timeout).kvm.is_some(), ..Summary::default() };
+    let seen: Seen = Arc::default();
+    std::thread::scope(|s| {
+        for _ in 0..cfg.jobs.max(1) {
+            let (tx, next, stop, seen) = (tx.clone(), next.clone(), stop.clone(), seen.clone());
+            s.spawn(move || {
+                let mut checker = Checker::new(cfg.use_kvm, cfg.timeout);
+                loop {
+                    let j = next.fetch_add(1, Ordering::Relaxed);
+                    if j >= mine || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let k = j * shards + shard;
+                    let r = one(cfg, &mut checker, k, &seen);
+                    if tx.send((k, r)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for (k, r) in rx {
+            summary.cases += 1;
+            match r {
+                Ok(Outcome::Agree) => summary.agree += 1,
+                Ok(Outcome::Found(sig, f)) => {
+                    summary.diverged += 1;
+                    *summary.signatures.entry(sig).or_default() += 1;
+                    if let Some(f) = f {
+                        summary.found.push(*f);
+                    }
+                }
+                Ok(Outcome::Undecided(why)) => *summary.undecided.entry(why).or_default() += 1,
+                Ok(Outcome::Unsupported(m)) => *summary.unsupported.entry(m).or_default() += 1,
+                Ok(Outcome::Hung) => summary.hung += 1,
+                Ok(Outcome::InterpOnly) => summary.interp_only += 1,
+                Err(e) => summary.errors.push(format!("case {k}: {e}")),
+            }
+            summary.elapsed = start.elapsed();
+            progress(&summary);
+            if cfg.time.is_some_and(|t| start.elapsed() >= t) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    summary.elapsed = start.elapsed();
+    Ok(summary)
+}
+
+/// The result of one campaign case, sent to the collecting thread.
+enum Outcome {
+    Agree,
+    /// A divergence: its signature, and the shrunk case unless the signature was seen enough.
+    Found(String, Option<Box<Found>>),
+    Undecided(String),
+    Unsupported(String),
+    Hung,
+    InterpOnly,
+}
+
+/// Generates, checks and (when it diverges) shrinks, reruns and saves case `k`.
+/// Divergence signatures seen so far, shared by the workers.
+type Seen = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
+
+fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outcome, FuzzError> {
+    let (_, mut tree) = case_tree(cfg, k)?;
+    let case = realize(&tree.current());
+    Ok(match checker.check(&case, &format!("case {k}"))? {
+        Verdict::Agree => {
+            if k < cfg.keep_agreeing {
+                keep_agreeing(cfg, checker, case, k)?;
+            }
+            Outcome::Agree
+        }
+        Verdict::Undecided { why } => {
+            Outcome::Undecided(why.lines().next().unwrap_or("").chars().take(120).collect())
+        }
+        Verdict::Unsupported { what } => Outcome::Unsupported(what),
+        Verdict::Hung => Outcome::Hung,
+        Verdict::InterpOnly => Outcome::InterpOnly,
+        Verdict::Diverge { kvm, diff, .. } => {
+            let sig = super::judge::signature(&kvm.outcome.stop, &diff);
+            let n = {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let n = seen.entry(sig.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            if n > cfg.per_signature {
+                return Ok(Outcome::Found(sig, None));
+            }
+            let spec = shrink(checker, &mut *tree, cfg.shrink_budget);
+            let mut case = realize(&spec);
+            let (kvm_outcome, diff) = match checker.check(&case, "minimal case")? {
+                Verdict::Diverge { kvm, diff, .. } => (kvm.outcome, diff),
+                // Shrinking never keeps a spec that stopped diverging; keep the original if it did.
+                _ => {
+                    case = realize(&tree.current());
+                    match checker.check(&case, "case")? {
+                        Verdict::Diverge { kvm, diff, .. } => (kvm.outcome, diff),
+                        _ => return Ok(Outcome::Agree),
+                    }
+                }
+            };
+            let report = match checker.kvm.as_mut() {
+                Some(kvm) => lockstep(kvm, &mut checker.interp, &case, "minimal case")
+                    .unwrap_or_else(|e| format!("lockstep rerun failed: {e}")),
+                None => String::new(),
+            };
+            case.note = format!(
+                "found by `duet fuzz --seed {} ` as case {k}; kvm vs interp:\n{diff}\nlockstep:\n{report}\
+                 analysis: (to be written: which side the SDM supports, with the section)",
+                cfg.seed
+            );
+            case.expected = Some(Expected { source: "kvm".into(), outcome: kvm_outcome });
+            let path = cfg.out.as_ref().map(|d| d.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)));
+            if let Some(p) = &path {
+                case.save(p)?;
+            }
+            Outcome::Found(sig, Some(Box::new(Found { case, path, index: k })))
+        }
+    })
+}
+
+/// Saves an agreeing case with KVM's outcome as expected, under `out/agree`.
+fn keep_agreeing(cfg: &Config, checker: &mut Checker, mut case: Case, k: u64) -> Result<(), FuzzError> {
+    let (Some(dir), Some(kvm)) = (cfg.out.as_ref(), checker.kvm.as_mut()) else { return Ok(()) };
+    let (p, state) = super::layout::prepare(&case, "case")?;
+    let run = kvm.run(&case, &p, &state)?;
+    case.note =
+        format!("found by `duet fuzz --seed {}` as case {k}; KVM and the interpreter agree", cfg.seed);
+    case.expected = Some(Expected { source: "kvm".into(), outcome: run.outcome });
+    let dir = dir.join("agree");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| FuzzError::Io { path: dir.display().to_string(), source: e })?;
+    case.save(&dir.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)))
+}

@@ -1,0 +1,207 @@
+//! Comparing two outcomes, the one list of known host limits, and the third-opinion seam.
+
+use std::collections::BTreeSet;
+
+use duet_core::diff::DiffRow;
+use duet_core::state::rflags;
+use duet_core::StateDiff;
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+
+use super::case::{parse_hex, Case, FuzzMode, Outcome};
+use super::layout::STACK_TOPS;
+
+/// Compares two outcomes; only RFLAGS bits either side reports undefined are masked, in RFLAGS
+/// and in pushed FLAGS images on the stacks (an exception frame or PUSHF of undefined flags).
+///
+/// `initial` reads the 8-byte word at an address of the case's initial image (a word missing
+/// from one side's memory map is unchanged there).
+pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn(u64) -> u64) -> StateDiff {
+    let (a, b) = (left.1, right.1);
+    let mut d = StateDiff { sides: (left.0.into(), right.0.into()), rows: Vec::new() };
+    let row =
+        |field: &str, l: &str, r: &str| DiffRow { field: field.into(), left: l.into(), right: r.into() };
+    if a.stop != b.stop {
+        d.rows.push(row("stop", &a.stop, &b.stop));
+    }
+    let undef = parse_hex(&a.rflags_undefined).unwrap_or(0) | parse_hex(&b.rflags_undefined).unwrap_or(0);
+    let keys: BTreeSet<&String> = a.state.keys().chain(b.state.keys()).collect();
+    for k in keys {
+        let (x, y) = (a.state.get(k), b.state.get(k));
+        // An MSR one backend cannot read is a host limit, not a CPU difference.
+        if k.starts_with("msr[") && (x.is_none() || y.is_none()) {
+            continue;
+        }
+        let differs = if k == "rflags" {
+            let f = |v: Option<&String>| v.and_then(|s| parse_hex(s)).unwrap_or(0) & !undef;
+            f(x) != f(y)
+        } else {
+            x != y
+        };
+        if differs {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "absent".into());
+            d.rows.push(row(k, &show(x), &show(y)));
+        }
+    }
+    let words: BTreeSet<&String> = a.memory.keys().chain(b.memory.keys()).collect();
+    for w in words {
+        let Some(addr) = parse_hex(w) else { continue };
+        let val = |o: &Outcome| o.memory.get(w).and_then(|v| parse_hex(v)).unwrap_or_else(|| initial(addr));
+        let (x, y) = (val(a), val(b));
+        if x != y && !undefined_flags_image(addr, x ^ y, undef) {
+            d.rows.push(row(&format!("mem[{addr:#x}]"), &format!("{x:016x}"), &format!("{y:016x}")));
+        }
+    }
+    if a.exits != b.exits {
+        let n = a.exits.iter().zip(&b.exits).take_while(|(x, y)| x == y).count();
+        let at = |v: &Vec<String>| v.get(n).cloned().unwrap_or_else(|| "(no more exits)".into());
+        d.rows.push(row(&format!("exit #{n}"), &at(&a.exits), &at(&b.exits)));
+    }
+    d
+}
+
+/// Whether `diff` (two values of the word at `addr`) lies only in undefined flag bits of a
+/// 16-bit-aligned FLAGS image within 512 bytes below one of the stacks' tops.
+fn undefined_flags_image(addr: u64, diff: u64, undef: u64) -> bool {
+    let m = undef & rflags::STATUS;
+    let near_stack = STACK_TOPS.iter().any(|&top| addr < top && top - addr <= 512);
+    near_stack && m != 0 && (0..4).any(|k| diff & !(m << (16 * k)) == 0)
+}
+
+/// A known limit of this host's hardware backend: cases it matches are not decided by KVM here.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimit {
+    /// Short name.
+    pub name: &'static str,
+    /// Why KVM cannot decide it here (DEVELOPERS.md, `duet doctor --kvm-selfcheck`).
+    pub reason: &'static str,
+    applies: fn(FuzzMode, &Instruction) -> bool,
+}
+
+/// Every known limit of nested `kvm_pvm` KVM (DEVELOPERS.md), in one place.
+pub const KVM_PVM_LIMITS: &[HostLimit] = &[
+    HostLimit {
+        name: "bcd-arpl-bound",
+        reason: "DAA, AAA, AAS, ARPL and BOUND end in KVM_EXIT_INTERNAL_ERROR (emulation failure)",
+        applies: |_, i| {
+            matches!(
+                i.mnemonic(),
+                Mnemonic::Daa | Mnemonic::Aaa | Mnemonic::Aas | Mnemonic::Arpl | Mnemonic::Bound
+            )
+        },
+    },
+    HostLimit {
+        name: "real-mode-int",
+        reason: "a real-mode INT n never completes (SDM Vol. 3A §21.1.4 says it vectors through the IVT)",
+        applies: |m, i| m == FuzzMode::Real && is_soft_int(i),
+    },
+    HostLimit {
+        name: "ring3-int",
+        reason:
+            "INT n from ring 3 through a DPL-3 gate triple-faults (SDM Vol. 3A §6.12: delivered at CPL 0)",
+        applies: |m, i| m == FuzzMode::Long64Ring3 && is_soft_int(i),
+    },
+    HostLimit {
+        name: "ring3-syscall",
+        reason: "SYSCALL from ring 3 stays at CPL 3 (SDM Vol. 2B SYSCALL: CPL 0)",
+        applies: |m, i| m == FuzzMode::Long64Ring3 && i.mnemonic() == Mnemonic::Syscall,
+    },
+];
+
+fn is_soft_int(i: &Instruction) -> bool {
+    matches!(i.mnemonic(), Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into | Mnemonic::Int1)
+}
+
+/// Results that depend on the host rather than on the CPU's architecture; never generated.
+pub const HOST_SPECIFIC: &[(&str, &str)] = &[
+    ("RDTSC, RDTSCP, RDPMC", "read time or performance counters: the two runs happen at different times"),
+    (
+        "CPUID leaves beyond the shared profile",
+        "both backends apply one profile; values outside it are the host's",
+    ),
+    ("accesses to 0xfeffc000-0xfeffffff", "KVM reserves these pages (TSS and identity map) for itself"),
+    (
+        "EFLAGS.AC at exception delivery",
+        "kvm_pvm clears AC when it delivers an exception, hardware keeps it; the generator never sets AC",
+    ),
+];
+
+/// A short name for the kind of a divergence: KVM's stop and the classes of fields that differ.
+pub fn signature(kvm_stop: &str, diff: &StateDiff) -> String {
+    let stop: Vec<&str> = kvm_stop.split_whitespace().take(2).collect();
+    let mut classes: Vec<String> = diff
+        .rows
+        .iter()
+        .map(|r| {
+            let f = r.field.split(['[', '.', ' ']).next().unwrap_or("");
+            f.to_string()
+        })
+        .collect();
+    classes.sort();
+    classes.dedup();
+    format!("{}: {}", stop.join(" "), classes.join(","))
+}
+
+/// Whether this host's KVM is `kvm_pvm` (DEVELOPERS.md), whose limits then apply.
+pub fn kvm_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The first known host limit `case`'s code runs into, if any (the whole code is decoded).
+pub fn host_limit(case: &Case, code: &[u8], limits: &[HostLimit]) -> Option<HostLimit> {
+    let ip = super::gen::code_ip(case.mode);
+    let mut dec = Decoder::with_ip(case.mode.bitness(), code, ip, DecoderOptions::NONE);
+    for ins in &mut dec {
+        if let Some(l) = limits.iter().find(|l| (l.applies)(case.mode, &ins)) {
+            return Some(*l);
+        }
+    }
+    None
+}
+
+/// A third opinion: runs a case from its start state and returns its outcome.
+pub trait Reference: Send + Sync {
+    /// Name shown in reports ("qemu").
+    fn name(&self) -> &'static str;
+    /// The outcome of `case`, or why this reference cannot run it.
+    fn run(&self, case: &Case) -> Result<Outcome, String>;
+}
+
+/// The reference until duet-qemu is wired in: it always says it is not available.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoReference;
+
+impl Reference for NoReference {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+    fn run(&self, _case: &Case) -> Result<Outcome, String> {
+        Err("the QEMU reference (duet-qemu) is not wired into the fuzzer yet".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushed_undefined_flags_are_masked_only_near_a_stack() {
+        let af = rflags::AF;
+        assert!(undefined_flags_image(0x7bf0, af << 32, af));
+        assert!(!undefined_flags_image(0x7bf0, rflags::CF << 32, af));
+        assert!(!undefined_flags_image(0xa000, af, af));
+    }
+
+    #[test]
+    fn rflags_compare_masks_undefined_bits_and_exits_show_first_difference() {
+        let mut a = Outcome { stop: "halted".into(), rflags_undefined: "0x10".into(), ..Outcome::default() };
+        a.state.insert("rflags".into(), "0x2".into());
+        let mut b = a.clone();
+        b.state.insert("rflags".into(), "0x12".into());
+        let zero = |_| 0;
+        assert!(compare(("kvm", &a), ("interp", &b), &zero).is_empty());
+        b.exits.push("out 0x80 1 00".into());
+        let d = compare(("kvm", &a), ("interp", &b), &zero);
+        assert_eq!(d.rows.len(), 1);
+        assert_eq!(d.rows[0].field, "exit #0");
+    }
+}
