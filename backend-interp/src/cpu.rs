@@ -153,6 +153,15 @@ pub(crate) fn mask(bytes: u32) -> u64 {
     }
 }
 
+/// An operand width normalised to 1, 2, 4 or 8 bytes (anything unexpected counts as 8), so width
+/// arithmetic can never divide by zero or shift out of range.
+pub(crate) fn width(bytes: u32) -> u32 {
+    match bytes {
+        1 | 2 | 4 => bytes,
+        _ => 8,
+    }
+}
+
 /// Sign-extends the low `bytes` bytes of `v` to 64 bits.
 pub(crate) fn sext(v: u64, bytes: u32) -> u64 {
     match bytes {

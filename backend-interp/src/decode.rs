@@ -96,7 +96,7 @@ impl Cpu {
         };
         // CS limit check on the whole instruction outside 64-bit mode (SDM Vol. 3A §5.3).
         if !self.mode64() {
-            let last = (rip & 0xffff_ffff).wrapping_add(ins.len() as u64 - 1);
+            let last = (rip & 0xffff_ffff).wrapping_add((ins.len() as u64).saturating_sub(1));
             if last > u64::from(self.sregs.cs.limit) {
                 return Err(gp(0));
             }

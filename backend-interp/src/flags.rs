@@ -8,9 +8,19 @@ use duet_core::state::rflags::{AF, CF, OF, PF, SF, ZF};
 
 use crate::cpu::mask;
 
+/// Sign-bit mask of a `bytes`-wide value (1, 2, 4 or 8; anything else is treated as 8).
+fn sign_bit(bytes: u32) -> u64 {
+    match bytes {
+        1 => 0x80,
+        2 => 0x8000,
+        4 => 0x8000_0000,
+        _ => 1 << 63,
+    }
+}
+
 /// Most significant bit of a `bytes`-wide value.
 pub(crate) fn msb(v: u64, bytes: u32) -> bool {
-    (v >> (bytes * 8 - 1)) & 1 != 0
+    v & sign_bit(bytes) != 0
 }
 
 /// SF, ZF and PF of a result (PF: even parity of the low byte).
@@ -38,7 +48,7 @@ pub(crate) fn add(a: u64, b: u64, carry: bool, bytes: u32) -> (u64, u64) {
     if wide > u128::from(m) {
         f |= CF;
     }
-    if (a ^ res) & (b ^ res) & (1 << (bytes * 8 - 1)) != 0 {
+    if (a ^ res) & (b ^ res) & sign_bit(bytes) != 0 {
         f |= OF;
     }
     if (a ^ b ^ res) & 0x10 != 0 {
@@ -56,7 +66,7 @@ pub(crate) fn sub(a: u64, b: u64, borrow: bool, bytes: u32) -> (u64, u64) {
     if u128::from(a) < u128::from(b) + u128::from(borrow) {
         f |= CF;
     }
-    if (a ^ b) & (a ^ res) & (1 << (bytes * 8 - 1)) != 0 {
+    if (a ^ b) & (a ^ res) & sign_bit(bytes) != 0 {
         f |= OF;
     }
     if (a ^ b ^ res) & 0x10 != 0 {
@@ -105,6 +115,7 @@ pub(crate) enum ShiftOp {
 /// 64-bit operands). OF is defined only for a masked count of 1; for larger counts this returns
 /// the same formula, which is what current Intel parts produce.
 pub(crate) fn shift(op: ShiftOp, a: u64, count: u32, cf_in: bool, bytes: u32) -> ShiftOut {
+    let bytes = crate::cpu::width(bytes);
     let bits = bytes * 8;
     let m = mask(bytes);
     let a = a & m;
@@ -191,6 +202,8 @@ pub(crate) fn shift(op: ShiftOp, a: u64, count: u32, cf_in: bool, bytes: u32) ->
 /// (SDM Vol. 2B SHLD/SHRD). A count beyond the operand size (16-bit operands) is undefined; this
 /// shifts through `dest:src:dest`, which is what current Intel parts do.
 pub(crate) fn double_shift(left: bool, dest: u64, src: u64, count: u32, bytes: u32) -> ShiftOut {
+    // SHLD/SHRD have no 8-bit form; treat one as 16-bit rather than shift out of range.
+    let bytes = crate::cpu::width(bytes).max(2);
     let bits = bytes * 8;
     let m = mask(bytes);
     let (dest, src) = (dest & m, src & m);

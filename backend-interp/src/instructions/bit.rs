@@ -10,7 +10,7 @@ use crate::operand::addr_bytes;
 /// Executes a bit-test or bit-scan instruction.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let m = ins.mnemonic();
-    let b = cpu.op_bytes(ins, 0);
+    let b = crate::cpu::width(cpu.op_bytes(ins, 0));
     let bits = u64::from(b * 8);
     match m {
         Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => {

@@ -38,7 +38,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let bits = |b: u32| b * 8;
     match (m, ins.op_count()) {
         (Mnemonic::Mul, 1) => {
-            let b = cpu.op_bytes(ins, 0);
+            let b = crate::cpu::width(cpu.op_bytes(ins, 0));
             let src = cpu.read_op(ins, 0)?;
             let p = u128::from(cpu.gpr_sized(0, b)) * u128::from(src);
             let (lo, hi) = ((p as u64) & mask(b), ((p >> bits(b)) as u64) & mask(b));
@@ -47,7 +47,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             Ok(())
         }
         (Mnemonic::Imul, 1) => {
-            let b = cpu.op_bytes(ins, 0);
+            let b = crate::cpu::width(cpu.op_bytes(ins, 0));
             let src = sext(cpu.read_op(ins, 0)?, b) as i64;
             let p = i128::from(sext(cpu.gpr_sized(0, b), b) as i64) * i128::from(src);
             let lo = (p as u64) & mask(b);
@@ -57,7 +57,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             Ok(())
         }
         (Mnemonic::Imul, 2 | 3) => {
-            let b = cpu.op_bytes(ins, 0);
+            let b = crate::cpu::width(cpu.op_bytes(ins, 0));
             let (x, y) = if ins.op_count() == 2 {
                 (cpu.read_op(ins, 0)?, cpu.read_op(ins, 1)?)
             } else {
@@ -70,7 +70,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             Ok(())
         }
         (Mnemonic::Div, 1) => {
-            let b = cpu.op_bytes(ins, 0);
+            let b = crate::cpu::width(cpu.op_bytes(ins, 0));
             let d = u128::from(cpu.read_op(ins, 0)?);
             if d == 0 {
                 return Err(fault(vector::DE));
@@ -84,7 +84,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             Ok(())
         }
         (Mnemonic::Idiv, 1) => {
-            let b = cpu.op_bytes(ins, 0);
+            let b = crate::cpu::width(cpu.op_bytes(ins, 0));
             let d = i128::from(sext(cpu.read_op(ins, 0)?, b) as i64);
             if d == 0 {
                 return Err(fault(vector::DE));
