@@ -220,6 +220,8 @@ pub(crate) struct Cpu {
     pub undefined: u64,
     /// The last step ran one iteration of a REP string instruction that is not finished.
     pub rep_pending: bool,
+    /// DR0–DR3, DR6, DR7 (stored; breakpoints are not raised).
+    pub dr: [u64; 6],
 }
 
 impl Cpu {
@@ -248,6 +250,8 @@ impl Cpu {
             next_rip: 0,
             undefined: 0,
             rep_pending: false,
+            // DR6 and DR7 after RESET (SDM Vol. 3A Table 10-1).
+            dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400],
         }
     }
 

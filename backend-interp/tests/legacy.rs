@@ -239,3 +239,29 @@ fn trap_flag_raises_db_after_the_next_instruction() {
     assert_ne!(peek32(&mem, top + 12) & 0x100, 0);
     assert_eq!(out.state.regs.rflags & 0x100, 0);
 }
+
+#[test]
+fn debug_registers_store_values_with_fixed_bits() {
+    let code = asm(32, |a| {
+        a.mov(eax, 0x1234_5678).unwrap();
+        a.mov(dr0, eax).unwrap();
+        a.mov(ebx, dr0).unwrap();
+        a.mov(eax, 0xffff_ffffu32).unwrap();
+        a.mov(dr7, eax).unwrap();
+        a.mov(ecx, dr7).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.mov(dr6, eax).unwrap();
+        a.mov(edx, dr6).unwrap();
+        a.hlt().unwrap();
+    });
+    let mem = memory(&code);
+    let s = protected32(&mem);
+    let (out, _) = run(mem, &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    let r = out.state.regs;
+    assert_eq!(r.rbx, 0x1234_5678);
+    // DR7: bits 11, 12, 14, 15 read 0 and bit 10 reads 1; DR6: bits 4–11 and 16–31 read 1
+    // (SDM Vol. 3A §18.2.4, §18.2.6).
+    assert_eq!(r.rcx, 0xffff_ffff & !((1 << 11) | (1 << 12) | (1 << 14) | (1 << 15)));
+    assert_eq!(r.rdx, 0xffff_0ff0);
+}

@@ -1,4 +1,4 @@
-//! Data movement: MOV (incl. moffs, segment and control registers), MOVZX/MOVSX/MOVSXD, LEA,
+//! Data movement: MOV (incl. moffs, segment, control and debug registers), MOVZX/MOVSX/MOVSXD, LEA,
 //! XCHG, CBW…CQO, BSWAP, CMPXCHG, CMPXCHG8B, XADD, XLATB, LDS/LES/LFS/LGS/LSS, CMOVcc and SETcc.
 
 use duet_core::state::rflags::ZF;
@@ -182,7 +182,7 @@ fn mov(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         return system::mov_cr(cpu, ins);
     }
     if is_reg(ins, 0, Register::is_dr) || is_reg(ins, 1, Register::is_dr) {
-        return Err(form(ins));
+        return system::mov_dr(cpu, ins);
     }
     if is_reg(ins, 0, Register::is_segment_register) {
         let r = ins.op_register(0);

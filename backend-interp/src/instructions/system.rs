@@ -176,6 +176,45 @@ pub(crate) fn mov_cr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     }
 }
 
+/// MOV to or from DR0–DR7 (SDM Vol. 2B MOV—Move to/from Debug Registers). The registers are
+/// storage only: no breakpoint or DR7.GD trap is raised.
+pub(crate) fn mov_dr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    let to_dr = ins.op_register(0).is_dr();
+    let dr = if to_dr { ins.op_register(0) } else { ins.op_register(1) };
+    let mut n = dr as u32 - Register::DR0 as u32;
+    if n > 7 {
+        return Err(ud());
+    }
+    // DR4/DR5 alias DR6/DR7 unless CR4.DE makes them #UD.
+    if n == 4 || n == 5 {
+        if cpu.sregs.cr4 & 8 != 0 {
+            return Err(ud());
+        }
+        n += 2;
+    }
+    if cpu.cpl() != 0 {
+        return Err(gp(0));
+    }
+    let slot = if n >= 6 { n as usize - 2 } else { n as usize };
+    if to_dr {
+        let v = cpu.read_op(ins, 1)?;
+        let v = match n {
+            // DR6/DR7 bits 63:32 are reserved: #GP in 64-bit mode (SDM Vol. 3A §18.2.4–18.2.6).
+            6 | 7 if v >> 32 != 0 => return Err(gp(0)),
+            6 => (v & 0xe00f) | 0xffff_0ff0,
+            7 => (v & 0xffff_23ff) | 0x400,
+            _ => v,
+        };
+        if let Some(d) = cpu.dr.get_mut(slot) {
+            *d = v;
+        }
+        Ok(())
+    } else {
+        let v = cpu.dr.get(slot).copied().unwrap_or(0);
+        cpu.write_op(ins, 0, v)
+    }
+}
+
 /// CR4 bits the interpreter accepts: VME…OSXMMEXCPT (bits 0–10).
 const CR4_VALID: u64 = 0x7ff;
 /// CR0 bits that exist; writes to other bits of 31:0 are ignored, bits 63:32 fault.
