@@ -9,16 +9,20 @@
 //! [`duet_core::RunOutcome`] and a [`duet_core::GuestMemory`] as the other backends, so
 //! `StateDiff` compares any two of the three.
 //!
-//! Known limits, all documented where they arise: MSRs are not read back (QEMU 7.2 exposes
-//! them neither through QMP nor `info registers`), CR8 reads 0, GPR upper halves are only seen
-//! in 64-bit mode, the debug-exit value is one byte, RFLAGS.IF after a debug exit is the value
-//! after the guest's CLI, and duet's MMIO test device does not exist under QEMU (its address
-//! is unassigned there).
+//! Registers, segments with their hidden parts, control registers and EFER come from QMP's
+//! `info registers`; 64-bit GPRs in every mode, CR8 and the tracked MSRs from QEMU's gdbstub
+//! afterwards ([`gdb`]-module docs); RAM from `pmemsave`.
+//!
+//! Known limits, all documented where they arise: FOP/FIP/FDP read 0, the debug-exit value is
+//! one byte, RFLAGS.IF after a debug exit is the value after the guest's CLI, MSRs are not read
+//! after a triple fault, and duet's MMIO test device does not exist under QEMU (its address is
+//! unassigned there: reads return 0, not duet's all ones).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod cpuid;
 mod error;
+pub mod gdb;
 pub mod process;
 pub mod qmp;
 pub mod regs;

@@ -26,6 +26,7 @@ use duet_core::state::rflags;
 use duet_core::vm_memory::{Bytes, GuestAddress};
 use duet_core::{CpuMode, CpuState, CpuidProfile, Guest, GuestMemory, RunOutcome, StopReason};
 
+use crate::gdb::Gdb;
 use crate::process::{program, read_or_empty, Qemu, TempDir};
 use crate::qmp::{quote, Qmp};
 use crate::{cpuid, regs, stub, QemuError};
@@ -156,6 +157,8 @@ fn arguments(guest: &Guest, cpu: &str, dir: &TempDir, p: &Prepared) -> Result<Ve
         a.extend(["-chardev".into(), format!("file,id={id},path={}", path(id))]);
         a.extend(["-device".into(), format!("isa-debugcon,iobase={port:#x},chardev={id}")]);
     }
+    a.extend(["-chardev".into(), format!("socket,id=gdb,path={},server=on,wait=off", path("gdb.sock"))]);
+    a.extend(["-gdb".into(), "chardev:gdb".into()]);
     let mut mem = vec![0u8; 0];
     for (i, &(addr, len)) in p.ranges.iter().enumerate() {
         mem.resize(len as usize, 0);
@@ -257,6 +260,9 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
             report.map_or(StopReason::Halted, StopReason::Exception)
         }
     };
+    if let Err(e) = gdb_extras(&mut qmp, &dir, &mut state, &stop) {
+        notes.push(format!("not read through the gdbstub: {e}"));
+    }
     let _ = qmp.execute("quit", None);
     let console = read_or_empty(&dir.file("console"));
     let post_code = read_or_empty(&dir.file("post")).last().copied();
@@ -355,4 +361,39 @@ fn busy_tr(s: &mut CpuState) {
     if tr.present && !tr.s && (tr.type_ == 1 || tr.type_ == 9) && tr.selector & !7 != 0 {
         tr.type_ |= 2;
     }
+}
+
+/// Completes `state` through the gdbstub: 64-bit GPRs in every mode, CR8, the tracked MSRs.
+fn gdb_extras(
+    qmp: &mut Qmp,
+    dir: &TempDir,
+    state: &mut CpuState,
+    stop: &StopReason,
+) -> Result<(), QemuError> {
+    let mut gdb = Gdb::connect(&dir.file("gdb.sock"))?;
+    let g = gdb.regs()?;
+    let s = &state.sregs;
+    if (g.cr0, g.cr3, g.efer) != (s.cr0, s.cr3, s.efer) {
+        return Err(QemuError::Qmp {
+            command: "gdbstub".into(),
+            message: format!(
+                "its CR0/CR3/EFER {:#x}/{:#x}/{:#x} disagree with info registers",
+                g.cr0, g.cr3, g.efer
+            ),
+        });
+    }
+    let r = &mut state.regs;
+    [r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp] =
+        [g.gprs[0], g.gprs[1], g.gprs[2], g.gprs[3], g.gprs[4], g.gprs[5], g.gprs[6], g.gprs[7]];
+    [r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15] =
+        [g.gprs[8], g.gprs[9], g.gprs[10], g.gprs[11], g.gprs[12], g.gprs[13], g.gprs[14], g.gprs[15]];
+    state.sregs.cr8 = g.cr8;
+    if *stop == StopReason::Shutdown {
+        return Err(QemuError::Unsupported(
+            "MSRs after a shutdown (the vCPU cannot be resumed to read them)".into(),
+        ));
+    }
+    let msrs = gdb.read_msrs(|| qmp.execute("inject-nmi", None).map(|_| ()))?;
+    state.msrs = msrs.into_iter().collect();
+    Ok(())
 }

@@ -6,8 +6,12 @@ mod common;
 use std::time::Duration;
 
 use duet_core::layout::LOAD_ADDR;
+use duet_core::state::msr;
 use duet_core::vm_memory::{Bytes, GuestAddress};
 use duet_core::{CpuidProfile, StopReason};
+
+/// IA32_PAT after RESET (SDM Vol. 3A §13.12.4).
+const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 use duet_fixtures::{GuestBuilder, Mode};
 use duet_qemu::QemuError;
 use iced_x86::code_asm::*;
@@ -158,6 +162,12 @@ fn the_stub_leaves_guest_memory_as_loaded() {
         // The start state came through: only RIP moved (past CLI; HLT).
         let mut want = guest.state.clone();
         want.regs.rip += 2;
+        // The tracked MSRs read back at their RESET values: IA32_PAT = 0x0007_0406_0007_0406
+        // (SDM Vol. 3A §13.12.4), the others 0.
+        want.msrs = duet_core::state::TRACKED_MSRS
+            .iter()
+            .map(|&i| (i, if i == msr::PAT { PAT_RESET } else { 0 }))
+            .collect();
         let mask = duet_core::DiffMask { rflags_undefined: 0, ignore_fpu: true };
         let mut diff = duet_core::StateDiff::states(("start", &want), ("qemu", &r.outcome.state), &mask);
         // All of RAM (reset-code window, GDT with the TSS descriptor, stack) is as loaded.
@@ -174,4 +184,40 @@ fn the_stub_leaves_guest_memory_as_loaded() {
         diff.memory(&before, &r.memory, 0, guest.ram_size);
         assert!(diff.is_empty(), "{mode}:\n{diff}");
     }
+}
+
+#[test]
+fn msrs_the_guest_wrote_are_read_back() {
+    if !common::qemu_available() {
+        return;
+    }
+    let written = [
+        (msr::LSTAR, 0xffff_8000_1234_5678u64),
+        (msr::STAR, 0x0028_0018_0000_0000),
+        (msr::SYSENTER_EIP, 0xabcd),
+    ];
+    let guest = GuestBuilder::new(Mode::Long)
+        .code(move |a| {
+            for (index, value) in written {
+                a.mov(ecx, index)?;
+                a.mov(eax, value as u32)?;
+                a.mov(edx, (value >> 32) as u32)?;
+                a.wrmsr()?;
+            }
+            a.mov(r15, 0x1122_3344_5566_7788u64)?;
+            a.mov(rax, cr8)?; // CR8 is read back too (0: the profile has no APIC)
+            a.cli()?;
+            Ok(a.hlt()?)
+        })
+        .build()
+        .unwrap();
+    let r = common::run(&guest).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::Halted);
+    let s = &r.outcome.state;
+    for (index, value) in written {
+        assert_eq!(s.msrs.get(&index), Some(&value), "MSR {index:#x}");
+    }
+    assert_eq!(s.msrs.get(&msr::PAT), Some(&PAT_RESET));
+    assert_eq!((s.regs.r15, s.sregs.cr8), (0x1122_3344_5566_7788, 0));
+    assert!(r.notes.is_empty(), "{:?}", r.notes);
 }
