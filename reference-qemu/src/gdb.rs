@@ -137,6 +137,16 @@ impl Gdb {
         }
     }
 
+    /// Continues the vCPU until it reaches linear address `linear` (a hardware breakpoint) and
+    /// returns the stop reply; errors when that takes longer than `limit`.
+    pub fn run_to(&mut self, linear: u64, limit: Duration) -> Result<String, QemuError> {
+        self.ok(&format!("Z1,{linear:x},1"))?;
+        self.send("c")?;
+        let stop = self.receive(limit)?;
+        self.ok(&format!("z1,{linear:x},1"))?;
+        Ok(stop)
+    }
+
     /// The registers of the `g` packet.
     pub fn regs(&mut self) -> Result<GdbRegs, QemuError> {
         let reply = self.request("g", Duration::from_secs(2))?;

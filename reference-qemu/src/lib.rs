@@ -27,6 +27,7 @@ pub mod process;
 pub mod qmp;
 pub mod regs;
 mod run;
+mod session;
 pub mod stub;
 
 pub use error::QemuError;

@@ -2,9 +2,9 @@
 //!
 //! QEMU 7.2 prints 64-bit registers (`RAX=`, `R8 =`, 16-digit segment bases) only while CS is a
 //! 64-bit segment; otherwise it prints `EAX=`… and 8-digit bases, so the upper halves of the
-//! GPRs and R8–R15 are not visible outside 64-bit mode (they read as zero here). CR8, the MSRs
-//! and FOP/FIP/FDP are not printed at all: CR8 reads 0 (the profile has no APIC, so QEMU keeps
-//! no TPR), MSRs are left out of the state, FOP/FIP/FDP are zero.
+//! GPRs and R8–R15 read as zero here (the run then reads them through the gdbstub). CR8, the
+//! MSRs and FOP/FIP/FDP are not printed at all: CR8 and the MSRs come from the gdbstub too,
+//! FOP/FIP/FDP stay zero.
 
 use std::collections::BTreeMap;
 

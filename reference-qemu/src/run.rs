@@ -3,21 +3,25 @@
 //!
 //! Observing the end (QEMU's isa-debug-exit would kill QEMU and lose the state):
 //! - port 0xF4 is an `isa-debugcon` whose bytes go to a file: the first byte is the debug-exit
-//!   value. The guest convention is `out 0xF4, al; cli; hlt`, so the vCPU halts right after;
-//!   when it has, the state is read and RIP is moved back over `cli; hlt` (checked against the
-//!   bytes in guest memory). RFLAGS.IF is then the value after the guest's CLI (0): what it was
-//!   at the OUT cannot be recovered, and a note says so. A guest that keeps running after the
-//!   OUT is stopped a little later and its state is noted as later than the exit.
+//!   value. The guest convention is `out 0xF4, al; cli; hlt` (duet-fixtures' `exit_al`), so the
+//!   vCPU halts right after, and the run is first read there. RIP is then moved back over
+//!   `cli; hlt` (checked against the bytes in guest memory), which locates the instruction
+//!   after the OUT exactly. Because RFLAGS.IF before that CLI is lost, the guest is run a
+//!   second time, identically, with a gdbstub hardware breakpoint on that CLI: the state there
+//!   is the exact state after the OUT, as KVM and the software CPU report it, and it replaces
+//!   the first. (TCG with the PICs masked runs the same guest the same way twice; if the
+//!   second run does not reach the breakpoint after the exit, the rewound first state is
+//!   kept and a note says what is approximate.) A guest that keeps running after the OUT is
+//!   stopped a little later and its state noted as later than the exit.
 //! - HLT (any IF: the stub masks the PICs, so nothing can wake the vCPU, as in duet's machine)
 //!   is seen by polling `info registers` (HLT=1) over QMP.
 //! - a triple fault becomes a reset request, which `-action reboot=shutdown,shutdown=pause`
 //!   turns into a pause in the `shutdown` run state, state intact.
 //! - the deadline stops the vCPU with QMP `stop`.
 //!
-//! Then QMP `info registers` gives the registers and `pmemsave` the guest RAM.
+//! Then QMP `info registers` gives the registers and `pmemsave` the guest RAM, and the gdbstub
+//! completes the state (64-bit GPRs, CR8, MSRs: see [`crate::gdb`]).
 
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +31,11 @@ use duet_core::vm_memory::{Bytes, GuestAddress};
 use duet_core::{CpuMode, CpuState, CpuidProfile, Guest, GuestMemory, RunOutcome, StopReason};
 
 use crate::gdb::Gdb;
-use crate::process::{program, read_or_empty, Qemu, TempDir};
+use crate::process::{read_or_empty, TempDir};
 use crate::qmp::{quote, Qmp};
-use crate::{cpuid, regs, stub, QemuError};
+use crate::session::{prepare, Prepared, Session};
+use crate::{cpuid, regs, QemuError};
 
-/// Time QEMU gets to open its monitor socket.
-const STARTUP: Duration = Duration::from_secs(10);
 /// Polls after a debug-exit byte before a guest that does not halt is stopped anyway.
 const EXIT_GRACE_POLLS: u32 = 20;
 
@@ -61,132 +64,8 @@ impl QemuRun {
     }
 }
 
-/// The firmware and the RAM images QEMU gets for `guest`.
-struct Prepared {
-    rom: Vec<u8>,
-    memory: Arc<GuestMemory>,
-    /// RAM ranges to load, as (address, length).
-    ranges: Vec<(u64, u64)>,
-}
-
-fn prepare(guest: &Guest) -> Result<Prepared, QemuError> {
-    let memory = guest.build_memory()?;
-    // Like duet's machine, the exception report starts cleared.
-    if guest.ram_size >= EXCEPTION_REPORT_ADDR + 4 {
-        let _ = memory.write_slice(&[0u8; 4], GuestAddress(EXCEPTION_REPORT_ADDR));
-    }
-    let ram = guest.ram_size;
-    let mut ranges: Vec<(u64, u64)> = guest
-        .loads
-        .iter()
-        .filter(|l| l.addr < ram)
-        .map(|l| (l.addr, (l.addr + l.bytes.len() as u64).min(ram)))
-        .chain([(EXCEPTION_REPORT_ADDR, EXCEPTION_REPORT_ADDR + 4)].into_iter().filter(|r| r.1 <= ram))
-        .collect();
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in ranges {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    let bios = guest.state == CpuState::reset() || guest.state.sregs.cs.base == 0xffff_0000;
-    let rom = if bios {
-        let [(base, size)] = guest.extra_regions[..] else {
-            return Err(QemuError::Unsupported(
-                "a RESET-state guest needs exactly one firmware region ending at 4 GiB (GuestBuilder::bios)"
-                    .into(),
-            ));
-        };
-        if base + size != 1 << 32 || size % 0x1_0000 != 0 {
-            return Err(QemuError::Unsupported(format!(
-                "firmware region {base:#x}+{size:#x} does not end at 4 GiB in 64 KiB units"
-            )));
-        }
-        let mut rom = vec![0u8; size as usize];
-        memory
-            .read_slice(&mut rom, GuestAddress(base))
-            .map_err(|e| QemuError::Unsupported(format!("firmware region: {e}")))?;
-        rom
-    } else {
-        if let Some(&(b, s)) = guest.extra_regions.first() {
-            return Err(QemuError::Unsupported(format!("extra memory region {b:#x}+{s:#x} outside RAM")));
-        }
-        let (lo, hi) = stub::RESET_WINDOW;
-        if let Some(&(s, e)) = merged.iter().find(|&&(s, e)| s < hi && lo < e) {
-            return Err(QemuError::Unsupported(format!(
-                "bytes loaded at {s:#x}..{e:#x} overlap {lo:#x}..{hi:#x}, where QEMU's firmware window holds the entry stub's reset code"
-            )));
-        }
-        stub::build(&guest.state, &memory)?
-    };
-    Ok(Prepared { rom, memory, ranges: merged.into_iter().map(|(s, e)| (s, e - s)).collect() })
-}
-
-/// The QEMU command line.
-fn arguments(guest: &Guest, cpu: &str, dir: &TempDir, p: &Prepared) -> Result<Vec<String>, QemuError> {
-    let path = |n: &str| dir.file(n).display().to_string();
-    let mut a: Vec<String> = [
-        "-machine",
-        "isapc",
-        "-accel",
-        "tcg",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-S",
-        "-action",
-        "reboot=shutdown,shutdown=pause",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(["-cpu".into(), cpu.into(), "-m".into(), format!("{}K", guest.ram_size.div_ceil(1024))]);
-    a.extend(["-bios".into(), dir.write("firmware.bin", &p.rom)?.display().to_string()]);
-    a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", path("qmp.sock"))]);
-    a.extend(["-chardev".into(), format!("file,id=con,path={},mux=on", path("console"))]);
-    a.extend(["-serial".into(), "chardev:con".into()]);
-    a.extend(["-device".into(), "isa-debugcon,iobase=0xe9,chardev=con".into()]);
-    for (id, port) in [("exit", 0xf4), ("post", 0x80)] {
-        a.extend(["-chardev".into(), format!("file,id={id},path={}", path(id))]);
-        a.extend(["-device".into(), format!("isa-debugcon,iobase={port:#x},chardev={id}")]);
-    }
-    a.extend(["-chardev".into(), format!("socket,id=gdb,path={},server=on,wait=off", path("gdb.sock"))]);
-    a.extend(["-gdb".into(), "chardev:gdb".into()]);
-    let mut mem = vec![0u8; 0];
-    for (i, &(addr, len)) in p.ranges.iter().enumerate() {
-        mem.resize(len as usize, 0);
-        p.memory
-            .read_slice(&mut mem, GuestAddress(addr))
-            .map_err(|e| QemuError::Unsupported(format!("RAM at {addr:#x}: {e}")))?;
-        let f = dir.write(&format!("ram{i}.bin"), &mem)?;
-        a.extend(["-device".into(), format!("loader,file={},addr={addr:#x},force-raw=on", f.display())]);
-    }
-    Ok(a)
-}
-
-/// Connects to QMP, waiting for QEMU to create the socket.
-fn connect(qemu: &mut Qemu, sock: &Path) -> Result<Qmp, QemuError> {
-    let start = Instant::now();
-    loop {
-        qemu.check_alive()?;
-        if let Ok(s) = UnixStream::connect(sock) {
-            return Qmp::new(s, STARTUP);
-        }
-        if start.elapsed() > STARTUP {
-            return Err(QemuError::Startup { ms: start.elapsed().as_millis(), stderr: qemu.stderr() });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// Why the watch loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
     Exit,
     Shutdown,
@@ -198,57 +77,19 @@ enum End {
 pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Result<QemuRun, QemuError> {
     let cpu = cpuid::cpu_option(cpuid_profile)?;
     let prepared = prepare(guest)?;
-    let dir = TempDir::new()?;
-    let args = arguments(guest, &cpu, &dir, &prepared)?;
-    let mut qemu = Qemu::spawn(&program(), &args, dir.file("stderr"))?;
-    let mut qmp = connect(&mut qemu, &dir.file("qmp.sock"))?;
-    let exit_file = dir.file("exit");
-    qmp.execute("cont", None)?;
+    let mut s = Session::start(guest, &cpu, &prepared)?;
+    s.qmp.execute("cont", None)?;
     let start = Instant::now();
-    let mut pause = Duration::from_micros(200);
-    let mut since_exit: Option<u32> = None;
-    let exited = || std::fs::metadata(&exit_file).is_ok_and(|m| m.len() > 0);
-    let end = loop {
-        qemu.check_alive()?;
-        if since_exit.is_none() && exited() {
-            since_exit = Some(0);
-        }
-        // The exit file is checked again after the vCPU is seen stopped: the OUT may have
-        // happened between the first check and the halt.
-        if qmp.status()? == "shutdown" {
-            break if exited() { End::Exit } else { End::Shutdown };
-        }
-        if regs::parse(&qmp.hmp("info registers")?)?.halted {
-            break if exited() { End::Exit } else { End::Halt };
-        }
-        if let Some(n) = since_exit.as_mut() {
-            *n += 1;
-            if *n > EXIT_GRACE_POLLS {
-                break End::Exit;
-            }
-        }
-        if start.elapsed() >= timeout {
-            break End::Deadline;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(5));
-    };
-    if qmp.status()? == "running" {
-        qmp.execute("stop", None)?;
+    let end = watch(&mut s, start, timeout)?;
+    if s.qmp.status()? == "running" {
+        s.qmp.execute("stop", None)?;
     }
     let wall = start.elapsed();
-    let dump = regs::parse(&qmp.hmp("info registers")?)?;
-    let memory = dump_memory(&mut qmp, guest, &dir)?;
+    let (dump, mut memory) = s.dump(guest)?;
     let mut state = dump.state;
-    state.sregs.apic_base = guest.state.sregs.apic_base;
-    busy_tr(&mut state);
     let mut notes = Vec::new();
     let stop = match end {
-        End::Exit => {
-            let value = read_or_empty(&exit_file).first().map_or(0, |&b| u32::from(b));
-            rewind_exit(&mut qmp, &dir, &mut state, dump.halted, &mut notes)?;
-            StopReason::DebugExit { value }
-        }
+        End::Exit => StopReason::DebugExit { value: s.exit_value() },
         End::Shutdown => StopReason::Shutdown,
         End::Deadline => StopReason::Deadline,
         End::Halt => {
@@ -260,12 +101,32 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
             report.map_or(StopReason::Halted, StopReason::Exception)
         }
     };
-    if let Err(e) = gdb_extras(&mut qmp, &dir, &mut state, &stop) {
-        notes.push(format!("not read through the gdbstub: {e}"));
+    let mut exact = None;
+    if end == End::Exit {
+        match rewind_exit(&mut s.qmp, &s.dir, &mut state, dump.halted) {
+            Ok(cli) => match exact_exit(guest, &cpu, &prepared, cli, timeout) {
+                Ok(e) => exact = Some(e),
+                Err(e) => notes.push(format!(
+                    "RIP moved back over the guest's `cli; hlt` after the debug-exit OUT; RFLAGS.IF is the value \
+                     after that CLI (the exact second run failed: {e})"
+                )),
+            },
+            Err(why) => notes.push(why),
+        }
     }
-    let _ = qmp.execute("quit", None);
-    let console = read_or_empty(&dir.file("console"));
-    let post_code = read_or_empty(&dir.file("post")).last().copied();
+    match exact {
+        Some((exact_state, exact_memory)) => (state, memory) = (exact_state, exact_memory),
+        None => {
+            let extras = Gdb::connect(&s.dir.file("gdb.sock"))
+                .and_then(|mut g| gdb_extras(&mut s.qmp, &mut g, &mut state, &stop));
+            if let Err(e) = extras {
+                notes.push(format!("not read through the gdbstub: {e}"));
+            }
+        }
+    }
+    let _ = s.qmp.execute("quit", None);
+    let console = read_or_empty(&s.dir.file("console"));
+    let post_code = read_or_empty(&s.dir.file("post")).last().copied();
     Ok(QemuRun {
         outcome: RunOutcome {
             backend: "qemu",
@@ -284,30 +145,63 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
     })
 }
 
-/// Saves RAM and extra regions with `pmemsave` and builds a [`GuestMemory`] from them.
-fn dump_memory(qmp: &mut Qmp, guest: &Guest, dir: &TempDir) -> Result<Arc<GuestMemory>, QemuError> {
-    let regions = guest.regions()?;
-    let ranges: Vec<(GuestAddress, usize)> =
-        regions.iter().map(|&(b, s)| (GuestAddress(b), s as usize)).collect();
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| duet_core::GuestError::Alloc(e.to_string()))?;
-    for (i, &(base, size)) in regions.iter().enumerate() {
-        let f = dir.file(&format!("dump{i}.bin"));
-        let args = format!(
-            "{{\"val\": {base}, \"size\": {size}, \"filename\": {}}}",
-            quote(&f.display().to_string())
-        );
-        qmp.execute("pmemsave", Some(&args))?;
-        let bytes = read_or_empty(&f);
-        if bytes.len() as u64 != size {
-            return Err(QemuError::Qmp {
-                command: "pmemsave".into(),
-                message: format!("{} bytes saved of {size:#x} at {base:#x}", bytes.len()),
-            });
+/// Polls QEMU until the run ends (see the module docs).
+fn watch(s: &mut Session, start: Instant, timeout: Duration) -> Result<End, QemuError> {
+    let mut pause = Duration::from_micros(200);
+    let mut since_exit: Option<u32> = None;
+    loop {
+        s.qemu.check_alive()?;
+        if since_exit.is_none() && s.exited() {
+            since_exit = Some(0);
         }
-        mem.write_slice(&bytes, GuestAddress(base))
-            .map_err(|e| duet_core::GuestError::Alloc(e.to_string()))?;
+        // The exit file is checked again after the vCPU is seen stopped: the OUT may have
+        // happened between the first check and the halt.
+        if s.qmp.status()? == "shutdown" {
+            return Ok(if s.exited() { End::Exit } else { End::Shutdown });
+        }
+        if regs::parse(&s.qmp.hmp("info registers")?)?.halted {
+            return Ok(if s.exited() { End::Exit } else { End::Halt });
+        }
+        if let Some(n) = since_exit.as_mut() {
+            *n += 1;
+            if *n > EXIT_GRACE_POLLS {
+                return Ok(End::Exit);
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Ok(End::Deadline);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
-    Ok(Arc::new(mem))
+}
+
+/// The exact state at a debug exit: a second, identical run with a breakpoint on the
+/// instruction after the OUT (linear address `cli`), which stops before the guest's CLI.
+fn exact_exit(
+    guest: &Guest,
+    cpu: &str,
+    prepared: &Prepared,
+    cli: u64,
+    timeout: Duration,
+) -> Result<(CpuState, Arc<GuestMemory>), QemuError> {
+    let mut s = Session::start(guest, cpu, prepared)?;
+    let mut gdb = Gdb::connect(&s.dir.file("gdb.sock"))?;
+    let stop = gdb.run_to(cli, timeout)?;
+    if !s.exited() {
+        return Err(QemuError::Unsupported(format!(
+            "the breakpoint at {cli:#x} was reached before the debug exit ({stop})"
+        )));
+    }
+    let (dump, memory) = s.dump(guest)?;
+    let mut state = dump.state;
+    let at = state.sregs.cs.base.wrapping_add(state.regs.rip);
+    if at != cli {
+        return Err(QemuError::Unsupported(format!("the second run stopped at {at:#x}, not at {cli:#x}")));
+    }
+    let stop = StopReason::DebugExit { value: s.exit_value() };
+    gdb_extras(&mut s.qmp, &mut gdb, &mut state, &stop)?;
+    Ok((state, memory))
 }
 
 /// Reads `len` bytes at linear address `addr` through the vCPU's translation (`memsave`).
@@ -319,14 +213,9 @@ fn read_linear(qmp: &mut Qmp, dir: &TempDir, addr: u64, len: u64) -> Result<Vec<
     Ok(read_or_empty(&f))
 }
 
-/// Moves RIP back over the `cli; hlt` that follows the debug-exit OUT, when the bytes say so.
-fn rewind_exit(
-    qmp: &mut Qmp,
-    dir: &TempDir,
-    s: &mut CpuState,
-    halted: bool,
-    notes: &mut Vec<String>,
-) -> Result<(), QemuError> {
+/// Moves RIP back over the `cli; hlt` that follows the debug-exit OUT, when the bytes say so,
+/// and returns the linear address of that CLI; otherwise a note saying why not.
+fn rewind_exit(qmp: &mut Qmp, dir: &TempDir, s: &mut CpuState, halted: bool) -> Result<u64, String> {
     let ip_mask = match s.mode() {
         CpuMode::Long64 => u64::MAX,
         CpuMode::Real | CpuMode::Protected16 | CpuMode::Virtual8086 => 0xffff,
@@ -341,36 +230,23 @@ fn rewind_exit(
     };
     let out_imm = code == [0xe6, 0xf4, 0xfa, 0xf4];
     let out_dx = code.get(1..) == Some(&[0xee, 0xfa, 0xf4][..]) && s.regs.rdx & 0xffff == 0xf4;
-    if out_imm || out_dx {
-        s.regs.rip = s.regs.rip.wrapping_sub(2) & ip_mask;
-        notes.push("RIP moved back over the guest's `cli; hlt` after the debug-exit OUT; RFLAGS.IF is the value after that CLI".into());
-    } else {
-        notes.push(format!(
-            "the guest did not halt with `cli; hlt` right after its debug-exit OUT (code before RIP: {code:02x?}); the state is from later"
+    if !(out_imm || out_dx) {
+        return Err(format!(
+            "the guest did not halt with `cli; hlt` right after its debug-exit OUT (code before RIP: {code:02x?}); \
+             the state is from later"
         ));
     }
-    Ok(())
-}
-
-/// QEMU's LTR caches the TSS type it read (available, 1 or 9) and sets the busy bit only in
-/// memory; hardware holds a busy type in TR once loaded (a TR with an available type cannot
-/// exist: VMX guest-state checks require type 3 or 11, SDM Vol. 3C §28.3.1.2). The SDM wins,
-/// so a present, loaded TR is reported busy.
-fn busy_tr(s: &mut CpuState) {
-    let tr = &mut s.sregs.tr;
-    if tr.present && !tr.s && (tr.type_ == 1 || tr.type_ == 9) && tr.selector & !7 != 0 {
-        tr.type_ |= 2;
-    }
+    s.regs.rip = s.regs.rip.wrapping_sub(2) & ip_mask;
+    Ok(s.sregs.cs.base.wrapping_add(s.regs.rip))
 }
 
 /// Completes `state` through the gdbstub: 64-bit GPRs in every mode, CR8, the tracked MSRs.
 fn gdb_extras(
     qmp: &mut Qmp,
-    dir: &TempDir,
+    gdb: &mut Gdb,
     state: &mut CpuState,
     stop: &StopReason,
 ) -> Result<(), QemuError> {
-    let mut gdb = Gdb::connect(&dir.file("gdb.sock"))?;
     let g = gdb.regs()?;
     let s = &state.sregs;
     if (g.cr0, g.cr3, g.efer) != (s.cr0, s.cr3, s.efer) {

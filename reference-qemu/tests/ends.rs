@@ -221,3 +221,28 @@ fn msrs_the_guest_wrote_are_read_back() {
     assert_eq!((s.regs.r15, s.sregs.cr8), (0x1122_3344_5566_7788, 0));
     assert!(r.notes.is_empty(), "{:?}", r.notes);
 }
+
+#[test]
+fn debug_exit_state_is_exact_with_interrupts_on() {
+    if !common::qemu_available() {
+        return;
+    }
+    // STI; OUT: duet stops right after the OUT, with IF = 1 and RIP at the CLI that follows.
+    let guest = GuestBuilder::new(Mode::Protected)
+        .code(|a| {
+            a.sti()?;
+            a.mov(al, 9)?;
+            a.out(0xf4, al)?;
+            a.cli()?;
+            Ok(a.hlt()?)
+        })
+        .build()
+        .unwrap();
+    let r = common::run(&guest).unwrap();
+    assert_eq!(r.outcome.stop, StopReason::DebugExit { value: 9 });
+    let s = &r.outcome.state;
+    // STI (1 byte) + MOV AL, imm8 (2) + OUT imm8, AL (2).
+    assert_eq!(s.regs.rip, LOAD_ADDR + 5);
+    assert_ne!(s.regs.rflags & duet_core::state::rflags::IF, 0, "IF as the guest left it");
+    assert!(r.notes.is_empty(), "{:?}", r.notes);
+}

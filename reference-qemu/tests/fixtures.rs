@@ -41,6 +41,10 @@ fn every_fixture_meets_its_expected_outcome() {
         if let Err(why) = verdict {
             failures.push(format!("{}: {why}", f.name));
         }
+        // Every final state is exact: no approximation notes.
+        if !r.notes.is_empty() {
+            failures.push(format!("{}: {:?}", f.name, r.notes));
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
