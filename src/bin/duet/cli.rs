@@ -34,6 +34,8 @@ pub enum Command {
     Fuzz(crate::fuzz_cmd::FuzzArgs),
     /// Replay case files on both backends (or against their recorded result) and show the first difference.
     Diff(crate::fuzz_cmd::DiffArgs),
+    /// Print which general-purpose and system instructions the software CPU implements.
+    Coverage,
 }
 
 impl Default for Command {

@@ -1,6 +1,7 @@
 //! The `duet` command: run guests on KVM and on the software CPU, and explain the host.
 
 mod cli;
+mod coverage_cmd;
 mod doctor_cmd;
 mod elf;
 mod fuzz_cmd;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor_cmd::doctor(&args),
         Command::Fuzz(args) => fuzz_cmd::fuzz(&args),
         Command::Diff(args) => fuzz_cmd::diff(&args),
+        Command::Coverage => coverage_cmd::coverage(),
     };
     match result {
         Ok(code) => code,
