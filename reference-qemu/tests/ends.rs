@@ -246,3 +246,24 @@ fn debug_exit_state_is_exact_with_interrupts_on() {
     assert_ne!(s.regs.rflags & duet_core::state::rflags::IF, 0, "IF as the guest left it");
     assert!(r.notes.is_empty(), "{:?}", r.notes);
 }
+
+#[test]
+fn small_and_odd_ram_sizes_run() {
+    if !common::qemu_available() {
+        return;
+    }
+    for ram in [duet_fixtures::MIN_RAM, duet_fixtures::MIN_RAM + 0x1000, 3 << 20] {
+        let guest = GuestBuilder::new(Mode::Long)
+            .ram_size(ram)
+            .load_addr(0x2_0000)
+            .code(|a| Ok(a.hlt()?))
+            .build()
+            .unwrap();
+        let r = common::run(&guest).unwrap_or_else(|e| panic!("{ram:#x}: {e}"));
+        assert_eq!(r.outcome.stop, StopReason::Halted, "{ram:#x}");
+        assert!(
+            r.memory.read_obj::<u8>(GuestAddress(ram - 1)).is_ok()
+                && r.memory.read_obj::<u8>(GuestAddress(ram)).is_err()
+        );
+    }
+}
