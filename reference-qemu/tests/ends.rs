@@ -140,8 +140,13 @@ fn start_states_the_stub_cannot_produce_are_refused() {
     let window = base().load(0xf_fff0, vec![0x90; 16]).build().unwrap();
     let err = common::run(&window).unwrap_err();
     assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("0xfff00")), "{err}");
-    let ring3 = base().with_state(|s| s.regs.rflags |= duet_core::state::rflags::TF).build().unwrap();
+    let trap = base().with_state(|s| s.regs.rflags |= duet_core::state::rflags::TF).build().unwrap();
+    assert!(matches!(common::run(&trap), Err(QemuError::Unsupported(_))));
+    let ring3 = base().with_state(|s| s.sregs.cs.dpl = 3).build().unwrap();
     assert!(matches!(common::run(&ring3), Err(QemuError::Unsupported(_))));
+    let fpu = base().with_state(|s| s.fpu.0[0] = 0x7e).build().unwrap();
+    let err = common::run(&fpu).unwrap_err();
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("FNINIT")), "{err}");
 }
 
 #[test]

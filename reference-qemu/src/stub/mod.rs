@@ -24,7 +24,7 @@
 //! [`QemuError::Unsupported`] rather than run as something else.
 
 use duet_core::state::{ctrl, msr, rflags, TRACKED_MSRS};
-use duet_core::{CpuMode, CpuState, GuestMemory, Segment};
+use duet_core::{CpuMode, CpuState, FxArea, GuestMemory, Segment};
 use iced_x86::code_asm::*;
 
 use crate::QemuError;
@@ -106,6 +106,9 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
         state.msrs.keys().find(|k| !TRACKED_MSRS.contains(k) && ![msr::FS_BASE, msr::GS_BASE].contains(k))
     {
         return Err(unsupported(format!("MSR {k:#x} in the start state is not one the stub writes")));
+    }
+    if state.fpu != FxArea::default() {
+        return Err(unsupported("x87/SSE start state other than the FNINIT state QEMU resets to"));
     }
     if s.cr4 & (1 << 12) != 0 {
         return Err(unsupported("CR4.LA57 (5-level paging)"));
