@@ -2,10 +2,15 @@
 //! each backend, and on a raw kvm-ioctls loop with no duet layer (`raw_kvm`), in one run.
 //!
 //! Each exit guest loops `l: <exit>; dec ecx; jnz l` and ends with the debug exit; the host puts
-//! criterion's iteration count in ECX, so the reported time is per exit (plus two guest
-//! instructions, the same on every side). duet runs it through `Machine::run` with the standard
-//! devices, as any user does. HLT ends `Machine::run` (nothing can wake the vCPU), so `hlt` is
-//! one `Machine::run` per HLT; `hlt-vcpu` is one bare `Vcpu::run` per HLT.
+//! criterion's iteration count in ECX, so the reported time is per exit (plus the two loop
+//! instructions, the same on every side). duet runs the I/O guests through `Machine::run` with
+//! the standard devices, as any user does.
+//!
+//! HLT-and-resume: the guest halts with IF = 1 and the host wakes it by injecting an interrupt
+//! whose handler is `iret` (a halted CPU resumes only on an interrupt; `Machine::run` ends a run
+//! at a HLT nothing can wake). duet drives it the way `Machine::run`'s loop does — `Vcpu::run`,
+//! `ready_for_interrupt`, `inject_interrupt`, with the run's deadline set — and the raw loop
+//! with KVM_RUN and KVM_INTERRUPT.
 //!
 //! `cargo bench -p duet-benches --bench exit_latency`; figures in docs/BENCHMARKS.md.
 
@@ -15,11 +20,30 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use duet::{BackendKind, StopReason, VcpuExit};
 use duet_benches::raw_kvm::RawKvm;
-use duet_benches::workloads::{exit_guest, ExitKind};
-use duet_benches::{backends, Rig};
+use duet_benches::workloads::{exit_guest, ExitKind, EXIT_WAKE_VECTOR};
+use duet_benches::{backends, Rig, TIMEOUT};
 
-/// ECX for the HLT loops, which are resumed one HLT at a time and never reach their end.
-const FOREVER: u64 = u32::MAX as u64;
+/// Most exits one batch can take (ECX is the loop counter).
+const MAX_BATCH: u64 = u32::MAX as u64;
+
+/// The HLT loop on duet's `Vcpu` API, woken by an injected interrupt after every HLT.
+fn hlt_batch(rig: &mut Rig) -> u64 {
+    let vcpu = rig.machine.vcpu();
+    vcpu.set_deadline(Some(Instant::now() + TIMEOUT));
+    let mut halts = 0;
+    loop {
+        match vcpu.run().expect("Vcpu::run") {
+            VcpuExit::Hlt => {}
+            VcpuExit::IoOut { port: 0xf4, .. } => break,
+            other => panic!("unexpected exit {other:?} in the HLT loop"),
+        }
+        halts += 1;
+        assert!(vcpu.ready_for_interrupt(), "IF = 1 at the HLT");
+        vcpu.inject_interrupt(EXIT_WAKE_VECTOR).expect("inject the wake-up interrupt");
+    }
+    vcpu.set_deadline(None);
+    halts
+}
 
 fn exit_latency(c: &mut Criterion) {
     let mut group = c.benchmark_group("exit_latency");
@@ -29,48 +53,31 @@ fn exit_latency(c: &mut Criterion) {
         let name = kind.name();
         if kinds.contains(&BackendKind::Kvm) {
             let mut raw = RawKvm::new(kind).expect("raw KVM VM for an exit guest");
-            if kind == ExitKind::Hlt {
-                raw.start(FOREVER).expect("start the HLT loop");
-                group.bench_function(format!("{name}/raw_kvm"), |b| {
-                    b.iter(|| raw.run_once().expect("KVM_RUN to the next HLT"))
-                });
-            } else {
-                group.bench_function(format!("{name}/raw_kvm"), |b| {
-                    b.iter_custom(|iters| {
-                        let t = Instant::now();
-                        let seen = raw.run_batch(iters.min(FOREVER)).expect("raw exit loop");
-                        let elapsed = t.elapsed();
-                        assert_eq!(seen, iters.min(FOREVER), "one exit per iteration");
-                        elapsed
-                    })
-                });
-            }
+            group.bench_function(format!("{name}/raw_kvm"), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    let seen = raw.run_batch(iters.min(MAX_BATCH)).expect("raw exit loop");
+                    let elapsed = t.elapsed();
+                    assert_eq!(seen, iters.min(MAX_BATCH), "one exit per iteration");
+                    elapsed
+                })
+            });
         }
         let guest = exit_guest(kind).expect("exit guest");
         for backend in &kinds {
             let mut rig = Rig::new(*backend, &guest).expect("machine for an exit guest");
             let mut regs = guest.state.regs.clone();
-            if kind == ExitKind::Hlt {
-                regs.rcx = FOREVER;
-                rig.machine.vcpu().set_regs(&regs).expect("set regs");
-                group.bench_function(format!("{name}/{backend}"), |b| {
-                    b.iter(|| {
-                        let outcome = rig.run().expect("run to the next HLT");
-                        assert_eq!(outcome.stop, StopReason::Halted);
-                    })
-                });
-                group.bench_function(format!("hlt-vcpu/{backend}"), |b| {
-                    b.iter(|| {
-                        let exit = rig.machine.vcpu().run().expect("Vcpu::run to the next HLT");
-                        assert!(matches!(exit, VcpuExit::Hlt), "{exit:?}");
-                    })
-                });
-                continue;
-            }
             group.bench_function(format!("{name}/{backend}"), |b| {
                 b.iter_custom(|iters| {
-                    regs.rcx = iters.min(FOREVER);
+                    regs.rcx = iters.min(MAX_BATCH);
                     rig.machine.vcpu().set_regs(&regs).expect("set regs");
+                    if kind == ExitKind::Hlt {
+                        let t = Instant::now();
+                        let halts = hlt_batch(&mut rig);
+                        let elapsed = t.elapsed();
+                        assert_eq!(halts, iters.min(MAX_BATCH), "{backend}: one HLT per iteration");
+                        return elapsed;
+                    }
                     let t = Instant::now();
                     let outcome = black_box(rig.run().expect("exit loop"));
                     let elapsed = t.elapsed();

@@ -9,10 +9,20 @@ use std::sync::Arc;
 
 use duet_core::vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress};
 use duet_core::GuestMemory;
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use crate::workloads::{exit_code, ExitKind, EXIT_CODE_ADDR, EXIT_MMIO_SEGMENT, EXIT_RAM};
+use crate::workloads::{exit_images, ExitKind, EXIT_CODE_ADDR, EXIT_MMIO_SEGMENT, EXIT_RAM, EXIT_WAKE_VECTOR};
+
+/// kvm-ioctls has no wrapper for KVM_INTERRUPT (a VMM with a userspace irqchip injects with it).
+mod nr {
+    use kvm_bindings::{kvm_interrupt, KVMIO};
+    use vmm_sys_util::ioctl_iow_nr;
+
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+}
+use nr::KVM_INTERRUPT;
 
 /// Where KVM may put the real-mode TSS it needs on hosts without unrestricted guest.
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -30,11 +40,12 @@ impl RawKvm {
     /// Creates the VM, maps 64 KiB of RAM with the guest's code and sets the real-mode start state.
     pub fn new(kind: ExitKind) -> Result<Self, String> {
         let ioctl = |op: &'static str| move |e: kvm_ioctls::Error| format!("{op}: {e}");
-        let code = exit_code(kind).map_err(|e| e.to_string())?;
         let memory = GuestMemory::from_ranges(&[(GuestAddress(0), EXIT_RAM as usize)])
             .map_err(|e| format!("guest memory: {e}"))?;
-        duet_core::vm_memory::Bytes::write_slice(&memory, &code, GuestAddress(EXIT_CODE_ADDR))
-            .map_err(|e| format!("loading the code: {e}"))?;
+        for (addr, bytes) in exit_images(kind).map_err(|e| e.to_string())? {
+            duet_core::vm_memory::Bytes::write_slice(&memory, &bytes, GuestAddress(addr))
+                .map_err(|e| format!("loading the guest: {e}"))?;
+        }
         let memory = Arc::new(memory);
         let kvm = Kvm::new().map_err(ioctl("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
@@ -73,14 +84,19 @@ impl RawKvm {
     }
 
     /// Runs the loop to its debug exit: `exits` exits of the guest's kind, each handled the way
-    /// a minimal VMM would (reads return all ones, writes are dropped, HLT resumes).
+    /// a minimal VMM would (reads return all ones, writes are dropped, HLT is woken by
+    /// injecting [`EXIT_WAKE_VECTOR`]).
     pub fn run_batch(&mut self, exits: u64) -> Result<u64, String> {
         self.start(exits)?;
         let mut seen = 0u64;
         loop {
             match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
                 VcpuExit::IoOut(0xf4, _) => break,
-                VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) | VcpuExit::Hlt => seen += 1,
+                VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) => seen += 1,
+                VcpuExit::Hlt => {
+                    self.interrupt(EXIT_WAKE_VECTOR)?;
+                    seen += 1;
+                }
                 VcpuExit::IoIn(_, data) | VcpuExit::MmioRead(_, data) => {
                     data.fill(0xff);
                     seen += 1;
@@ -99,15 +115,15 @@ impl RawKvm {
         settled
     }
 
-    /// One KVM_RUN that must end in the guest's exit kind (for resuming after HLT one at a time).
-    pub fn run_once(&mut self) -> Result<(), String> {
-        match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
-            VcpuExit::Hlt | VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) => Ok(()),
-            VcpuExit::IoIn(_, data) | VcpuExit::MmioRead(_, data) => {
-                data.fill(0xff);
-                Ok(())
-            }
-            other => Err(format!("unexpected exit {other:?}")),
+    /// KVM_INTERRUPT: queues external interrupt `vector` for the next entry.
+    fn interrupt(&self, vector: u8) -> Result<(), String> {
+        let irq = kvm_interrupt { irq: u32::from(vector) };
+        // SAFETY: `self.vcpu` is a vCPU fd, and KVM_INTERRUPT reads exactly one kvm_interrupt,
+        // which `irq` is and which lives across the call.
+        let ret = unsafe { ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(format!("KVM_INTERRUPT: {}", std::io::Error::last_os_error()));
         }
+        Ok(())
     }
 }

@@ -24,7 +24,8 @@ pub enum ExitKind {
     MmioRead,
     /// `mov [ds:0], al` with DS:0 unbacked.
     MmioWrite,
-    /// `hlt`; the host resumes the vCPU after each one.
+    /// `hlt` with IF = 1; the host wakes the vCPU with an interrupt (vector
+    /// [`EXIT_WAKE_VECTOR`], whose real-mode handler is `iret`) after each one.
     Hlt,
 }
 
@@ -45,12 +46,21 @@ impl ExitKind {
     }
 }
 
-/// Real-mode code at [`EXIT_CODE_ADDR`]: `l: <exit>; dec ecx; jnz l; out 0xF4, al; hlt`.
+/// The vector that wakes the HLT exit guest.
+pub const EXIT_WAKE_VECTOR: u8 = 0x20;
+/// Where the HLT exit guest's interrupt handler (`iret`) sits.
+const EXIT_HANDLER_ADDR: u64 = 0x1800;
+
+/// Real-mode code at [`EXIT_CODE_ADDR`]: `l: <exit>; dec ecx; jnz l; out 0xF4, al; hlt`
+/// (`sti` first in the HLT guest).
 ///
 /// The host puts the number of exits wanted in ECX; the debug exit ends the batch.
 pub fn exit_code(kind: ExitKind) -> Result<Vec<u8>, FixtureError> {
     assemble(16, EXIT_CODE_ADDR, |a| {
         let mut top = a.create_label();
+        if kind == ExitKind::Hlt {
+            a.sti()?;
+        }
         a.set_label(&mut top)?;
         match kind {
             ExitKind::PortOut => a.out(i32::from(EXIT_PORT), al)?,
@@ -68,10 +78,25 @@ pub fn exit_code(kind: ExitKind) -> Result<Vec<u8>, FixtureError> {
     })
 }
 
+/// The images of an exit guest, (guest physical address, bytes): the code, and for the HLT
+/// guest an IVT entry for [`EXIT_WAKE_VECTOR`] and its `iret` handler.
+pub fn exit_images(kind: ExitKind) -> Result<Vec<(u64, Vec<u8>)>, FixtureError> {
+    let mut images = vec![(EXIT_CODE_ADDR, exit_code(kind)?)];
+    if kind == ExitKind::Hlt {
+        let mut ivt_entry = (EXIT_HANDLER_ADDR as u16).to_le_bytes().to_vec();
+        ivt_entry.extend_from_slice(&[0, 0]); // segment 0
+        images.push((u64::from(EXIT_WAKE_VECTOR) * 4, ivt_entry));
+        images.push((EXIT_HANDLER_ADDR, vec![0xcf])); // iret
+    }
+    Ok(images)
+}
+
 /// The duet guest for [`exit_code`]: 64 KiB of RAM, real mode, CS = 0, DS = 0x1000.
 pub fn exit_guest(kind: ExitKind) -> Result<Guest, FixtureError> {
     let mut g = Guest::new(format!("exit-{}", kind.name()), EXIT_RAM);
-    g.load(EXIT_CODE_ADDR, exit_code(kind)?);
+    for (addr, bytes) in exit_images(kind)? {
+        g.load(addr, bytes);
+    }
     g.state = CpuState::reset();
     g.state.sregs.cs = Segment::real_mode(0, true);
     for s in [&mut g.state.sregs.ss, &mut g.state.sregs.es] {
