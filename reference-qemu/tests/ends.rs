@@ -144,6 +144,13 @@ fn start_states_the_stub_cannot_produce_are_refused() {
     assert!(matches!(common::run(&trap), Err(QemuError::Unsupported(_))));
     let ring3 = base().with_state(|s| s.sregs.cs.dpl = 3).build().unwrap();
     assert!(matches!(common::run(&ring3), Err(QemuError::Unsupported(_))));
+    // Long mode: the guest's page tables must map the stub at 0xfffc_0000 to itself; clearing
+    // the PDPTE for 3–4 GiB (PDPT at PAGE_TABLES_ADDR + 0x1000, entry 3) removes that.
+    let pdpte3 = duet_core::layout::PAGE_TABLES_ADDR + 0x1000 + 3 * 8;
+    let unmapped =
+        GuestBuilder::new(Mode::Long).code(|a| Ok(a.hlt()?)).load(pdpte3, vec![0u8; 8]).build().unwrap();
+    let err = common::run(&unmapped).unwrap_err();
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("identity-map")), "{err}");
     let fpu = base().with_state(|s| s.fpu.0[0] = 0x7e).build().unwrap();
     let err = common::run(&fpu).unwrap_err();
     assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("FNINIT")), "{err}");

@@ -54,8 +54,8 @@ pub(super) fn walk_entries(mem: &GuestMemory, cr3_value: u64, lin: u64) -> Vec<(
 
 /// Where a segment's descriptor lives and what it holds.
 struct Desc {
-    /// Linear = physical address of the 8-byte descriptor in guest memory.
-    addr: u64,
+    /// Linear address of the 8-byte descriptor (what the stub's writes use).
+    linear: u64,
     /// The low 8 bytes.
     raw: u64,
     /// The next 8 bytes (system descriptors in long mode).
@@ -93,11 +93,12 @@ impl Plan<'_> {
                 gdt.limit
             )));
         }
-        let addr = self.phys(gdt.base + off)?;
+        let linear = gdt.base + off;
+        let addr = self.phys(linear)?;
         let raw = read_u64(self.mem, addr)
             .ok_or_else(|| unsupported(format!("{name} descriptor at {addr:#x} is not in guest RAM")))?;
         let high = read_u64(self.mem, addr + 8).unwrap_or(0);
-        Ok(Desc { addr, raw, high })
+        Ok(Desc { linear, raw, high })
     }
 
     /// Checks that loading `seg.selector` from the GDT yields exactly `seg` (bases of FS/GS in
@@ -131,7 +132,7 @@ impl Plan<'_> {
     }
 
     /// For TR/LDTR: `None` when the register holds its RESET value (left as QEMU resets it),
-    /// else the descriptor's address and access byte to restore after loading.
+    /// else the linear address of the descriptor's access byte and its value to restore after loading.
     pub(super) fn check_system(
         &self,
         name: &str,
@@ -153,7 +154,7 @@ impl Plan<'_> {
                 d.raw
             )));
         }
-        Ok(Some((d.addr + 5, (d.raw >> 40) as u8)))
+        Ok(Some((d.linear + 5, (d.raw >> 40) as u8)))
     }
 }
 

@@ -205,6 +205,15 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
                 return Err(unsupported("long mode without CR4.PAE, EFER.LME and CR0.PG"));
             }
             check_ring0(state)?;
+            if s.gdt.base > u64::from(u32::MAX) {
+                return Err(unsupported("a GDT above 4 GiB (the stub loads it from compatibility mode)"));
+            }
+            let canonical = |v: u64| (v as i64) << 16 >> 16 == v as i64;
+            let bases =
+                [msr::LSTAR, msr::CSTAR, msr::KERNEL_GS_BASE].iter().filter_map(|i| state.msrs.get(i));
+            if let Some(v) = bases.chain([&s.fs.base, &s.gs.base]).find(|&&v| !canonical(v)) {
+                return Err(unsupported(format!("non-canonical address {v:#x} in an MSR or segment base")));
+            }
             check_identity(state, mem)?;
             for (name, seg) in s.segments() {
                 plan.check_segment(name, seg)?;
