@@ -17,6 +17,21 @@
 //! one byte, RFLAGS.IF after a debug exit is the value after the guest's CLI, MSRs are not read
 //! after a triple fault, and duet's MMIO test device does not exist under QEMU (its address is
 //! unassigned there: reads return 0, not duet's all ones).
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use duet_core::{Availability, CpuidProfile, StopReason};
+//!
+//! if let Availability::Available(_) = duet_qemu::availability() {
+//!     let guest = duet_fixtures::find("hello").expect("in the catalogue").guest()?;
+//!     let run = duet_qemu::run(&guest, &CpuidProfile::baseline(), Duration::from_secs(10))?;
+//!     assert_eq!(run.outcome.stop, StopReason::Halted);
+//!     assert_eq!(run.console_text(), "Hello from duet!\n");
+//!     assert_eq!(run.outcome.backend, duet_qemu::BACKEND_NAME);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
