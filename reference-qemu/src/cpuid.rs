@@ -1,7 +1,8 @@
 //! The CPUID profile as QEMU `-cpu` options, so a guest sees the same features on all three CPUs.
 //!
 //! The mapping starts from QEMU's featureless `base` model and names every feature bit the
-//! profile sets; a bit QEMU has no name for is an error rather than silently dropped. What
+//! profile sets; a bit QEMU has no name for is an error rather than silently dropped, and
+//! `enforce` makes QEMU refuse to start when TCG cannot provide a named feature. What
 //! QEMU computes itself and cannot be told (checked by the `cpuid` test guest):
 //! - leaf 1 EBX bits 23:16 (logical processors): QEMU reports 0 with one vCPU, the profile 1;
 //! - leaf 1 EBX bits 31:24 (initial APIC ID) are QEMU's APIC ID (0, as in the profile);
@@ -144,6 +145,9 @@ pub fn cpu_option(profile: &CpuidProfile) -> Result<String, QemuError> {
             opt += &format!(",phys-bits={phys}");
         }
     }
+    // A feature TCG cannot provide makes QEMU refuse to start (naming it on stderr) instead
+    // of silently running a guest that sees less than the profile.
+    opt += ",enforce";
     Ok(opt)
 }
 
@@ -165,7 +169,7 @@ mod tests {
         {
             assert!(o.contains(&format!("{f},")) || o.contains(&format!("{f},model-id")), "{f} in {o}");
         }
-        assert!(o.ends_with(",model-id=duet virtual CP,phys-bits=36"), "{o}");
+        assert!(o.ends_with(",model-id=duet virtual CP,phys-bits=36,enforce"), "{o}");
         assert!(!o.contains("+fpu") && !o.contains("+sse"), "{o}");
     }
 

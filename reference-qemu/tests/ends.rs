@@ -82,7 +82,7 @@ fn post_code_is_the_last_byte_written_to_port_0x80() {
 
 /// Where the CPUID guest stores EAX..EDX of each leaf.
 const CPUID_OUT: u64 = 0x20_0000;
-const LEAVES: [u32; 3] = [0, 1, 0x8000_0001];
+const LEAVES: [u32; 5] = [0, 1, 7, 0x8000_0001, 0x8000_0008];
 
 #[test]
 fn cpuid_leaves_match_the_profile_except_what_qemu_computes() {
@@ -278,4 +278,22 @@ fn small_and_odd_ram_sizes_run() {
                 && r.memory.read_obj::<u8>(GuestAddress(ram)).is_err()
         );
     }
+}
+
+#[test]
+fn a_feature_tcg_cannot_provide_is_an_error_not_a_smaller_cpu() {
+    if !common::qemu_available() {
+        return;
+    }
+    // VMX (leaf 1 ECX bit 5, SDM Vol. 2A Table 3-10) is not emulated by QEMU 7.2's TCG.
+    let mut profile = CpuidProfile::baseline();
+    if let Some(e) = profile.entries.iter_mut().find(|e| e.function == 1) {
+        e.ecx |= 1 << 5;
+    }
+    let guest = GuestBuilder::new(Mode::Long).code(|a| Ok(a.hlt()?)).build().unwrap();
+    let err = duet_qemu::run(&guest, &profile, Duration::from_secs(10)).unwrap_err();
+    assert!(
+        matches!(&err, QemuError::Exited { stderr, .. } | QemuError::Startup { stderr, .. } if stderr.contains("avx")),
+        "{err}"
+    );
 }
