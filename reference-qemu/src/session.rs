@@ -127,13 +127,26 @@ fn arguments(guest: &Guest, cpu: &str, dir: &TempDir, p: &Prepared) -> Result<Ve
     Ok(a)
 }
 
+/// When QEMU quit during startup (e.g. `enforce` refusing a feature), its exit and stderr
+/// explain more than the broken socket; otherwise `e` stands.
+fn exited_instead(qemu: &mut Qemu, e: QemuError) -> QemuError {
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if let Err(exited) = qemu.check_alive() {
+            return exited;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    e
+}
+
 /// Connects to QMP, waiting for QEMU to create the socket.
 fn connect(qemu: &mut Qemu, sock: &Path) -> Result<Qmp, QemuError> {
     let start = Instant::now();
     loop {
         qemu.check_alive()?;
         if let Ok(s) = UnixStream::connect(sock) {
-            return Qmp::new(s, STARTUP);
+            return Qmp::new(s, STARTUP).map_err(|e| exited_instead(qemu, e));
         }
         if start.elapsed() > STARTUP {
             return Err(QemuError::Startup { ms: start.elapsed().as_millis(), stderr: qemu.stderr() });
