@@ -280,6 +280,17 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                     }
                 }
             };
+            let minimal_sig = format!("{}: {}", case.mode, super::judge::signature(&kvm_outcome.stop, &diff));
+            let first = {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let n = seen.entry(format!("minimal {minimal_sig}")).or_default();
+                *n += 1;
+                *n == 1
+            };
+            if !first {
+                // Shrunk into a divergence already saved: count it, do not save it again.
+                return Ok(Outcome::Found(sig, None));
+            }
             let report = match checker.kvm.as_mut() {
                 Some(kvm) => lockstep(kvm, &mut checker.interp, &case, "minimal case")
                     .unwrap_or_else(|e| format!("lockstep rerun failed: {e}")),

@@ -92,8 +92,13 @@ impl Checker {
             let reason = c.reason.split(" (").next().unwrap_or(&c.reason);
             return Ok(self.ask_reference(case, &interp, format!("KVM cannot run `{what}`: {reason}")));
         }
-        if kvm.stop == StopReason::Deadline && interp.stop == StopReason::Deadline {
-            return Ok(Verdict::Hung);
+        match (&kvm.stop, &interp.stop) {
+            (StopReason::Deadline, StopReason::Deadline) => return Ok(Verdict::Hung),
+            (StopReason::Deadline, _) => {
+                let why = "KVM reached the deadline where the interpreter finished".to_string();
+                return Ok(self.ask_reference(case, &interp, why));
+            }
+            _ => {}
         }
         let diff = compare_runs(&p, case, ("kvm", &kvm.outcome), ("interp", &interp.outcome));
         if diff.is_empty() {

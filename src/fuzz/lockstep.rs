@@ -13,7 +13,7 @@ use super::layout::{self, RAM_SIZE};
 use super::FuzzError;
 
 /// Most steps a lockstep rerun takes before giving up.
-pub const MAX_STEPS: usize = 10_000;
+pub const MAX_STEPS: usize = 300;
 
 /// The instruction at `s`'s CS:RIP in `ram`: address, bytes and Intel disassembly.
 fn instruction_at(s: &CpuState, ram: &[u8]) -> String {

@@ -376,8 +376,8 @@ pub fn snippet(mode: FuzzMode, kind: usize, s: &InsnSpec, slot: usize, n: usize)
         2 => {
             let mut bytes = if bits == 16 { vec![0x66] } else { vec![] };
             bytes.push(0x68);
-            // VM and AC stay clear: see judge::HOST_SPECIFIC for AC.
-            bytes.extend(((a as u32) & !0x0006_0000).to_le_bytes());
+            // TF, VM and AC stay clear: see judge::HOST_SPECIFIC.
+            bytes.extend(((a as u32) & !0x0006_0100).to_le_bytes());
             let mut v = decoded(bits, &bytes);
             let popf: Vec<u8> = if bits == 16 { vec![0x66, 0x9d] } else { vec![0x9d] };
             v.extend(decoded(bits, &popf));
