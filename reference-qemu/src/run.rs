@@ -265,9 +265,11 @@ fn gdb_extras(
         [g.gprs[8], g.gprs[9], g.gprs[10], g.gprs[11], g.gprs[12], g.gprs[13], g.gprs[14], g.gprs[15]];
     state.sregs.cr8 = g.cr8;
     if *stop == StopReason::Shutdown {
-        return Err(QemuError::Unsupported(
-            "MSRs after a shutdown (the vCPU cannot be resumed to read them)".into(),
-        ));
+        return Err(QemuError::Qmp {
+            command: "gdbstub".into(),
+            message: "MSRs are not read after a shutdown (the vCPU cannot be resumed to run the readback)"
+                .into(),
+        });
     }
     let msrs = gdb.read_msrs(|| qmp.execute("inject-nmi", None).map(|_| ()))?;
     state.msrs = msrs.into_iter().collect();

@@ -50,6 +50,9 @@ fn exception_without_idt_is_a_triple_fault_shutdown() {
         .unwrap();
     let r = common::run(&guest).unwrap();
     assert_eq!(r.outcome.stop, StopReason::Shutdown);
+    // After a shutdown the MSRs stay unread, and a note says so.
+    assert!(r.outcome.state.msrs.is_empty());
+    assert!(r.notes.iter().any(|n| n.contains("after a shutdown")), "{:?}", r.notes);
 }
 
 #[test]
