@@ -18,6 +18,18 @@
 //! after a triple fault, and duet's MMIO test device does not exist under QEMU (its address is
 //! unassigned there: reads return 0, not duet's all ones).
 //!
+//! Where QEMU 7.2 and the SDM disagree, the SDM wins and the case is written down:
+//! - after LTR, QEMU caches the TSS type it read (available) while hardware holds the busy type
+//!   (VMX guest-state checks, SDM Vol. 3C §28.3.1.2): duet-qemu reports TR busy;
+//! - an interrupt or exception through an IST gate without a privilege change loads a null SS
+//!   in QEMU; the SDM (Vol. 2A, INT n, IA-32e intra-privilege case) leaves SS unchanged. Not
+//!   corrected (the SS before delivery is unknown); pinned by the `fault-long` state test.
+//!
+//! And where QEMU's machine differs from duet's conventions: unassigned memory reads 0 (duet:
+//! all ones), so the MMIO test device's fixtures (`mmio-loop`, `irq`) cannot pass; a ROM guest
+//! starts from QEMU's own RESET, whose EDX holds the CPUID signature as the SDM's Table 10-1
+//! says (duet's `CpuState::reset` has 0x600).
+//!
 //! ```
 //! use std::time::Duration;
 //!
