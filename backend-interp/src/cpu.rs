@@ -222,6 +222,10 @@ pub(crate) struct Cpu {
     pub rep_pending: bool,
     /// DR0–DR3, DR6, DR7 (stored; breakpoints are not raised).
     pub dr: [u64; 6],
+    /// XCR0 (XSETBV/XGETBV).
+    pub xcr0: u64,
+    /// State of RDRAND's deterministic generator.
+    pub rng: u64,
 }
 
 impl Cpu {
@@ -252,6 +256,9 @@ impl Cpu {
             rep_pending: false,
             // DR6 and DR7 after RESET (SDM Vol. 3A Table 10-1).
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400],
+            // XCR0 after RESET has only the x87 bit (SDM Vol. 1 §13.3).
+            xcr0: 1,
+            rng: 0x9e37_79b9_7f4a_7c15,
         }
     }
 

@@ -43,16 +43,46 @@ pub mod leaf1_edx {
     pub const CMOV: u32 = 1 << 15;
 }
 
+/// Feature bits of leaf 1 ECX (SDM Vol. 2A, CPUID, Table 3-10).
+pub mod leaf1_ecx {
+    /// CMPXCHG16B.
+    pub const CX16: u32 = 1 << 13;
+    /// MOVBE.
+    pub const MOVBE: u32 = 1 << 22;
+    /// POPCNT.
+    pub const POPCNT: u32 = 1 << 23;
+    /// XSAVE/XRSTOR/XSETBV/XGETBV and XCR0.
+    pub const XSAVE: u32 = 1 << 26;
+    /// RDRAND.
+    pub const RDRAND: u32 = 1 << 30;
+}
+
+/// Feature bits of leaf 7 subleaf 0 EBX (SDM Vol. 2A, CPUID, Table 3-8).
+pub mod leaf7_ebx {
+    /// RDFSBASE/RDGSBASE/WRFSBASE/WRGSBASE (with CR4.FSGSBASE).
+    pub const FSGSBASE: u32 = 1 << 0;
+    /// BMI1: ANDN, BEXTR, BLSI, BLSMSK, BLSR, TZCNT.
+    pub const BMI1: u32 = 1 << 3;
+    /// BMI2: BZHI, MULX, PDEP, PEXT, RORX, SARX, SHLX, SHRX.
+    pub const BMI2: u32 = 1 << 8;
+    /// ADX: ADCX, ADOX.
+    pub const ADX: u32 = 1 << 19;
+}
+
 /// Feature bits of leaf 0x8000_0001 EDX/ECX (SDM Vol. 2A, CPUID, Table 3-8).
 pub mod ext_leaf1 {
     /// EDX: SYSCALL/SYSRET in 64-bit mode.
     pub const EDX_SYSCALL: u32 = 1 << 11;
     /// EDX: execute-disable bit.
     pub const EDX_NX: u32 = 1 << 20;
+    /// EDX: RDTSCP and IA32_TSC_AUX.
+    pub const EDX_RDTSCP: u32 = 1 << 27;
     /// EDX: Intel 64 (long mode).
     pub const EDX_LM: u32 = 1 << 29;
     /// ECX: LAHF/SAHF in 64-bit mode.
     pub const ECX_LAHF_LM: u32 = 1 << 0;
+    /// ECX: LZCNT (ABM).
+    pub const ECX_ABM: u32 = 1 << 5;
 }
 
 /// The CPUID table a guest sees.
@@ -77,18 +107,41 @@ fn brand_regs(v: &[u8]) -> (u32, u32, u32, u32) {
 }
 
 impl CpuidProfile {
-    /// duet's baseline: only features the software CPU implements (no x87/SSE yet).
+    /// duet's baseline: only features the software CPU implements (no x87/SSE yet). RDRAND is
+    /// implemented but not advertised: its values can never match hardware's.
     pub fn baseline() -> Self {
         use ext_leaf1::*;
+        use leaf1_ecx::*;
         use leaf1_edx::*;
+        use leaf7_ebx::*;
         let (vb, vd, vc) = vendor_regs(b"GenuineIntel");
         let mut entries = vec![
             CpuidEntry::leaf(0, 7, vb, vc, vd),
             // Family 6, model 0x3a, stepping 9; CLFLUSH line 8 × 8 bytes, one logical CPU.
-            CpuidEntry::leaf(1, 0x0003_06a9, 0x0001_0800, 0, PSE | TSC | MSR | PAE | CX8 | PGE | CMOV),
-            CpuidEntry { function: 7, index: 0, indexed: true, eax: 0, ebx: 0, ecx: 0, edx: 0 },
+            CpuidEntry::leaf(
+                1,
+                0x0003_06a9,
+                0x0001_0800,
+                CX16 | MOVBE | POPCNT,
+                PSE | TSC | MSR | PAE | CX8 | PGE | CMOV,
+            ),
+            CpuidEntry {
+                function: 7,
+                index: 0,
+                indexed: true,
+                eax: 0,
+                ebx: FSGSBASE | BMI1 | BMI2 | ADX,
+                ecx: 0,
+                edx: 0,
+            },
             CpuidEntry::leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
-            CpuidEntry::leaf(0x8000_0001, 0, 0, ECX_LAHF_LM, EDX_SYSCALL | EDX_NX | EDX_LM),
+            CpuidEntry::leaf(
+                0x8000_0001,
+                0,
+                0,
+                ECX_LAHF_LM | ECX_ABM,
+                EDX_SYSCALL | EDX_NX | EDX_RDTSCP | EDX_LM,
+            ),
         ];
         for (i, chunk) in [&b"duet virtual CP"[..], b"U", b""].iter().enumerate() {
             let (a, b, c, d) = brand_regs(chunk);
@@ -159,6 +212,21 @@ impl CpuidProfile {
         self.lookup(1, 0)[3] & bit != 0
     }
 
+    /// Whether leaf 1 ECX advertises `bit`.
+    pub fn has_leaf1_ecx(&self, bit: u32) -> bool {
+        self.lookup(1, 0)[2] & bit != 0
+    }
+
+    /// Whether leaf 7 subleaf 0 EBX advertises `bit`.
+    pub fn has_leaf7_ebx(&self, bit: u32) -> bool {
+        self.lookup(7, 0)[1] & bit != 0
+    }
+
+    /// Whether leaf 0x8000_0001 ECX advertises `bit`.
+    pub fn has_ext_ecx(&self, bit: u32) -> bool {
+        self.lookup(0x8000_0001, 0)[2] & bit != 0
+    }
+
     /// Whether leaf 0x8000_0001 EDX advertises `bit`.
     pub fn has_ext_edx(&self, bit: u32) -> bool {
         self.lookup(0x8000_0001, 0)[3] & bit != 0
@@ -189,6 +257,17 @@ mod tests {
         assert!(p.has_ext_edx(ext_leaf1::EDX_LM));
         // SDM Table 3-11: EDX bit 25 is SSE, bit 0 is FPU; the interpreter has neither yet.
         assert_eq!(p.lookup(1, 0)[3] & ((1 << 25) | 1), 0);
+    }
+
+    #[test]
+    fn baseline_advertises_the_implemented_extensions_but_not_rdrand_or_xsave() {
+        let p = CpuidProfile::baseline();
+        use leaf1_ecx::*;
+        assert!([CX16, MOVBE, POPCNT].iter().all(|&b| p.has_leaf1_ecx(b)));
+        assert!(!p.has_leaf1_ecx(RDRAND) && !p.has_leaf1_ecx(XSAVE));
+        use leaf7_ebx::*;
+        assert!([FSGSBASE, BMI1, BMI2, ADX].iter().all(|&b| p.has_leaf7_ebx(b)));
+        assert!(p.has_ext_ecx(ext_leaf1::ECX_ABM) && p.has_ext_edx(ext_leaf1::EDX_RDTSCP));
     }
 
     #[test]

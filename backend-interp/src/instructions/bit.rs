@@ -45,18 +45,22 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.set_flag(CF, set);
             Ok(())
         }
-        Mnemonic::Bsf | Mnemonic::Bsr => {
-            let src = cpu.read_op(ins, 1)? & mask(b);
-            if src == 0 {
-                // Destination undefined (left unchanged, as current parts do); ZF = 1.
-                cpu.set_flag(ZF, true);
-                return Ok(());
-            }
-            let idx = if m == Mnemonic::Bsf { src.trailing_zeros() } else { 63 - src.leading_zeros() };
-            cpu.write_op(ins, 0, u64::from(idx))?;
-            cpu.set_flag(ZF, false);
-            Ok(())
-        }
+        Mnemonic::Bsf | Mnemonic::Bsr => exec_scan(cpu, ins, m == Mnemonic::Bsf),
         _ => Err(form(ins)),
     }
+}
+
+/// BSF (`forward`) or BSR; also LZCNT/TZCNT on a profile without them, which execute as these.
+pub(crate) fn exec_scan(cpu: &mut Cpu, ins: &Instruction, forward: bool) -> Flow {
+    let b = crate::cpu::width(cpu.op_bytes(ins, 0));
+    let src = cpu.read_op(ins, 1)? & mask(b);
+    if src == 0 {
+        // Destination undefined (left unchanged, as current parts do); ZF = 1.
+        cpu.set_flag(ZF, true);
+        return Ok(());
+    }
+    let idx = if forward { src.trailing_zeros() } else { 63 - src.leading_zeros() };
+    cpu.write_op(ins, 0, u64::from(idx))?;
+    cpu.set_flag(ZF, false);
+    Ok(())
 }

@@ -4,8 +4,10 @@
 pub(crate) mod alu;
 pub(crate) mod bcd;
 pub(crate) mod bit;
+pub(crate) mod bmi;
 pub(crate) mod control;
 pub(crate) mod descriptor;
+pub(crate) mod ext;
 pub(crate) mod flags;
 pub(crate) mod gate;
 pub(crate) mod io;
@@ -41,6 +43,8 @@ enum Group {
     Bcd,
     Syscall,
     Descriptor,
+    Bmi,
+    Ext,
 }
 
 /// The group that implements `m`, or `None` when the interpreter does not implement it.
@@ -74,6 +78,10 @@ fn group(m: Mnemonic) -> Option<Group> {
         Lar | Lsl | Verr | Verw => Group::Descriptor,
         Daa | Das | Aaa | Aas | Aam | Aad => Group::Bcd,
         Syscall | Sysret | Sysretq | Sysenter | Sysexit | Sysexitq => Group::Syscall,
+        Popcnt | Lzcnt | Tzcnt | Andn | Bextr | Blsi | Blsmsk | Blsr | Bzhi | Mulx | Pdep | Pext | Rorx
+        | Sarx | Shlx | Shrx | Adcx | Adox => Group::Bmi,
+        Movbe | Cmpxchg16b | Rdtscp | Rdrand | Rdfsbase | Rdgsbase | Wrfsbase | Wrgsbase | Xgetbv
+        | Xsetbv => Group::Ext,
         _ => return None,
     })
 }
@@ -92,6 +100,11 @@ pub fn implemented_mnemonics() -> Vec<Mnemonic> {
 /// Executes one decoded instruction: the single dispatch point.
 pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let m = ins.mnemonic();
+    // VEX-encoded instructions are #UD in real-address and virtual-8086 mode (SDM Vol. 2A
+    // §2.3.2; iced-x86 decodes C4/C5 as VEX there since 16-bit code has them).
+    if ins.encoding() != iced_x86::EncodingKind::Legacy && (!cpu.protected() || cpu.v86()) {
+        return Err(crate::cpu::ud());
+    }
     match group(m) {
         Some(Group::Mov) => mov::exec(cpu, ins),
         Some(Group::Alu) => alu::exec(cpu, ins),
@@ -108,6 +121,8 @@ pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         Some(Group::Bcd) => bcd::exec(cpu, ins),
         Some(Group::Syscall) => syscall::exec(cpu, ins),
         Some(Group::Descriptor) => descriptor::exec(cpu, ins),
+        Some(Group::Bmi) => bmi::exec(cpu, ins),
+        Some(Group::Ext) => ext::exec(cpu, ins),
         None => Err(unsupported(format!("{m:?}"))),
     }
 }

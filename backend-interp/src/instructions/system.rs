@@ -215,7 +215,7 @@ pub(crate) fn mov_dr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     }
 }
 
-/// CR4 bits the interpreter accepts: VME…OSXMMEXCPT (bits 0–10).
+/// CR4 bits the interpreter always accepts: VME…OSXMMEXCPT (bits 0–10).
 const CR4_VALID: u64 = 0x7ff;
 /// CR0 bits that exist; writes to other bits of 31:0 are ignored, bits 63:32 fault.
 const CR0_VALID: u64 = 0xe005_003f;
@@ -263,7 +263,15 @@ impl Cpu {
                 self.tlb.flush();
             }
             4 => {
-                if v & !CR4_VALID != 0 || (self.long_mode() && v & ctrl::CR4_PAE == 0) {
+                // FSGSBASE and OSXSAVE exist only where CPUID enumerates them (SDM Vol. 3A §2.5).
+                let mut valid = CR4_VALID;
+                if self.cpuid.has_leaf7_ebx(duet_core::cpuid::leaf7_ebx::FSGSBASE) {
+                    valid |= super::ext::CR4_FSGSBASE;
+                }
+                if self.cpuid.has_leaf1_ecx(duet_core::cpuid::leaf1_ecx::XSAVE) {
+                    valid |= super::ext::CR4_OSXSAVE;
+                }
+                if v & !valid != 0 || (self.long_mode() && v & ctrl::CR4_PAE == 0) {
                     return Err(gp(0));
                 }
                 let old = self.sregs.cr4;

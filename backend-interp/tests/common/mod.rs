@@ -251,8 +251,19 @@ pub fn run_with(
     timeout: Duration,
     setup: impl FnOnce(&mut Machine<InterpVcpu>),
 ) -> (RunOutcome, Console) {
+    run_profile(mem, state, &CpuidProfile::baseline(), timeout, setup)
+}
+
+/// Like [`run_with`], on a vCPU created with CPUID `profile`.
+pub fn run_profile(
+    mem: Arc<GuestMemory>,
+    state: &CpuState,
+    profile: &CpuidProfile,
+    timeout: Duration,
+    setup: impl FnOnce(&mut Machine<InterpVcpu>),
+) -> (RunOutcome, Console) {
     use duet_core::Vcpu;
-    let mut vcpu = InterpVcpu::new(mem.clone(), &CpuidProfile::baseline());
+    let mut vcpu = InterpVcpu::new(mem.clone(), profile);
     vcpu.set_state(state).unwrap();
     let mut m = Machine::with_vcpu(mem, vcpu);
     let console = Console::default();
@@ -260,4 +271,38 @@ pub fn run_with(
     setup(&mut m);
     let out = m.run(&RunOptions { timeout }).unwrap();
     (out, console)
+}
+
+/// The vector whose protected/long-mode stub (`push imm32; hlt`) the run halted in, if any.
+pub fn stub_vector(s: &CpuState) -> Option<u64> {
+    let off = s.regs.rip.checked_sub(STUBS + 6)?;
+    (off % 8 == 0 && off / 8 < 256).then_some(off / 8)
+}
+
+/// `profile` with `bits` cleared in register `reg` (0 = EAX … 3 = EDX) of leaf `function`.
+pub fn without(profile: &CpuidProfile, function: u32, reg: usize, bits: u32) -> CpuidProfile {
+    let mut p = profile.clone();
+    for e in p.entries.iter_mut().filter(|e| e.function == function) {
+        match reg {
+            0 => e.eax &= !bits,
+            1 => e.ebx &= !bits,
+            2 => e.ecx &= !bits,
+            _ => e.edx &= !bits,
+        }
+    }
+    p
+}
+
+/// `profile` with `bits` set in register `reg` (0 = EAX … 3 = EDX) of leaf `function`.
+pub fn with(profile: &CpuidProfile, function: u32, reg: usize, bits: u32) -> CpuidProfile {
+    let mut p = profile.clone();
+    for e in p.entries.iter_mut().filter(|e| e.function == function) {
+        match reg {
+            0 => e.eax |= bits,
+            1 => e.ebx |= bits,
+            2 => e.ecx |= bits,
+            _ => e.edx |= bits,
+        }
+    }
+    p
 }
