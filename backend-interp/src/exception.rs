@@ -406,7 +406,8 @@ impl Cpu {
         let mut frame = vec![
             u64::from(self.sregs.ss.selector),
             old_sp,
-            self.rflags,
+            // RF = 1 in the image a fault pushes, in IA-32e mode too (SDM Vol. 3A §18.3.1.1).
+            self.pushed_flags(ev),
             u64::from(self.sregs.cs.selector),
             ev.rip,
         ];

@@ -224,3 +224,24 @@ fn instruction_longer_than_15_bytes_is_gp() {
     assert_in_stub(&out.state, 13);
     assert_eq!(stack32(&mem, &out.state, 3), vec![13, 0, CODE as u32]);
 }
+
+#[test]
+fn long_mode_fault_frame_has_rf_set_and_trap_frame_not() {
+    // SDM Vol. 3A §18.3.1.1: the RFLAGS image a fault pushes has RF = 1, in IA-32e mode too
+    // (KVM agrees: the `fault-long` fixture). Frame above the stub's vector: RIP, CS, RFLAGS.
+    for (fault, vector) in [(true, 6u64), (false, 3)] {
+        let code = asm(64, |a| {
+            if fault {
+                a.ud2().unwrap();
+            } else {
+                a.int3().unwrap();
+            }
+        });
+        let mem = memory(&code);
+        let s = long64(&mem);
+        let (out, _) = run(mem.clone(), &s);
+        assert_eq!(stub_vector(&out.state), Some(vector));
+        let pushed = peek64(&mem, out.state.regs.rsp + 24);
+        assert_eq!(pushed & (1 << 16) != 0, fault, "vector {vector}: RFLAGS image {pushed:#x}");
+    }
+}
