@@ -5,7 +5,7 @@
 //! is refused with [`QemuError::Unsupported`]) and jumps to it. Guest RAM is loaded with
 //! `-device loader`. Ports follow duet's conventions: debug console 0xE9 and a 16550 at 0x3F8
 //! feed the console, 0x80 is the POST code, and 0xF4 is the debug exit, observed without
-//! losing the state (see [`run`]'s module for how). The result holds the same
+//! losing the state (the [`mod@run`] module says how). The result holds the same
 //! [`duet_core::RunOutcome`] and a [`duet_core::GuestMemory`] as the other backends, so
 //! `StateDiff` compares any two of the three.
 //!
@@ -13,10 +13,12 @@
 //! `info registers`; 64-bit GPRs in every mode, CR8 and the tracked MSRs from QEMU's gdbstub
 //! afterwards ([`gdb`]-module docs); RAM from `pmemsave`.
 //!
-//! Known limits, all documented where they arise: FOP/FIP/FDP read 0, the debug-exit value is
-//! one byte, RFLAGS.IF after a debug exit is the value after the guest's CLI, MSRs are not read
-//! after a triple fault, and duet's MMIO test device does not exist under QEMU (its address is
-//! unassigned there: reads return 0, not duet's all ones).
+//! Known limits, all documented where they arise: FOP/FIP/FDP read 0; the debug-exit value is
+//! one byte; a debug exit not followed by the convention's `cli; hlt` is read later than the
+//! exit (with a note in [`QemuRun::notes`]); MSRs are not read after a triple fault; duet's MMIO
+//! test device does not exist under QEMU (its address is unassigned there: reads return 0,
+//! not duet's all ones); only the PICs' interrupts are masked away, so a guest that unmasks
+//! them sees QEMU's timer where duet has none.
 //!
 //! Where QEMU 7.2 and the SDM disagree, the SDM wins and the case is written down:
 //! - after LTR, QEMU caches the TSS type it read (available) while hardware holds the busy type
@@ -53,7 +55,7 @@ pub mod gdb;
 pub mod process;
 pub mod qmp;
 pub mod regs;
-mod run;
+pub mod run;
 mod session;
 pub mod stub;
 
