@@ -1,6 +1,6 @@
 //! duet-qemu: run a duet guest under QEMU TCG as a third opinion.
 //!
-//! [`run`] starts `qemu-system-x86_64 -accel tcg` on the `isapc` machine with an entry stub as
+//! [`run()`] starts `qemu-system-x86_64 -accel tcg` on the `isapc` machine with an entry stub as
 //! its only firmware ([`stub`]): the stub installs the guest's start state exactly (or the run
 //! is refused with [`QemuError::Unsupported`]) and jumps to it. Guest RAM is loaded with
 //! `-device loader`. Ports follow duet's conventions: debug console 0xE9 and a 16550 at 0x3F8
