@@ -4,7 +4,8 @@
 //! Each exit guest loops `l: <exit>; dec ecx; jnz l` and ends with the debug exit; the host puts
 //! criterion's iteration count in ECX, so the reported time is per exit (plus the two loop
 //! instructions, the same on every side). duet runs the I/O guests through `Machine::run` with
-//! the standard devices, as any user does.
+//! the standard devices, as any user does. `loop-only` runs the same loop with a `nop` instead
+//! of an exit: its time is the loop's own cost on each side, to subtract from the others.
 //!
 //! HLT-and-resume: the guest halts with IF = 1 and the host wakes it by injecting an interrupt
 //! whose handler is `iret` (a halted CPU resumes only on an interrupt; `Machine::run` ends a run
@@ -18,32 +19,13 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use duet::{BackendKind, StopReason, VcpuExit};
+use duet::{BackendKind, StopReason};
 use duet_benches::raw_kvm::RawKvm;
-use duet_benches::workloads::{exit_guest, ExitKind, EXIT_WAKE_VECTOR};
-use duet_benches::{backends, Rig, TIMEOUT};
+use duet_benches::workloads::{exit_guest, ExitKind};
+use duet_benches::{backends, vcpu_batch, Rig};
 
 /// Most exits one batch can take (ECX is the loop counter).
 const MAX_BATCH: u64 = u32::MAX as u64;
-
-/// The HLT loop on duet's `Vcpu` API, woken by an injected interrupt after every HLT.
-fn hlt_batch(rig: &mut Rig) -> u64 {
-    let vcpu = rig.machine.vcpu();
-    vcpu.set_deadline(Some(Instant::now() + TIMEOUT));
-    let mut halts = 0;
-    loop {
-        match vcpu.run().expect("Vcpu::run") {
-            VcpuExit::Hlt => {}
-            VcpuExit::IoOut { port: 0xf4, .. } => break,
-            other => panic!("unexpected exit {other:?} in the HLT loop"),
-        }
-        halts += 1;
-        assert!(vcpu.ready_for_interrupt(), "IF = 1 at the HLT");
-        vcpu.inject_interrupt(EXIT_WAKE_VECTOR).expect("inject the wake-up interrupt");
-    }
-    vcpu.set_deadline(None);
-    halts
-}
 
 fn exit_latency(c: &mut Criterion) {
     let mut group = c.benchmark_group("exit_latency");
@@ -58,7 +40,8 @@ fn exit_latency(c: &mut Criterion) {
                     let t = Instant::now();
                     let seen = raw.run_batch(iters.min(MAX_BATCH)).expect("raw exit loop");
                     let elapsed = t.elapsed();
-                    assert_eq!(seen, iters.min(MAX_BATCH), "one exit per iteration");
+                    let expected = if kind == ExitKind::LoopOnly { 0 } else { iters.min(MAX_BATCH) };
+                    assert_eq!(seen, expected, "one exit per iteration");
                     elapsed
                 })
             });
@@ -73,7 +56,7 @@ fn exit_latency(c: &mut Criterion) {
                     rig.machine.vcpu().set_regs(&regs).expect("set regs");
                     if kind == ExitKind::Hlt {
                         let t = Instant::now();
-                        let halts = hlt_batch(&mut rig);
+                        let halts = vcpu_batch(&mut **rig.machine.vcpu(), true).expect("HLT loop");
                         let elapsed = t.elapsed();
                         assert_eq!(halts, iters.min(MAX_BATCH), "{backend}: one HLT per iteration");
                         return elapsed;

@@ -72,3 +72,39 @@ pub fn backends() -> Vec<BackendKind> {
 pub fn test_mode() -> bool {
     std::env::args().any(|a| a == "--test")
 }
+
+/// Runs an exit guest's batch on duet's `Vcpu` API alone, without `Machine` or the buses:
+/// reads are answered with all ones, a HLT is woken by injecting
+/// [`workloads::EXIT_WAKE_VECTOR`], the debug exit ends the batch. With `deadline`, the run has
+/// a deadline as `Machine::run` always sets one. Returns the exits taken before the debug exit.
+pub fn vcpu_batch(vcpu: &mut dyn duet::Vcpu, deadline: bool) -> Result<u64, String> {
+    use duet::VcpuExit;
+    if deadline {
+        vcpu.set_deadline(Some(std::time::Instant::now() + TIMEOUT));
+    }
+    let mut exits = 0;
+    let result = loop {
+        let wake = match vcpu.run() {
+            Ok(VcpuExit::IoOut { port: 0xf4, .. }) => break Ok(exits),
+            Ok(VcpuExit::IoIn { data, .. } | VcpuExit::MmioRead { data, .. }) => {
+                data.fill(0xff);
+                false
+            }
+            Ok(VcpuExit::IoOut { .. } | VcpuExit::MmioWrite { .. }) => false,
+            Ok(VcpuExit::Hlt) => true,
+            Ok(other) => break Err(format!("unexpected exit {other:?}")),
+            Err(e) => break Err(e.to_string()),
+        };
+        exits += 1;
+        if wake {
+            if !vcpu.ready_for_interrupt() {
+                break Err("HLT with no way to wake it (IF = 0?)".into());
+            }
+            if let Err(e) = vcpu.inject_interrupt(workloads::EXIT_WAKE_VECTOR) {
+                break Err(e.to_string());
+            }
+        }
+    };
+    vcpu.set_deadline(None);
+    result
+}

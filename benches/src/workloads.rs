@@ -27,12 +27,20 @@ pub enum ExitKind {
     /// `hlt` with IF = 1; the host wakes the vCPU with an interrupt (vector
     /// [`EXIT_WAKE_VECTOR`], whose real-mode handler is `iret`) after each one.
     Hlt,
+    /// `nop`: no exit at all — the loop's own cost, to subtract from the others.
+    LoopOnly,
 }
 
 impl ExitKind {
-    /// Every kind.
-    pub const ALL: [ExitKind; 5] =
-        [ExitKind::PortOut, ExitKind::PortIn, ExitKind::MmioRead, ExitKind::MmioWrite, ExitKind::Hlt];
+    /// Every kind, the no-exit baseline last.
+    pub const ALL: [ExitKind; 6] = [
+        ExitKind::PortOut,
+        ExitKind::PortIn,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Hlt,
+        ExitKind::LoopOnly,
+    ];
 
     /// Short name used in benchmark ids.
     pub fn name(self) -> &'static str {
@@ -42,6 +50,7 @@ impl ExitKind {
             ExitKind::MmioRead => "mmio-read",
             ExitKind::MmioWrite => "mmio-write",
             ExitKind::Hlt => "hlt",
+            ExitKind::LoopOnly => "loop-only",
         }
     }
 }
@@ -68,6 +77,7 @@ pub fn exit_code(kind: ExitKind) -> Result<Vec<u8>, FixtureError> {
             ExitKind::MmioRead => a.mov(al, byte_ptr(0))?,
             ExitKind::MmioWrite => a.mov(byte_ptr(0), al)?,
             ExitKind::Hlt => a.hlt()?,
+            ExitKind::LoopOnly => a.nop()?,
         }
         a.dec(ecx)?;
         a.jnz(top)?;
