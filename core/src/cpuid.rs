@@ -143,7 +143,10 @@ impl CpuidProfile {
                 EDX_SYSCALL | EDX_NX | EDX_RDTSCP | EDX_LM,
             ),
         ];
-        for (i, chunk) in [&b"duet virtual CP"[..], b"U", b""].iter().enumerate() {
+        // The brand string: 48 bytes over leaves 0x8000_0002..4, NUL-padded.
+        let mut brand = [0u8; 48];
+        brand[..16].copy_from_slice(b"duet virtual CPU");
+        for (i, chunk) in brand.chunks(16).enumerate() {
             let (a, b, c, d) = brand_regs(chunk);
             entries.push(CpuidEntry::leaf(0x8000_0002 + i as u32, a, b, c, d));
         }
@@ -268,6 +271,16 @@ mod tests {
         use leaf7_ebx::*;
         assert!([FSGSBASE, BMI1, BMI2, ADX].iter().all(|&b| p.has_leaf7_ebx(b)));
         assert!(p.has_ext_ecx(ext_leaf1::ECX_ABM) && p.has_ext_edx(ext_leaf1::EDX_RDTSCP));
+    }
+
+    #[test]
+    fn brand_string_reads_back_whole() {
+        let p = CpuidProfile::baseline();
+        let bytes: Vec<u8> = (0x8000_0002..=0x8000_0004u32)
+            .flat_map(|l| p.lookup(l, 0).into_iter().flat_map(u32::to_le_bytes))
+            .collect();
+        assert_eq!(&bytes[..17], b"duet virtual CPU\0");
+        assert!(bytes[16..].iter().all(|&b| b == 0));
     }
 
     #[test]
