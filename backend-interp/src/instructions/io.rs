@@ -7,7 +7,10 @@ use super::form;
 use crate::cpu::{gp, Abort, Cpu, Flow, Post};
 
 impl Cpu {
-    /// #GP(0) unless CPL ≤ IOPL or the TSS I/O bitmap allows all `size` ports from `port`.
+    /// #GP(0) unless CPL ≤ IOPL (outside virtual-8086 mode) or the I/O permission bitmap of the
+    /// 32/64-bit TSS allows all `size` ports from `port` (SDM Vol. 1 §19.5.1–19.5.2). The two
+    /// bitmap bytes holding the port's bits are read as an implicit supervisor access: a bitmap
+    /// or bytes beyond the TSS limit are #GP(0), a page fault on them is a #PF.
     pub fn check_io(&mut self, port: u16, size: u8) -> Flow {
         if !self.protected() || (!self.v86() && self.cpl() <= self.iopl()) {
             return Ok(());
@@ -17,10 +20,13 @@ impl Cpu {
         if tr.unusable || !matches!(tr.type_, 0x9 | 0xb) || tr.limit < 0x67 {
             return Err(gp(0));
         }
-        let base = self.tss_read(0x66, 2).map_err(|_| gp(0))?;
+        let base = self.tss_read(0x66, 2)?;
         let byte = base + u64::from(port / 8);
-        let bits = self.tss_read(byte, 2).map_err(|_| gp(0))?;
-        let want = ((1u64 << size) - 1) << (port % 8);
+        if byte + 1 > u64::from(tr.limit) {
+            return Err(gp(0));
+        }
+        let bits = self.read_lin_u(tr.base.wrapping_add(byte), 2, true)?;
+        let want = ((1u64 << size.min(4)) - 1) << (port % 8);
         if bits & want != 0 {
             return Err(gp(0));
         }

@@ -53,7 +53,8 @@ impl Cpu {
     }
 
     /// POPF (or, with `iret`, IRET) flag update with the privilege rules of SDM Vol. 2B POPF/IRET:
-    /// IOPL only at CPL 0, IF only at CPL ≤ IOPL; POPF clears RF, IRET loads it.
+    /// IOPL only at CPL 0, IF only at CPL ≤ IOPL; POPF clears RF, IRET loads it (and VIF/VIP at
+    /// CPL 0).
     pub fn load_flags(&mut self, v: u64, bytes: u32, iret: bool) {
         let mut modifiable = rflags::STATUS
             | rflags::TF
@@ -72,6 +73,10 @@ impl Cpu {
         }
         if iret {
             modifiable |= rflags::RF;
+            // SDM Vol. 2A IRET: at CPL 0 a 32/64-bit IRET also loads VIF and VIP (POPF never does).
+            if cpl == 0 && bytes > 2 {
+                modifiable |= rflags::VIF | rflags::VIP;
+            }
         }
         modifiable &= mask(bytes);
         let mut f = (self.rflags & !modifiable) | (v & modifiable);
