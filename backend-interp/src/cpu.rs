@@ -222,6 +222,8 @@ pub(crate) struct Cpu {
     pub rep_pending: bool,
     /// DR0–DR3, DR6, DR7 (stored; breakpoints are not raised).
     pub dr: [u64; 6],
+    /// PAE paging's PDPTE registers, loaded from memory with CR3 (SDM Vol. 3A §4.4.1).
+    pub pdpte: [u64; 4],
     /// XCR0 (XSETBV/XGETBV).
     pub xcr0: u64,
     /// State of RDRAND's deterministic generator.
@@ -257,6 +259,7 @@ impl Cpu {
             // DR6 and DR7 after RESET (SDM Vol. 3A Table 10-1).
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400],
             // XCR0 after RESET has only the x87 bit (SDM Vol. 1 §13.3).
+            pdpte: [0; 4],
             xcr0: 1,
             rng: 0x9e37_79b9_7f4a_7c15,
         }

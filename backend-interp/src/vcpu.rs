@@ -306,6 +306,12 @@ impl Vcpu for InterpVcpu {
             return Err(InterpError::InvalidState("EFER.LMA = 1 needs CR4.PAE = 1".into()).into());
         }
         self.cpu.sregs = *sregs;
+        // Loading state under PAE paging loads the PDPTE registers from CR3, as KVM_SET_SREGS
+        // does; entries with reserved bits are kept and fault on use.
+        if self.cpu.pae_paging() {
+            let base = self.cpu.sregs.cr3 & 0xffff_ffe0;
+            self.cpu.pdpte = std::array::from_fn(|i| self.cpu.phys_read_u64(base + 8 * i as u64));
+        }
         self.cpu.tlb.flush();
         self.cpu.code.clear();
         Ok(())

@@ -248,6 +248,12 @@ impl Cpu {
                     }
                     efer &= !ctrl::EFER_LMA;
                 }
+                // SDM Vol. 3A §4.4.1: a MOV to CR0 that leaves PAE paging on and changes CD, NW or PG
+                // loads the PDPTE registers (#GP(0), nothing changed, on a reserved bit).
+                let pae = pg && self.sregs.cr4 & ctrl::CR4_PAE != 0 && efer & ctrl::EFER_LMA == 0;
+                if pae && (old ^ new) & (ctrl::CR0_CD | ctrl::CR0_NW | ctrl::CR0_PG) != 0 {
+                    self.pdpte = self.read_pdptes(self.sregs.cr3)?;
+                }
                 self.sregs.cr0 = new;
                 self.sregs.efer = efer;
                 if (old ^ new) & (ctrl::CR0_PG | ctrl::CR0_WP | ctrl::CR0_PE) != 0 {
@@ -259,8 +265,13 @@ impl Cpu {
                 if self.long_mode() && v >> self.maxphyaddr != 0 {
                     return Err(gp(0));
                 }
+                // Under PAE paging the PDPTEs come from the new CR3 (SDM Vol. 3A §4.4.1).
+                if self.pae_paging() {
+                    self.pdpte = self.read_pdptes(v)?;
+                }
                 self.sregs.cr3 = if self.long_mode() { v } else { v & 0xffff_ffff };
-                self.tlb.flush();
+                // Global translations survive a CR3 write (SDM Vol. 3A §4.10.4.1).
+                self.tlb.flush_nonglobal();
             }
             4 => {
                 // FSGSBASE and OSXSAVE exist only where CPUID enumerates them (SDM Vol. 3A §2.5).
@@ -275,6 +286,12 @@ impl Cpu {
                     return Err(gp(0));
                 }
                 let old = self.sregs.cr4;
+                // A MOV to CR4 that leaves PAE paging on and changes PAE, PGE or PSE reloads the
+                // PDPTEs (SDM Vol. 3A §4.4.1).
+                let pae = self.paging() && v & ctrl::CR4_PAE != 0 && !self.long_mode();
+                if pae && (old ^ v) & (ctrl::CR4_PAE | ctrl::CR4_PGE | ctrl::CR4_PSE) != 0 {
+                    self.pdpte = self.read_pdptes(self.sregs.cr3)?;
+                }
                 self.sregs.cr4 = v;
                 if (old ^ v) & (ctrl::CR4_PSE | ctrl::CR4_PAE | ctrl::CR4_PGE) != 0 {
                     self.tlb.flush();

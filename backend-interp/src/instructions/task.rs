@@ -87,6 +87,9 @@ impl Cpu {
             *s = rd(self, off::ES + 4 * i as u64)? as u16;
         }
         let ldt = rd(self, off::LDT)? as u16;
+        // Under PAE paging the new CR3's PDPTEs are loaded with it (SDM Vol. 3A §4.4.1); checked
+        // here, before the old task is touched, #GP(0) on a reserved bit as for MOV to CR3.
+        let new_pdpte = if self.pae_paging() { Some(self.read_pdptes(new_cr3)?) } else { None };
         if new_flags & rflags::VM != 0 {
             return Err(unsupported("task switch into virtual-8086 mode"));
         }
@@ -124,7 +127,10 @@ impl Cpu {
         self.sregs.cr0 |= ctrl::CR0_TS;
         if self.paging() {
             self.sregs.cr3 = new_cr3 & 0xffff_ffff;
-            self.tlb.flush();
+            if let Some(p) = new_pdpte {
+                self.pdpte = p;
+            }
+            self.tlb.flush_nonglobal();
         }
         self.set_rflags(new_flags & 0xffff_ffff);
         for (i, g) in gprs.iter().enumerate() {

@@ -17,9 +17,12 @@ struct Entry {
     writable: bool,
     nx: bool,
     dirty: bool,
+    /// Mapped by a global entry with CR4.PGE on: kept across CR3 writes (SDM Vol. 3A §4.10.2.4).
+    global: bool,
 }
 
-/// A small direct-mapped TLB, flushed on CR3 writes, CR0/CR4 paging-bit changes and INVLPG.
+/// A small direct-mapped TLB: flushed on CR0/CR4 paging-bit changes, all but global entries on
+/// CR3 writes, one page on INVLPG (SDM Vol. 3A §4.10.4.1).
 #[derive(Debug)]
 pub(crate) struct Tlb {
     entries: Vec<Option<Entry>>,
@@ -37,7 +40,16 @@ impl Tlb {
         self.entries.fill(None);
     }
 
-    /// Drops the translation of the page holding `lin` (INVLPG).
+    /// Drops every translation not marked global (MOV to CR3, task switch).
+    pub fn flush_nonglobal(&mut self) {
+        for e in self.entries.iter_mut() {
+            if e.is_some_and(|x| !x.global) {
+                *e = None;
+            }
+        }
+    }
+
+    /// Drops the translation of the page holding `lin`, global or not (INVLPG).
     pub fn invlpg(&mut self, lin: u64) {
         let vpn = lin >> 12;
         if let Some(e) = self.entries.get_mut(vpn as usize % TLB_SIZE) {
@@ -80,6 +92,25 @@ impl Cpu {
     /// Whether paging is on (CR0.PG with CR0.PE).
     pub fn paging(&self) -> bool {
         self.sregs.cr0 & ctrl::CR0_PG != 0 && self.protected()
+    }
+
+    /// Whether PAE paging is in use (CR0.PG, CR4.PAE, not IA-32e mode).
+    pub fn pae_paging(&self) -> bool {
+        self.paging() && self.sregs.cr4 & ctrl::CR4_PAE != 0 && !self.long_mode()
+    }
+
+    /// The four PDPTEs of the PAE table at `cr3`, #GP(0) when a present one sets a reserved bit:
+    /// bits 2:1, 8:5 or MAXPHYADDR and up (SDM Vol. 3A §4.4.1, Table 4-8).
+    pub fn read_pdptes(&self, cr3: u64) -> Flow<[u64; 4]> {
+        let mut out = [0u64; 4];
+        let rsvd = 0x1e6 | !((1u64 << self.maxphyaddr) - 1);
+        for (i, e) in out.iter_mut().enumerate() {
+            *e = self.phys_read_u64((cr3 & 0xffff_ffe0) + 8 * i as u64);
+            if *e & 1 != 0 && *e & rsvd != 0 {
+                return Err(crate::cpu::gp(0));
+            }
+        }
+        Ok(out)
     }
 
     /// Translates linear `lin` for an access of `kind`; `sup` marks implicit supervisor accesses.
@@ -159,9 +190,8 @@ impl Cpu {
             ];
             (self.sregs.cr3 & addr_mask, &L4, true)
         } else if cr4 & ctrl::CR4_PAE != 0 {
-            // PAE: the PDPTE has only P and address bits (SDM Vol. 3A §4.4.1).
-            let pa = (self.sregs.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8;
-            let pdpte = self.phys_read_u64(pa);
+            // PAE: the walk starts at the PDPTE register, loaded when CR3 was (SDM Vol. 3A §4.4.1).
+            let pdpte = self.pdpte.get(((lin >> 30) & 3) as usize).copied().unwrap_or(0);
             if pdpte & 1 == 0 {
                 return Err(fault(self, 0));
             }
@@ -216,7 +246,9 @@ impl Cpu {
                 } else {
                     (entry & if wide { addr_mask } else { 0xffff_f000 }) >> 12
                 };
-                let e = Entry { vpn: lin >> 12, pfn, user: usr, writable, nx, dirty: kind == Kind::Write };
+                // G (bit 8) of the entry that maps the page counts only with CR4.PGE (§4.10.2.4).
+                let global = cr4 & ctrl::CR4_PGE != 0 && entry & 0x100 != 0;
+                let e = Entry { vpn: lin >> 12, pfn, user: usr, writable, nx, dirty: kind == Kind::Write, global };
                 if let Some(code) = self.denied(&e, kind, user) {
                     return Err(fault(self, code | pf::P));
                 }
@@ -266,7 +298,7 @@ mod tests {
     #[test]
     fn tlb_invlpg_drops_only_that_page() {
         let mut t = Tlb::default();
-        let e = |vpn| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false };
+        let e = |vpn| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false, global: false };
         t.put(e(5));
         t.put(e(6));
         t.invlpg(5 << 12);
@@ -274,5 +306,17 @@ mod tests {
         assert_eq!(t.get(6), Some(e(6)));
         t.flush();
         assert_eq!(t.get(6), None);
+    }
+
+    #[test]
+    fn tlb_flush_nonglobal_keeps_global_entries() {
+        let mut t = Tlb::default();
+        let e = |vpn, global| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false, global };
+        t.put(e(1, true));
+        t.put(e(2, false));
+        t.flush_nonglobal();
+        assert_eq!((t.get(1), t.get(2)), (Some(e(1, true)), None));
+        t.invlpg(1 << 12);
+        assert_eq!(t.get(1), None);
     }
 }
