@@ -37,6 +37,7 @@
 pub mod backends;
 pub mod doctor;
 pub mod fuzz;
+pub mod opinions;
 pub mod run;
 pub mod testing;
 
@@ -45,10 +46,11 @@ pub use duet_core::{
     Availability, Backend, CpuState, CpuidProfile, Guest, Machine, RunOutcome, StateDiff, StopReason, Vcpu,
     VcpuExit,
 };
-pub use run::{compare, run_guest, RunConfig, RunError, RunReport};
+pub use run::{compare, run_guest, run_qemu, RunConfig, RunError, RunReport};
 
 pub use duet_core as core;
 pub use duet_devices as devices;
 pub use duet_fixtures as fixtures;
 pub use duet_interp as interp;
 pub use duet_kvm as kvm;
+pub use duet_qemu as qemu;

@@ -85,6 +85,33 @@ pub enum RunError {
     /// Attaching the standard devices failed.
     #[error(transparent)]
     Devices(#[from] duet_devices::DeviceError),
+    /// The QEMU reference could not run the guest.
+    #[error("QEMU reference: {0}")]
+    Qemu(#[from] duet_qemu::QemuError),
+}
+
+/// Runs `guest` under the QEMU TCG reference (a third opinion, not a [`Backend`]).
+///
+/// The report has the same shape as a backend's; `notes` from duet-qemu (where its final
+/// state is not exact) are printed to stderr.
+pub fn run_qemu(guest: &Guest, config: &RunConfig) -> Result<RunReport, RunError> {
+    let run = duet_qemu::run(guest, &config.cpuid, config.timeout)?;
+    for note in &run.notes {
+        eprintln!("[qemu] note: {note}");
+    }
+    if config.echo {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&run.console);
+        let _ = out.flush();
+    }
+    Ok(RunReport {
+        outcome: run.outcome,
+        console: run.console,
+        post_code: run.post_code,
+        memory: run.memory,
+        ram_size: run.ram_size,
+    })
 }
 
 /// Builds `guest` on `backend`, attaches the standard devices and runs it to a terminal event.

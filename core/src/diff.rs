@@ -36,6 +36,20 @@ pub struct StateDiff {
     pub rows: Vec<DiffRow>,
 }
 
+/// Widest value shown in a table cell; longer ones (console text, stop reasons, printed in
+/// full elsewhere) are cut with an ellipsis.
+pub const CELL_WIDTH: usize = 36;
+
+/// `s` cut to [`CELL_WIDTH`] characters.
+pub fn clip(s: &str) -> String {
+    if s.chars().count() <= CELL_WIDTH {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(CELL_WIDTH - 1).collect();
+        format!("{cut}…")
+    }
+}
+
 fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
@@ -144,13 +158,15 @@ impl fmt::Display for StateDiff {
         if self.rows.is_empty() {
             return writeln!(f, "no difference between {} and {}", self.sides.0, self.sides.1);
         }
-        let w0 = self.rows.iter().map(|r| r.field.len()).max().unwrap_or(0).max(5);
-        let w1 = self.rows.iter().map(|r| r.left.len()).max().unwrap_or(0).max(self.sides.0.len());
-        let w2 = self.rows.iter().map(|r| r.right.len()).max().unwrap_or(0).max(self.sides.1.len());
+        let rows: Vec<(&str, String, String)> =
+            self.rows.iter().map(|r| (r.field.as_str(), clip(&r.left), clip(&r.right))).collect();
+        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(5);
+        let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0).max(self.sides.0.len());
+        let w2 = rows.iter().map(|r| r.2.chars().count()).max().unwrap_or(0).max(self.sides.1.len());
         writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", "field", self.sides.0, self.sides.1)?;
         writeln!(f, "{}  {}  {}", "-".repeat(w0), "-".repeat(w1), "-".repeat(w2))?;
-        for r in &self.rows {
-            writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", r.field, r.left, r.right)?;
+        for (field, left, right) in &rows {
+            writeln!(f, "{field:<w0$}  {left:>w1$}  {right:>w2$}")?;
         }
         Ok(())
     }
@@ -184,6 +200,19 @@ mod tests {
         let masked = DiffMask { rflags_undefined: rflags::AF, ..DiffMask::default() };
         let d = StateDiff::states(("kvm", &a), ("interp", &b), &masked);
         assert_eq!(d.rows.len(), 2);
+    }
+
+    #[test]
+    fn long_values_are_clipped_in_the_table_only() {
+        let long = "x".repeat(100);
+        let d = StateDiff {
+            sides: ("a".into(), "b".into()),
+            rows: vec![DiffRow { field: "console".into(), left: long.clone(), right: "y".into() }],
+        };
+        let table = d.to_string();
+        assert!(table.contains(&format!("{}…", "x".repeat(CELL_WIDTH - 1))), "{table}");
+        assert!(!table.contains(&long));
+        assert_eq!(d.rows[0].left, long);
     }
 
     #[test]

@@ -54,8 +54,12 @@ pub enum BackendArg {
     Kvm,
     /// duet's software CPU.
     Interp,
-    /// Both, then compare the final states (exit status 2 when they differ).
+    /// KVM and the software CPU, then compare the final states (exit status 2 when they differ).
     Both,
+    /// The QEMU TCG reference (a third opinion; needs qemu-system-x86_64).
+    Qemu,
+    /// KVM, the software CPU and QEMU: each value on each, and which one stands alone.
+    All,
 }
 
 /// The CPU mode an image is entered in.

@@ -18,6 +18,10 @@ pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
             duet::Availability::Unavailable(why) => println!("backend {kind:<6} unavailable: {why}"),
         }
     }
+    match duet::qemu::availability() {
+        duet::Availability::Available(what) => println!("reference qemu  available: {what}"),
+        duet::Availability::Unavailable(why) => println!("reference qemu  unavailable: {why}"),
+    }
     let (kind, why) = duet::auto();
     println!("auto picks {kind}: {why}");
     if args.kvm_selfcheck {

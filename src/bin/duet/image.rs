@@ -42,9 +42,17 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     }
     let Some(path) = &args.image else {
         let name = args.fixture.as_deref().unwrap_or("hello");
-        let Some(fixture) = duet_fixtures::find(name) else {
+        // Probes of known KVM defects (`duet doctor --kvm-selfcheck`) run by name too.
+        let found =
+            duet_fixtures::find(name).or_else(|| duet_fixtures::probes::find_probe(name).map(|p| p.fixture));
+        let Some(fixture) = found else {
             let names: Vec<&str> = duet_fixtures::catalogue().iter().map(|f| f.name).collect();
-            bail!("no fixture named `{name}`; the fixtures are: {}", names.join(", "));
+            let probes: Vec<&str> = duet_fixtures::probes::probes().iter().map(|p| p.fixture.name).collect();
+            bail!(
+                "no fixture named `{name}`; the fixtures are: {}; the KVM probes are: {}",
+                names.join(", "),
+                probes.join(", ")
+            );
         };
         let mut guest = fixture.guest().with_context(|| format!("cannot build fixture `{name}`"))?;
         if let Some(m) = args.mem {
