@@ -4,7 +4,8 @@
 //!
 //! Until the differential engine in src/fuzz/ lands, a case is a small fixed guest (nine ALU
 //! and flag instructions on seeded registers, a store, the debug exit) with a new register seed
-//! per case. Throughput is in elements = cases. `cargo bench -p duet-benches --bench diff_cases`.
+//! per case. Throughput is in elements = cases. `alu-case/kvm+interp` is the differential
+//! (both runs and the comparison); `alu-case/kvm` and `alu-case/interp` run one side alone. `cargo bench -p duet-benches --bench diff_cases`.
 
 use std::time::Duration;
 
@@ -23,12 +24,28 @@ fn diff_cases(c: &mut Criterion) {
     group.throughput(Throughput::Elements(CASES));
     let kinds = backends();
     let cases: Vec<_> = (1..=CASES).map(|seed| diff_case(seed).expect("diff case")).collect();
+    // The differential (every backend, states compared), then each backend alone for the split.
+    let mut configs = vec![kinds.clone()];
+    if kinds.len() > 1 {
+        configs.extend(kinds.iter().map(|k| vec![*k]));
+    }
+    for config in configs {
+        bench_config(&mut group, &config, &cases);
+    }
+    group.finish();
+}
+
+fn bench_config(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    kinds: &[duet::BackendKind],
+    cases: &[duet::Guest],
+) {
     let mut rigs: Vec<Rig> = kinds.iter().map(|k| Rig::new(*k, &cases[0]).expect("machine")).collect();
     let label = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+");
     group.bench_function(format!("alu-case/{label}"), |b| {
         b.iter(|| {
             let mut differing = 0;
-            for case in &cases {
+            for case in cases {
                 let mut outcomes = Vec::with_capacity(rigs.len());
                 for rig in &mut rigs {
                     rig.guest.state = case.state.clone();
@@ -49,7 +66,6 @@ fn diff_cases(c: &mut Criterion) {
             differing
         })
     });
-    group.finish();
 }
 
 criterion_group!(benches, diff_cases);
