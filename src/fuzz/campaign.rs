@@ -168,7 +168,7 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
     }
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir)
-            .map_err(|e| FuzzError::Io { path: dir.display().to_string(), source: e })?;
+            .map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;
     }
     let start = Instant::now();
     let mine = cfg.cases / shards + u64::from(cfg.cases % shards > shard);
@@ -320,7 +320,6 @@ fn keep_agreeing(cfg: &Config, checker: &mut Checker, mut case: Case, k: u64) ->
         format!("found by `duet fuzz --seed {}` as case {k}; KVM and the interpreter agree", cfg.seed);
     case.expected = Some(Expected { source: "kvm".into(), outcome: run.outcome });
     let dir = dir.join("agree");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| FuzzError::Io { path: dir.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&dir).map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;
     case.save(&dir.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)))
 }

@@ -260,7 +260,7 @@ impl Case {
     pub fn load(path: &Path) -> Result<Case, FuzzError> {
         let file = path.display().to_string();
         let text =
-            std::fs::read_to_string(path).map_err(|e| FuzzError::Io { path: file.clone(), source: e })?;
+            std::fs::read_to_string(path).map_err(|e| FuzzError::Io { path: file.clone(), error: e })?;
         let case: Case = serde_json::from_str(&text)
             .map_err(|e| FuzzError::CaseSyntax { file: file.clone(), why: e.to_string() })?;
         case.parse(&file)?;
@@ -272,7 +272,7 @@ impl Case {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| FuzzError::CaseSyntax { file: path.display().to_string(), why: e.to_string() })?;
         std::fs::write(path, text + "\n")
-            .map_err(|e| FuzzError::Io { path: path.display().to_string(), source: e })
+            .map_err(|e| FuzzError::Io { path: path.display().to_string(), error: e })
     }
 }
 

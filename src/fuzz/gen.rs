@@ -157,10 +157,9 @@ pub fn realize(spec: &Spec) -> Case {
             regs.insert(name.to_string(), format!("{val:#x}"));
         }
     }
-    let mut flags = spec.flags & 0x8d5 | (spec.flags & (1 << 10)) | (spec.flags & (1 << 9));
-    if mode.cpl() == 3 && spec.flags & (3 << 40) != 0 {
-        flags |= 3 << 12; // IOPL 3 most of the time, so ring-3 port I/O (and the final OUT) runs
-    }
+    // Status flags, IF and DF; IOPL stays 0 (see judge::HOST_SPECIFIC), so in ring 3 port I/O
+    // and the final OUT raise #GP — a fixed end point all the same.
+    let flags = spec.flags & 0x8d5 | (spec.flags & (1 << 10)) | (spec.flags & (1 << 9));
     let mut segments = BTreeMap::new();
     for (i, name) in ["ds", "es", "fs", "gs"].iter().enumerate() {
         let c = spec.segs[i];

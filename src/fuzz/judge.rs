@@ -120,9 +120,30 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
                 i.mnemonic(),
                 Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Lfence | Mnemonic::Mfence
                     | Mnemonic::Sfence | Mnemonic::Wait | Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Endbr32
-                    | Mnemonic::Endbr64
+                    | Mnemonic::Endbr64 | Mnemonic::Reservednop
             ) || (i.mnemonic() == Mnemonic::Nop && i.op_count() > 0)
         },
+    },
+    HostLimit {
+        name: "fsgsbase",
+        reason: "RDFSBASE, RDGSBASE, WRFSBASE and WRGSBASE run under kvm_pvm although CR4.FSGSBASE = 0 (SDM Vol. 2B RDFSBASE: #UD)",
+        applies: |_, i| {
+            matches!(i.mnemonic(), Mnemonic::Rdfsbase | Mnemonic::Rdgsbase | Mnemonic::Wrfsbase | Mnemonic::Wrgsbase)
+        },
+    },
+    HostLimit {
+        name: "ring3-selectors",
+        reason: "in 64-bit ring 3, kvm_pvm shows the data segment selectors as 0 (MOV r/m, Sreg and PUSH Sreg read 0, not the loaded selector)",
+        applies: |m, i| {
+            m == FuzzMode::Long64Ring3
+                && (matches!(i.code(), iced_x86::Code::Mov_rm16_Sreg | iced_x86::Code::Mov_r32m16_Sreg | iced_x86::Code::Mov_r64m16_Sreg)
+                    || (matches!(i.mnemonic(), Mnemonic::Push) && i.op0_kind() == iced_x86::OpKind::Register && i.op0_register().is_segment_register()))
+        },
+    },
+    HostLimit {
+        name: "ignore-msrs",
+        reason: "this host's KVM has kvm.ignore_msrs=Y: RDMSR of an unknown MSR returns 0 and WRMSR is dropped instead of #GP (SDM Vol. 2B RDMSR)",
+        applies: |_, i| matches!(i.mnemonic(), Mnemonic::Rdmsr | Mnemonic::Wrmsr) && ignore_msrs(),
     },
     HostLimit {
         name: "int1",
@@ -131,9 +152,10 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
     },
     HostLimit {
         name: "store-system-register-to-memory",
-        reason: "STR, SLDT, SMSW, SGDT and SIDT to memory are emulated by kvm_pvm: it reads the destination first (an extra MMIO read) and with REX.W writes 8 bytes (SDM Vol. 2B STR: a 16-bit store regardless of operand size)",
+        reason: "STR, SLDT, SMSW, SGDT, SIDT and MOV Sreg (REX.W) to memory are emulated by kvm_pvm: it reads the destination first (an extra MMIO read) and with REX.W writes 8 bytes (SDM Vol. 2B STR: a 16-bit store regardless of operand size)",
         applies: |_, i| {
-            matches!(i.mnemonic(), Mnemonic::Str | Mnemonic::Sldt | Mnemonic::Smsw | Mnemonic::Sgdt | Mnemonic::Sidt)
+            (matches!(i.mnemonic(), Mnemonic::Str | Mnemonic::Sldt | Mnemonic::Smsw | Mnemonic::Sgdt | Mnemonic::Sidt)
+                || i.code() == iced_x86::Code::Mov_r64m16_Sreg)
                 && i.op0_kind() == iced_x86::OpKind::Memory
         },
     },
@@ -169,6 +191,14 @@ pub const HOST_SPECIFIC: &[(&str, &str)] = &[
         "kvm_pvm cannot read system structures from MMIO (it shuts down); the interpreter reads them through the bus",
     ),
     (
+        "IOPL > 0 at CPL 3",
+        "kvm_pvm runs ring 3 with IOPL 0 whatever the guest sets; ring-3 cases start with IOPL 0, so their final OUT is a #GP",
+    ),
+    (
+        "RDRAND, RDSEED",
+        "random by design, and hardware executes them whatever CPUID says; never generated",
+    ),
+    (
         "EFLAGS.TF set by the guest (POPF)",
         "kvm_pvm does not deliver the single-step #DB to the guest; the generator's POPF never sets TF",
     ),
@@ -196,6 +226,11 @@ pub fn signature(kvm_stop: &str, diff: &StateDiff) -> String {
     classes.sort();
     classes.dedup();
     format!("{}: {}", stop.join(" "), classes.join(","))
+}
+
+/// Whether KVM ignores unknown MSRs on this host (`/sys/module/kvm/parameters/ignore_msrs`).
+pub fn ignore_msrs() -> bool {
+    std::fs::read_to_string("/sys/module/kvm/parameters/ignore_msrs").is_ok_and(|v| v.trim() == "Y")
 }
 
 /// Whether this host's KVM is `kvm_pvm` (DEVELOPERS.md), whose limits then apply.

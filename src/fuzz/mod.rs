@@ -56,12 +56,12 @@ pub enum FuzzError {
         why: String,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A backend failed (not a guest event).
     #[error("{backend}: {why}")]

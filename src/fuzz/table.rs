@@ -24,6 +24,15 @@ const EXCLUDED: &[Mnemonic] = &[
     Mnemonic::Rdtsc,
     Mnemonic::Rdtscp,
     Mnemonic::Rdpmc,
+    // POPF pops whatever is on the stack, TF included (see judge::HOST_SPECIFIC); the
+    // PUSH imm / POPF snippet covers it with TF clear.
+    Mnemonic::Popf,
+    Mnemonic::Popfd,
+    Mnemonic::Popfq,
+    Mnemonic::Rdrand,
+    Mnemonic::Rdseed,
+    // Dozens of reserved hint-NOP forms would crowd the table (a few NOP r/m forms stay).
+    Mnemonic::Reservednop,
 ];
 
 /// Forms whose result the SDM leaves undefined for counts the generator cannot bound

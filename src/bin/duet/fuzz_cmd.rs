@@ -68,6 +68,10 @@ pub struct DiffArgs {
     /// Check only the interpreter against the recorded result, even where KVM is usable.
     #[arg(long)]
     pub interp_only: bool,
+    /// Record the expected result into each file instead of checking: `kvm` (this host's KVM)
+    /// or `sdm` (the interpreter's result, after checking it by hand against the SDM).
+    #[arg(long, value_parser = ["kvm", "sdm"])]
+    pub record: Option<String>,
 }
 
 fn modes(names: &[String]) -> Result<Vec<FuzzMode>> {
@@ -195,6 +199,23 @@ fn print_summary(s: &Summary, cfg: &Config) {
 /// `duet diff`.
 pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
     let mut checker = Checker::new(!args.interp_only, Duration::from_secs(2));
+    if let Some(source) = &args.record {
+        for path in &args.cases {
+            let file = path.display().to_string();
+            let mut case = Case::load(path)?;
+            let (p, state) = duet::fuzz::layout::prepare(&case, &file)?;
+            let exec = match source.as_str() {
+                "kvm" => checker.kvm.as_mut().context("--record kvm needs a usable KVM")?,
+                _ => &mut checker.interp,
+            };
+            let run = exec.run(&case, &p, &state)?;
+            let stop = run.outcome.stop.clone();
+            case.expected = Some(duet::fuzz::Expected { source: source.clone(), outcome: run.outcome });
+            case.save(path)?;
+            println!("{file}: recorded the {source} result ({stop})");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut differ = false;
     for path in &args.cases {
         let file = path.display().to_string();
