@@ -220,7 +220,7 @@ pub(crate) struct Cpu {
     pub undefined: u64,
     /// The last step ran one iteration of a REP string instruction that is not finished.
     pub rep_pending: bool,
-    /// DR0–DR3, DR6, DR7 (stored; breakpoints are not raised).
+    /// DR0–DR3, DR6, DR7 (instruction breakpoints are raised; data and I/O breakpoints are not).
     pub dr: [u64; 6],
     /// PAE paging's PDPTE registers, loaded from memory with CR3 (SDM Vol. 3A §4.4.1).
     pub pdpte: [u64; 4],
@@ -451,6 +451,23 @@ impl Cpu {
     /// Replaces the six status flags with those in `v`.
     pub fn set_status(&mut self, v: u64) {
         self.rflags = (self.rflags & !rflags::STATUS) | (v & rflags::STATUS);
+    }
+
+    /// The enabled instruction breakpoints (DR7 L/G set, R/W = 00) on the linear address of
+    /// CS:RIP as a DR6 B0–B3 mask; none while RF = 1 (SDM Vol. 3A §18.2.4, §18.3.1.1).
+    pub fn code_breakpoints(&self) -> u64 {
+        let dr7 = self.dr[5];
+        if self.rflags & rflags::RF != 0 || dr7 & 0xff == 0 {
+            return 0;
+        }
+        let (lin, m) = if self.mode64() {
+            (self.rip, u64::MAX)
+        } else {
+            (self.sregs.cs.base.wrapping_add(self.rip & 0xffff_ffff) & 0xffff_ffff, 0xffff_ffff)
+        };
+        (0..4)
+            .filter(|&i| (dr7 >> (2 * i)) & 3 != 0 && (dr7 >> (16 + 4 * i)) & 3 == 0 && self.dr[i] & m == lin)
+            .fold(0, |acc, i| acc | 1 << i)
     }
 
     /// The time-stamp counter: a deterministic count of retired instructions.

@@ -86,6 +86,10 @@ impl Cpu {
                 return Err(gp(0));
             }
             rip
+        } else if rip & 0xffff_ffff > u64::from(self.sregs.cs.limit) {
+            // Segmentation comes before paging: a RIP beyond the CS limit is #GP(0) even where its
+            // page is not present (SDM Vol. 3A §5.3, §6.9 Table 6-2 priority 8).
+            return Err(gp(0));
         } else {
             self.sregs.cs.base.wrapping_add(rip & 0xffff_ffff) & 0xffff_ffff
         };
@@ -116,7 +120,12 @@ impl Cpu {
         dec.decode_out(&mut ins);
         if ins.is_invalid() && dec.last_error() == DecoderError::NoMoreBytes && first < 15 {
             // The instruction runs into the next page: fetch it only now (SDM Vol. 3A §4.7 CR2 is then
-            // the address of that page).
+            // the address of that page), unless those bytes lie beyond the CS limit: then #GP(0)
+            // wins over the #PF the next page might raise (SDM Vol. 3A §5.3).
+            let next_off = (self.rip & 0xffff_ffff).wrapping_add(first as u64);
+            if !self.mode64() && next_off > u64::from(self.sregs.cs.limit) {
+                return Err(gp(0));
+            }
             let lin2 = lin.wrapping_add(first as u64) & if self.long_mode() { u64::MAX } else { 0xffff_ffff };
             let pa2 = self.translate(lin2, Kind::Exec, false)?;
             if self.mem.read_slice(&mut buf[first..], GuestAddress(pa2)).is_err() {

@@ -17,6 +17,9 @@ pub(crate) enum Source {
     Software,
     /// An external interrupt injected by the run loop.
     External,
+    /// A #DB for an instruction breakpoint: a fault, so RF = 1 in the image (SDM Vol. 3A
+    /// §18.3.1.1), while other #DBs are traps.
+    CodeBreakpoint,
 }
 
 /// One event to deliver through the IDT/IVT.
@@ -124,7 +127,8 @@ impl Cpu {
     /// The RFLAGS image an event pushes: RF = 1 for faults and for an interrupt that arrives
     /// between iterations of a REP string instruction (SDM Vol. 3A §18.3.1.1).
     fn pushed_flags(&self, ev: &Event) -> u64 {
-        let fault = ev.source == Source::Exception && fault_class(ev.vector);
+        let fault =
+            (ev.source == Source::Exception && fault_class(ev.vector)) || ev.source == Source::CodeBreakpoint;
         let mid_rep = ev.source == Source::External && self.rep_pending;
         if fault || mid_rep {
             self.rflags | rflags::RF

@@ -12,7 +12,8 @@
 //! the guest writes their page, so self-modifying code works.
 //!
 //! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, 16-bit TSSs,
-//! the CR4.VME/PVI virtual-interrupt extensions, SMM, debug breakpoints (DR0–DR7 are stored only).
+//! the CR4.VME/PVI virtual-interrupt extensions, SMM, data and I/O breakpoints (DR0–DR3 raise
+//! instruction breakpoints only).
 //! Nothing a guest does makes the interpreter panic.
 //!
 //! ```

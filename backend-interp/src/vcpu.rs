@@ -100,6 +100,20 @@ impl InterpVcpu {
     /// Executes one instruction (or delivers one exception); `Some` when `run` must return.
     fn step(&mut self) -> Option<Exit> {
         let cpu = &mut self.cpu;
+        // SDM Vol. 3A §6.9 Table 6-2: an instruction breakpoint (priority 7) is taken before any
+        // fault on fetching (8) or decoding (9) the instruction it names.
+        let hits = cpu.code_breakpoints();
+        if hits != 0 {
+            cpu.dr[4] = (cpu.dr[4] & !0xf) | hits;
+            let rip = cpu.rip;
+            let db =
+                Event { vector: crate::cpu::vector::DB, error: None, source: Source::CodeBreakpoint, rip };
+            return match cpu.raise(db) {
+                Ok(()) => self.single_step.then_some(Exit::Step),
+                Err(Abort::Shutdown) => Some(Exit::Shutdown),
+                Err(other) => Some(self.abort_exit(other, None)),
+            };
+        }
         let snapshot = (cpu.gpr, cpu.rip, cpu.rflags);
         let tf = cpu.flag(duet_core::state::rflags::TF);
         cpu.rep_pending = false;
@@ -142,7 +156,12 @@ impl InterpVcpu {
                     cpu.rflags &= !duet_core::state::rflags::RF;
                 }
                 cpu.rip = cpu.next_rip;
-                cpu.retired = cpu.retired.wrapping_add(1);
+                // A REP string instruction retires once, with its last iteration, as hardware's
+                // instructions-retired count has it; the iterations before are steps, not
+                // instructions (and so do not advance the TSC either).
+                if !cpu.rep_pending {
+                    cpu.retired = cpu.retired.wrapping_add(1);
+                }
                 cpu.io.finish();
                 cpu.shadow = cpu.shadow.saturating_sub(1);
                 let exit = match cpu.post.take() {
@@ -240,6 +259,8 @@ impl InterpVcpu {
         let mut count = 0u32;
         loop {
             if std::mem::take(&mut self.pending_db) {
+                // DR6.BS reports a single-step trap (SDM Vol. 3A §18.2.3).
+                self.cpu.dr[4] |= 1 << 14;
                 let rip = self.cpu.rip;
                 let db =
                     Event { vector: crate::cpu::vector::DB, error: None, source: Source::Exception, rip };
@@ -393,6 +414,7 @@ impl Vcpu for InterpVcpu {
         self.deadline = deadline;
     }
 
+    /// Instructions retired: a REP string instruction counts once, however many iterations.
     fn instructions_retired(&self) -> Option<u64> {
         Some(self.cpu.retired)
     }

@@ -16,7 +16,10 @@ use iced_x86::code_asm::*;
 const OUT: u64 = 0x9000;
 
 /// Runs 64-bit code `f` on `profile` until HLT.
-fn run64(profile: &CpuidProfile, f: impl FnOnce(&mut CodeAssembler)) -> (RunOutcome, std::sync::Arc<GuestMemory>) {
+fn run64(
+    profile: &CpuidProfile,
+    f: impl FnOnce(&mut CodeAssembler),
+) -> (RunOutcome, std::sync::Arc<GuestMemory>) {
     let code = asm(64, |a| {
         f(a);
         a.hlt().unwrap();

@@ -99,6 +99,8 @@ fn rep_outsb_sends_every_byte() {
     let (out, console) = run(mem, &s);
     assert_eq!(out.stop, StopReason::Halted);
     assert_eq!(console.text(), b"duet");
+    // MOV, MOV, MOV, REP OUTSB (once, for its four iterations), HLT.
+    assert_eq!(out.instructions, Some(5));
 }
 
 #[test]

@@ -33,20 +33,20 @@ fn pae_pdptes_are_loaded_with_cr3_and_reserved_bits_are_gp() {
         a.or(eax, ctrl::CR0_PG as u32).unwrap();
         a.mov(cr0, eax).unwrap(); // turning PAE paging on loads the PDPTEs
         a.mov(ebx, dword_ptr(0x20_0000)).unwrap(); // A
-        // Repoint PDPTE 0 in memory: the PDPTE register is not reloaded by INVLPG.
+                                                   // Repoint PDPTE 0 in memory: the PDPTE register is not reloaded by INVLPG.
         a.mov(dword_ptr(PDPT), (PD_ALT | 1) as u32).unwrap();
         a.invlpg(dword_ptr(0x20_0000)).unwrap();
         a.mov(ecx, dword_ptr(0x20_0000)).unwrap(); // still A
         a.mov(eax, cr3).unwrap();
         a.mov(cr3, eax).unwrap(); // MOV to CR3 under PAE paging reloads them
         a.mov(edx, dword_ptr(0x20_0000)).unwrap(); // B
-        // Back to the first PD in memory; toggling CR4.PGE reloads the PDPTEs too.
+                                                   // Back to the first PD in memory; toggling CR4.PGE reloads the PDPTEs too.
         a.mov(dword_ptr(PDPT), (PD | 1) as u32).unwrap();
         a.mov(eax, cr4).unwrap();
         a.xor(eax, ctrl::CR4_PGE as u32).unwrap();
         a.mov(cr4, eax).unwrap();
         a.mov(esi, dword_ptr(0x20_0000)).unwrap(); // A
-        // A present PDPTE with reserved bit 1 set: MOV to CR3 is #GP(0) and loads nothing.
+                                                   // A present PDPTE with reserved bit 1 set: MOV to CR3 is #GP(0) and loads nothing.
         a.mov(dword_ptr(PDPT + 16), 0x3).unwrap();
         a.mov(eax, PDPT as u32).unwrap();
         a.mov(cr3, eax).unwrap();

@@ -177,7 +177,8 @@ pub(crate) fn mov_cr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
 }
 
 /// MOV to or from DR0–DR7 (SDM Vol. 2B MOV—Move to/from Debug Registers). The registers are
-/// storage only: no breakpoint or DR7.GD trap is raised.
+/// read back as written (with the fixed bits); DR0–DR3 with DR7 raise instruction breakpoints only,
+/// no data, I/O or DR7.GD traps.
 pub(crate) fn mov_dr(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let to_dr = ins.op_register(0).is_dr();
     let dr = if to_dr { ins.op_register(0) } else { ins.op_register(1) };

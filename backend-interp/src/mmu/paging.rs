@@ -248,7 +248,15 @@ impl Cpu {
                 };
                 // G (bit 8) of the entry that maps the page counts only with CR4.PGE (§4.10.2.4).
                 let global = cr4 & ctrl::CR4_PGE != 0 && entry & 0x100 != 0;
-                let e = Entry { vpn: lin >> 12, pfn, user: usr, writable, nx, dirty: kind == Kind::Write, global };
+                let e = Entry {
+                    vpn: lin >> 12,
+                    pfn,
+                    user: usr,
+                    writable,
+                    nx,
+                    dirty: kind == Kind::Write,
+                    global,
+                };
                 if let Some(code) = self.denied(&e, kind, user) {
                     return Err(fault(self, code | pf::P));
                 }
@@ -298,7 +306,8 @@ mod tests {
     #[test]
     fn tlb_invlpg_drops_only_that_page() {
         let mut t = Tlb::default();
-        let e = |vpn| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false, global: false };
+        let e =
+            |vpn| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false, global: false };
         t.put(e(5));
         t.put(e(6));
         t.invlpg(5 << 12);
@@ -311,7 +320,15 @@ mod tests {
     #[test]
     fn tlb_flush_nonglobal_keeps_global_entries() {
         let mut t = Tlb::default();
-        let e = |vpn, global| Entry { vpn, pfn: vpn, user: true, writable: true, nx: false, dirty: false, global };
+        let e = |vpn, global| Entry {
+            vpn,
+            pfn: vpn,
+            user: true,
+            writable: true,
+            nx: false,
+            dirty: false,
+            global,
+        };
         t.put(e(1, true));
         t.put(e(2, false));
         t.flush_nonglobal();
