@@ -43,6 +43,8 @@ pub struct Config {
     pub shrink_budget: u32,
     /// Divergences of one signature shrunk and saved; later ones are only counted.
     pub per_signature: u64,
+    /// Ask the QEMU reference about cases KVM cannot decide and about every saved divergence.
+    pub reference: bool,
     /// Also save this many agreeing cases (KVM's result as expected) in `out/agree`, for a corpus.
     pub keep_agreeing: u64,
 }
@@ -63,6 +65,7 @@ impl Default for Config {
             shrink_budget: 300,
             per_signature: 2,
             keep_agreeing: 0,
+            reference: false,
         }
     }
 }
@@ -183,6 +186,9 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
             let (tx, next, stop, seen) = (tx.clone(), next.clone(), stop.clone(), seen.clone());
             s.spawn(move || {
                 let mut checker = Checker::new(cfg.use_kvm, cfg.timeout);
+                if cfg.reference {
+                    checker.use_qemu();
+                }
                 loop {
                     let j = next.fetch_add(1, Ordering::Relaxed);
                     if j >= mine || stop.load(Ordering::Relaxed) {
@@ -269,13 +275,13 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
             }
             let spec = shrink(checker, &mut *tree, cfg.shrink_budget);
             let mut case = realize(&spec);
-            let (kvm_outcome, diff) = match checker.check(&case, "minimal case")? {
-                Verdict::Diverge { kvm, diff, .. } => (kvm.outcome, diff),
+            let (kvm_outcome, interp_outcome, diff) = match checker.check(&case, "minimal case")? {
+                Verdict::Diverge { kvm, interp, diff } => (kvm.outcome, interp.outcome, diff),
                 // Shrinking never keeps a spec that stopped diverging; keep the original if it did.
                 _ => {
                     case = realize(&tree.current());
                     match checker.check(&case, "case")? {
-                        Verdict::Diverge { kvm, diff, .. } => (kvm.outcome, diff),
+                        Verdict::Diverge { kvm, interp, diff } => (kvm.outcome, interp.outcome, diff),
                         _ => return Ok(Outcome::Agree),
                     }
                 }
@@ -296,9 +302,10 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                     .unwrap_or_else(|e| format!("lockstep rerun failed: {e}")),
                 None => String::new(),
             };
+            let third = checker.third_opinion(&case, &kvm_outcome, &interp_outcome);
             case.note = format!(
-                "found by `duet fuzz --seed {} ` as case {k}; kvm vs interp:\n{diff}\nlockstep:\n{report}\
-                 analysis: (to be written: which side the SDM supports, with the section)",
+                "found by `duet fuzz --seed {}` as case {k}; kvm vs interp:\n{diff}\nthird opinion: {third}\n\
+                 lockstep:\n{report}analysis: (to be written: which side the SDM supports, with the section)",
                 cfg.seed
             );
             case.expected = Some(Expected { source: "kvm".into(), outcome: kvm_outcome });

@@ -68,6 +68,17 @@ impl Checker {
         }
     }
 
+    /// Uses the QEMU reference as the third opinion when it is usable here; says why not otherwise.
+    pub fn use_qemu(&mut self) -> Option<String> {
+        match super::reference::QemuReference::available(Duration::from_secs(20)) {
+            Ok(r) => {
+                self.reference = Box::new(r);
+                None
+            }
+            Err(why) => Some(why),
+        }
+    }
+
     /// Checks `case` (its file name, for errors, is `file`).
     pub fn check(&mut self, case: &Case, file: &str) -> Result<Verdict, FuzzError> {
         let (p, state) = layout::prepare(case, file)?;
@@ -111,19 +122,38 @@ impl Checker {
     /// Asks the third opinion about a case KVM cannot decide; says so when it cannot either.
     fn ask_reference(&self, case: &Case, interp: &Run, why: String) -> Verdict {
         match self.reference.run(case) {
-            Ok(reference) => {
+            Ok(mut reference) => {
+                reference.rflags_undefined = interp.outcome.rflags_undefined.clone();
                 let Ok(p) = case.parse("case") else { return Verdict::Undecided { why } };
-                let d =
-                    compare_runs(&p, case, (self.reference.name(), &reference), ("interp", &interp.outcome));
+                let name = self.reference.name();
+                let d = against_reference(&p, case, name, &reference, ("interp", &interp.outcome));
                 if d.is_empty() {
                     Verdict::Agree
                 } else {
-                    Verdict::Undecided {
-                        why: format!("{why}; {} disagrees with the interpreter:\n{d}", self.reference.name()),
-                    }
+                    Verdict::Undecided { why: format!("{why}; {name} disagrees with the interpreter:\n{d}") }
                 }
             }
             Err(e) => Verdict::Undecided { why: format!("{why}; {e}") },
+        }
+    }
+
+    /// For a divergence: which side the reference agrees with, in one line.
+    pub fn third_opinion(&self, case: &Case, kvm: &Outcome, interp: &Outcome) -> String {
+        let name = self.reference.name();
+        let Ok(p) = case.parse("case") else { return String::new() };
+        match self.reference.run(case) {
+            Ok(mut r) => {
+                // Neither KVM nor QEMU says which flags are undefined; the interpreter (iced) does.
+                r.rflags_undefined = interp.rflags_undefined.clone();
+                let dk = against_reference(&p, case, name, &r, ("kvm", kvm));
+                let di = against_reference(&p, case, name, &r, ("interp", interp));
+                match (dk.is_empty(), di.is_empty()) {
+                    (true, false) => format!("{name} agrees with kvm: the interpreter stands alone"),
+                    (false, true) => format!("{name} agrees with the interpreter: kvm stands alone"),
+                    _ => format!("{name} agrees with neither side:\n{dk}{di}"),
+                }
+            }
+            Err(e) => format!("no third opinion: {e}"),
         }
     }
 }
@@ -149,4 +179,17 @@ pub fn against_recorded(
     let run = interp.run(case, &p, &state)?;
     let _ = parse_hex(&expected.outcome.rflags_undefined);
     Ok(Some(compare_runs(&p, case, (&expected.source, &expected.outcome), ("interp", &run.outcome))))
+}
+
+/// Compares a reference's outcome with a backend's, leaving out exits (the reference has none).
+pub fn against_reference(
+    p: &Parsed,
+    case: &Case,
+    name: &str,
+    reference: &Outcome,
+    other: (&str, &Outcome),
+) -> StateDiff {
+    let mut o = other.1.clone();
+    o.exits.clear();
+    compare_runs(p, case, (name, reference), (other.0, &o))
 }

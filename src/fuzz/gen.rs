@@ -260,25 +260,33 @@ fn assemble(mode: FuzzMode, insns: &[InsnSpec]) -> Vec<u8> {
         }
     }
     let ip = code_ip(mode);
-    match BlockEncoder::encode(bits, InstructionBlock::new(&list, ip), BlockEncoderOptions::NONE) {
-        Ok(r) => r.code_buffer,
-        // A block that does not encode (a branch form the block encoder cannot stretch): the
-        // program without its branches, which always encodes.
-        Err(_) => {
-            let mut out = Vec::new();
-            let mut enc = Encoder::new(bits);
-            for ins in
-                list.iter().filter(|i| !i.is_jcc_short_or_near() && i.op0_kind() != OpKind::NearBranch16)
-            {
-                if enc.encode(ins, ip + out.len() as u64).is_ok() {
-                    out.extend(enc.take_buffer());
+    let mut code =
+        match BlockEncoder::encode(bits, InstructionBlock::new(&list, ip), BlockEncoderOptions::NONE) {
+            Ok(r) => r.code_buffer,
+            // A block that does not encode (a branch form the block encoder cannot stretch): the
+            // program without its branches, which always encodes.
+            Err(_) => {
+                let mut out = Vec::new();
+                let mut enc = Encoder::new(bits);
+                for ins in
+                    list.iter().filter(|i| !i.is_jcc_short_or_near() && i.op0_kind() != OpKind::NearBranch16)
+                {
+                    if enc.encode(ins, ip + out.len() as u64).is_ok() {
+                        out.extend(enc.take_buffer());
+                    }
                 }
+                out.extend(END_MARKER);
+                out
             }
-            out.extend(END_MARKER);
-            out
-        }
-    }
+        };
+    // Never executed by KVM or the interpreter (the OUT ends the run); the QEMU reference
+    // needs the convention's `cli; hlt` after the debug exit to read the state there.
+    code.extend(END_TAIL);
+    code
 }
+
+/// What follows the end marker: `cli; hlt` (duet-fixtures' `exit_al` convention).
+pub const END_TAIL: [u8; 2] = [0xfa, 0xf4];
 
 /// Status flags (iced bits) each slot may leave undefined, redefined before a reader.
 fn fix_flags(mode: FuzzMode, slots: &mut [Vec<Item>]) {
@@ -416,7 +424,7 @@ mod tests {
                 let spec = spec_strategy(mode, 12).new_tree(&mut runner).unwrap().current();
                 let case = realize(&spec);
                 let code = super::super::case::parse_bytes(&case.code).unwrap();
-                assert!(code.ends_with(&END_MARKER), "{mode}: {:?}", case.disasm);
+                assert!(code.ends_with(&[END_MARKER, END_TAIL].concat()), "{mode}: {:?}", case.disasm);
                 assert_eq!(realize(&spec), case, "realization is deterministic");
                 assert!(!case.disasm.is_empty());
             }

@@ -47,6 +47,10 @@ pub struct FuzzArgs {
     /// Divergences of one kind (KVM's stop and the fields that differ) shrunk and saved; the rest are counted.
     #[arg(long, default_value_t = 2)]
     pub per_kind: u64,
+    /// Ask the QEMU reference (qemu-system-x86_64) about cases KVM cannot decide and about each
+    /// saved divergence (slow: one QEMU process per case).
+    #[arg(long)]
+    pub reference: bool,
     /// Also save agreeing cases among the first N (in DIR/agree), to grow a regression corpus.
     #[arg(long, default_value_t = 0)]
     pub keep_agreeing: u64,
@@ -130,6 +134,7 @@ pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
         max_insns: args.max_insns.clamp(1, 256),
         use_kvm: !args.interp_only,
         keep_agreeing: args.keep_agreeing,
+        reference: args.reference,
         per_signature: args.per_kind,
         ..Config::default()
     };
@@ -199,6 +204,9 @@ fn print_summary(s: &Summary, cfg: &Config) {
 /// `duet diff`.
 pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
     let mut checker = Checker::new(!args.interp_only, Duration::from_secs(2));
+    if let Some(why) = checker.use_qemu() {
+        eprintln!("duet diff: no third opinion: the QEMU reference is not usable: {why}");
+    }
     if let Some(source) = &args.record {
         for path in &args.cases {
             let file = path.display().to_string();
@@ -223,9 +231,13 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
         if checker.kvm.is_some() {
             match checker.check(&case, &file).with_context(|| format!("running {file}"))? {
                 Verdict::Agree => println!("{file}: kvm and interp agree"),
-                Verdict::Diverge { diff, .. } => {
+                Verdict::Diverge { diff, kvm, interp } => {
+                    let runs = Some((kvm.outcome, interp.outcome));
                     differ = true;
                     println!("{file}: kvm and interp differ\n{diff}");
+                    if let Some((k, i)) = runs.as_ref() {
+                        println!("third opinion: {}", checker.third_opinion(&case, k, i));
+                    }
                     if let Some(kvm) = checker.kvm.as_mut() {
                         match lockstep(kvm, &mut checker.interp, &case, &file) {
                             Ok(r) => println!("lockstep: {r}"),
