@@ -141,9 +141,9 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
         },
     },
     HostLimit {
-        name: "ignore-msrs",
-        reason: "this host's KVM has kvm.ignore_msrs=Y: RDMSR of an unknown MSR returns 0 and WRMSR is dropped instead of #GP (SDM Vol. 2B RDMSR)",
-        applies: |_, i| matches!(i.mnemonic(), Mnemonic::Rdmsr | Mnemonic::Wrmsr) && ignore_msrs(),
+        name: "msrs",
+        reason: "kvm_pvm returns 0 for RDMSR of MSRs it does not know and drops such WRMSRs instead of #GP(0) (SDM Vol. 2B RDMSR/WRMSR), even with kvm.ignore_msrs=N",
+        applies: |_, i| matches!(i.mnemonic(), Mnemonic::Rdmsr | Mnemonic::Wrmsr),
     },
     HostLimit {
         name: "int1",
@@ -193,6 +193,10 @@ pub const HOST_SPECIFIC: &[(&str, &str)] = &[
     (
         "IOPL > 0 at CPL 3",
         "kvm_pvm runs ring 3 with IOPL 0 whatever the guest sets; ring-3 cases start with IOPL 0, so their final OUT is a #GP",
+    ),
+    (
+        "PUSH of a segment register with a 32- or 64-bit operand size",
+        "SDM Vol. 2B PUSH: the upper bytes of the stack slot are either zeroed or left unmodified, by processor; never generated",
     ),
     (
         "RDRAND, RDSEED",

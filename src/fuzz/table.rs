@@ -64,6 +64,13 @@ fn eligible(code: Code, bits: u32) -> bool {
     {
         return false;
     }
+    // PUSH Sreg wider than 16 bits leaves the slot's upper bytes implementation-specific.
+    if m == Mnemonic::Push
+        && op.operand_size() > 16
+        && kinds.iter().any(|k| matches!(k, K::es | K::cs | K::ss | K::ds | K::fs | K::gs))
+    {
+        return false;
+    }
     kinds.iter().all(|&k| supported_kind(k))
 }
 
