@@ -274,7 +274,7 @@ pub fn run(kind: BackendKind, guest: &Guest) -> RunReport {
 }
 
 /// Reads `n` result slots.
-fn read_slots(report: &RunReport, mode: Mode, n: usize) -> Vec<Slot> {
+pub fn read_slots(report: &RunReport, mode: Mode, n: usize) -> Vec<Slot> {
     let base = linear(mode, results_addr(mode));
     (0..n)
         .map(|i| {
