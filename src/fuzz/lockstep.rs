@@ -24,7 +24,8 @@ fn instruction_at(s: &CpuState, ram: &[u8]) -> String {
         _ => 32,
     };
     let linear = s.sregs.cs.base.wrapping_add(s.regs.rip);
-    let Some(bytes) = ram.get(linear as usize..(linear as usize + 15).min(ram.len())) else {
+    let start = usize::try_from(linear).unwrap_or(usize::MAX);
+    let Some(bytes) = ram.get(start..start.saturating_add(15).min(ram.len())) else {
         return format!("{linear:#x}: (outside RAM)");
     };
     let ins = Decoder::with_ip(bits, bytes, s.regs.rip, DecoderOptions::NONE).decode();
