@@ -327,13 +327,10 @@ impl Cpu {
     }
 
     /// In virtual-8086 mode, an IOPL-sensitive instruction with IOPL < 3 is #GP(0) (SDM Vol. 3A
-    /// §20.2.7); CR4.VME's virtual-interrupt extensions are not modelled.
+    /// §20.2.7); callers handle CR4.VME's virtual-interrupt forms first (instructions::vme).
     pub fn v86_iopl_check(&self) -> Flow {
         if !self.v86() {
             return Ok(());
-        }
-        if self.sregs.cr4 & 1 != 0 {
-            return Err(unsupported("virtual-8086 mode with CR4.VME"));
         }
         if self.iopl() < 3 {
             return Err(gp(0));

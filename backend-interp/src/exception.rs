@@ -5,7 +5,7 @@
 use duet_core::state::rflags;
 use duet_core::Segment;
 
-use crate::cpu::{canonical, fault_code, gp, mask, unsupported, vector, Abort, Cpu, Exception, Flow};
+use crate::cpu::{canonical, fault_code, gp, mask, vector, Abort, Cpu, Exception, Flow};
 use crate::instructions::task::Switch;
 
 /// What raised an event: it decides the saved RIP, the EXT bit and the gate-DPL check.
@@ -140,8 +140,6 @@ impl Cpu {
     fn deliver(&mut self, ev: &Event) -> Flow {
         if !self.protected() {
             self.deliver_real(ev)
-        } else if self.v86() && self.sregs.cr4 & 1 != 0 {
-            Err(unsupported("interrupt delivery in virtual-8086 mode with CR4.VME"))
         } else if self.long_mode() {
             self.deliver_long(ev)
         } else {

@@ -272,6 +272,9 @@ impl Cpu {
             return Ok(());
         }
         if self.v86() {
+            if self.vme_active() {
+                return self.iret_vme(size);
+            }
             // IOPL 3: a real-mode style IRET that cannot change IOPL or VM (SDM Vol. 2A IRET).
             self.v86_iopl_check()?;
             let sp = self.sp();
@@ -440,7 +443,12 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                     vector::OF
                 }
             };
-            if m == Mnemonic::Int {
+            if m == Mnemonic::Int && cpu.v86() && cpu.sregs.cr4 & 1 != 0 {
+                // CR4.VME: the redirection bitmap decides (SDM Vol. 3A Table 20-2).
+                if cpu.int_vme(v)? {
+                    return Ok(());
+                }
+            } else if m == Mnemonic::Int {
                 // INT n (not INT3/INTO) is IOPL-sensitive in virtual-8086 mode.
                 cpu.v86_iopl_check()?;
             }

@@ -20,6 +20,7 @@ pub(crate) mod string;
 pub(crate) mod syscall;
 pub(crate) mod system;
 pub(crate) mod task;
+pub(crate) mod vme;
 
 use iced_x86::{Instruction, Mnemonic};
 

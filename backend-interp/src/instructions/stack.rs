@@ -125,13 +125,19 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.write_op(ins, 0, v)
         }
         Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => {
+            if cpu.vme_active() {
+                return cpu.pushf_vme(n);
+            }
             cpu.v86_iopl_check()?;
             let v = cpu.flags_image();
             cpu.push(v, n)
         }
         Mnemonic::Popf | Mnemonic::Popfd | Mnemonic::Popfq => {
-            cpu.v86_iopl_check()?;
             let n = ins.stack_pointer_increment().unsigned_abs();
+            if cpu.vme_active() {
+                return cpu.popf_vme(n);
+            }
+            cpu.v86_iopl_check()?;
             let v = cpu.pop(n)?;
             cpu.load_flags(v, n, false);
             Ok(())
