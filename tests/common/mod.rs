@@ -255,9 +255,14 @@ impl Batch {
 
     /// Runs on one backend only (for instructions KVM cannot run on this host) and returns the slots.
     pub fn run_on(self, kind: BackendKind) -> (RunReport, Vec<Slot>) {
+        self.run_on_with(kind, &RunConfig::default())
+    }
+
+    /// As [`Batch::run_on`] with a run configuration of its own (e.g. another CPUID profile).
+    pub fn run_on_with(self, kind: BackendKind, config: &RunConfig) -> (RunReport, Vec<Slot>) {
         let mode = self.mode;
         let (guest, labels) = self.guest();
-        let report = run(kind, &guest);
+        let report = run_guest(&*kind.create(), &guest, config).unwrap_or_else(|e| panic!("{kind}: {e}"));
         let slots = read_slots(&report, mode, labels.len());
         (report, slots)
     }
