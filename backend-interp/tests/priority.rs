@@ -59,10 +59,14 @@ fn stack32(mem: &GuestMemory, s: &CpuState, n: u64) -> Vec<u64> {
 fn code_breakpoint_is_a_fault_taken_once_thanks_to_rf() {
     let target = CODE + 0x100;
     let mem = memory(&arm_and_jump(target));
-    poke(&mem, target, &asm(32, |a| {
-        a.inc(ecx).unwrap();
-        a.hlt().unwrap();
-    }));
+    poke(
+        &mem,
+        target,
+        &asm(32, |a| {
+            a.inc(ecx).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
     let s = protected32(&mem);
     install_db_handler(&mem);
     let (out, _) = run(mem.clone(), &s);
