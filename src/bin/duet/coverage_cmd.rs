@@ -104,7 +104,7 @@ pub const GROUPS: &[(&str, &[Mnemonic])] = &[
     ),
 ];
 
-/// Caveats that a per-mnemonic view cannot show.
+/// Caveats that a per-mnemonic view cannot show, and where the tests of each group live.
 const NOTES: &str = "\
 Notes:
 - A mnemonic counts as implemented when the software CPU executes some form of it
@@ -112,7 +112,20 @@ Notes:
   `Unsupported` stop naming the instruction.
 - iced-x86 gives the SSE instructions MOVSD and CMPSD the same mnemonics as the string
   instructions; only the string forms are implemented. MOV to/from CR and DR registers is MOV.
-- Tests: tests/isa_*.rs run the implemented groups differentially (KVM against the software CPU).";
+
+Tests (tests/isa_*.rs; KVM against the software CPU, or the SDM where this host's KVM is wrong):
+- data transfer: isa_data (MOV, MOVSX/MOVZX/MOVSXD, CBW family, BSWAP, XCHG, XADD, CMPXCHG,
+  CMPXCHG8B), isa_cond (CMOVcc), isa_stack (PUSH/POP, PUSHA/POPA), isa_system (CMPXCHG16B);
+- binary arithmetic, logical: isa_alu, isa_muldiv (with #DE), isa_bmi (ADCX/ADOX);
+- decimal: isa_bcd; shift and rotate: isa_shift; bit and byte: isa_bits, isa_cond (SETcc), isa_bmi;
+- control transfer: isa_cond (Jcc, LOOPcc, JrCXZ), isa_stack (CALL/RET near and far, ENTER/LEAVE),
+  isa_exceptions (faults, SYSRET, call gates); string: isa_string (with INS/OUTS);
+- flag control: isa_data (LAHF/SAHF), isa_stack (PUSHF/POPF); misc: isa_data (LEA, XLAT);
+- system: isa_system (descriptor tables, LAR/LSL/VERR/VERW, CR, MSRs, SWAPGS, CPUID, RDTSC);
+- every mode: isa_modes; random bytes never crash or hang the software CPU: isa_random.
+- No test of their own yet: INT n/INT3/INTO/IRET, BOUND, ARPL, LDS/LES/LFS/LGS/LSS,
+  CLC/STC/CMC/CLD/STD/CLI/STI, IN/OUT beyond the harness, LTR/LLDT, SYSCALL/SYSENTER/SYSEXIT,
+  HLT, CLFLUSH/fences/prefetch/NOP forms, RDRAND, the FSGSBASE instructions, MOV DR.";
 
 /// The report as Markdown.
 pub fn report() -> String {
