@@ -35,6 +35,10 @@ fn szp(v: u8) -> u64 {
 }
 
 /// SDM Vol. 2A DAA, Operation: (AX after, defined flags after); OF is undefined.
+#[expect(
+    unused_assignments,
+    reason = "mirrors the SDM Operation line by line; its first CF assignment is overwritten by the second step"
+)]
 fn daa(al: u8, ah: u8, af: bool, cf: bool) -> (u16, u64) {
     let (old_al, old_cf) = (al, cf);
     let (mut al, mut cf, af_out);

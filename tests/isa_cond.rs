@@ -150,12 +150,12 @@ fn cond_setcc_cmovcc_jcc_all_conditions_and_flag_combinations_match_kvm() {
 
 #[test]
 fn cond_jcc_near_and_backward_forms_match_kvm() {
-    // rel32 forms: a taken branch over more than 127 bytes, and a backward loop.
+    // rel32 forms: a taken branch over more than 127 bytes.
     let mut b = Batch::new("cond-near", Mode::Long);
-    for cc in 0..16 {
+    for (cc, name) in CC.iter().enumerate() {
         for k in [0u32, 31, 5, 26] {
             let flags = combo(k);
-            b.case(format!("{} near flags={flags:03x}", CC[cc]), 0, move |a| {
+            b.case(format!("{name} near flags={flags:03x}"), 0, move |a| {
                 let (mut taken, mut done) = (a.create_label(), a.create_label());
                 set_flags(a, 64, flags)?;
                 jcc(a, cc, taken)?;

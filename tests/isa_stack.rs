@@ -75,8 +75,10 @@ fn stack_long_mode_push_pop_enter_call_match_kvm() {
             a.popfq()
         });
     }
-    for level in [0u32] {
-        // Nesting levels above 0: `stack_enter_nesting_levels_match_the_sdm` (this host's KVM cannot run them).
+    // Nesting level 0 only; above 0: `stack_enter_nesting_levels_match_the_sdm` (this host's KVM
+    // cannot run them).
+    {
+        let level = 0u32;
         b.case(format!("enter 0x18,{level}; leave"), 0, move |a| {
             // A chain of frame pointers for the nesting levels to copy.
             a.mov(rbp, STACK_TOP_MINUS_0X100)?;
@@ -166,7 +168,8 @@ fn stack_protected_mode_pusha_enter_far_call_match_kvm() {
         a.pop(ds)?;
         a.mov(edi, esp)
     });
-    for level in [0u32] {
+    {
+        let level = 0u32;
         b.case(format!("enter 8,{level}; leave"), 0, move |a| {
             a.mov(ebp, 0x7_fe00)?;
             a.mov(dword_ptr(ebp - 4), 0x1111)?;
