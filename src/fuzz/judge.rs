@@ -262,7 +262,7 @@ pub trait Reference: Send + Sync {
     fn run(&self, case: &Case) -> Result<Outcome, String>;
 }
 
-/// The reference until duet-qemu is wired in: it always says it is not available.
+/// No third opinion: the default of a campaign (QEMU costs a process per case).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoReference;
 
@@ -271,7 +271,7 @@ impl Reference for NoReference {
         "qemu"
     }
     fn run(&self, _case: &Case) -> Result<Outcome, String> {
-        Err("the QEMU reference (duet-qemu) is not wired into the fuzzer yet".into())
+        Err("no third opinion asked (`duet fuzz --reference` asks QEMU)".into())
     }
 }
 

@@ -181,7 +181,8 @@ fn print_summary(s: &Summary, cfg: &Config) {
         println!("    case {} -> {at}  {first}", f.index);
     }
     let undecided: u64 = s.undecided.values().sum();
-    println!("  undecided    {undecided} (the hardware cannot decide these here; no reference wired yet)");
+    let by = if cfg.reference { "QEMU could not decide them either" } else { "--reference asks QEMU" };
+    println!("  undecided    {undecided} (this host's KVM cannot decide these; {by})");
     for (why, n) in &s.undecided {
         println!("    {n:>8}  {why}");
     }
