@@ -315,8 +315,11 @@ impl Cpu {
             // Task gate: switch tasks, then push the error code on the new task's stack.
             let eip = self.task_switch(gate.selector, Switch::Interrupt, ev.rip)?;
             self.rip = eip;
+            // The error code goes on the new task's stack, a word for a 16-bit TSS (SDM Vol. 3A
+            // §6.12.2, as KVM's task-switch emulation does).
             if let Some(e) = ev.error {
-                self.push(u64::from(e), 4)?;
+                let width = if self.sregs.tr.type_ & 8 != 0 { 4 } else { 2 };
+                self.push(u64::from(e), width)?;
             }
             return Ok(());
         }

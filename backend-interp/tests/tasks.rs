@@ -126,3 +126,59 @@ fn iret_into_virtual_8086_mode_and_a_gp_back_to_ring0() {
     assert!(st.sregs.ds.unusable);
     assert_eq!(st.cpl(), 0);
 }
+
+#[test]
+fn call_to_a_16bit_tss_and_iret_back() {
+    // SDM Vol. 3A §8.6, Figure 8-11: a 16-bit TSS holds IP, FLAGS, AX…DI, ES, CS, SS, DS and the
+    // LDT selector as words; it has no CR3, FS or GS (those stay as they were).
+    const TSS16: u64 = 0x780;
+    let code = asm(32, |a| {
+        a.mov(ax, sel::UDATA as u32).unwrap();
+        a.mov(fs, ax).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.call_far(TSS_B_SEL, 0).unwrap();
+        a.mov(ecx, 2).unwrap();
+        a.hlt().unwrap();
+    });
+    let task_b = asm(32, |a| {
+        a.mov(dword_ptr(0x9000), eax).unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(0x9004)).unwrap();
+        a.mov(dword_ptr(0x9008), fs).unwrap();
+        a.mov(dword_ptr(0x900c), esp).unwrap();
+        a.mov(esi, 0x1234_5678).unwrap();
+        a.iretd().unwrap();
+    });
+    let iret_end = TASK_B + task_b.len() as u64;
+    let mem = memory(&code);
+    poke(&mem, TASK_B, &task_b);
+    let mut s = protected32(&mem);
+    setup_task_b(&mem, &mut s);
+    let desc = Segment { base: TSS16, limit: 0x2b, type_: 0x1, present: true, ..Segment::default() };
+    poke(&mem, GDT + u64::from(TSS_B_SEL), &desc.to_descriptor().to_le_bytes());
+    let w = |o: u64, v: u16| poke(&mem, TSS16 + o, &v.to_le_bytes());
+    w(0x0e, TASK_B as u16); // IP
+    w(0x10, (rflags::CF | 2) as u16); // FLAGS
+    for (i, v) in [0x1111u16, 0x2222, 0x3333, 0x4444, 0x6000, 0x6666, 0x7777, 0x8888].into_iter().enumerate()
+    {
+        w(0x12 + 2 * i as u64, v); // AX, CX, DX, BX, SP, BP, SI, DI
+    }
+    for (i, sel) in [sel::DATA, sel::CODE32, sel::DATA, sel::DATA].into_iter().enumerate() {
+        w(0x22 + 2 * i as u64, sel); // ES, CS, SS, DS
+    }
+    let (out, _) = run(mem.clone(), &s);
+    assert_eq!(out.stop, StopReason::Halted, "{}", out.stop);
+    // Task B: EAX from the AX word (upper half zero), FLAGS with CF and NT, FS untouched.
+    assert_eq!(peek32(&mem, 0x9000), 0x1111);
+    assert_eq!(u64::from(peek32(&mem, 0x9004)) & (rflags::CF | rflags::NT), rflags::CF | rflags::NT);
+    assert_eq!(peek32(&mem, 0x9008) & 0xffff, u32::from(sel::UDATA));
+    assert_eq!(peek32(&mem, 0x900c), 0x6000);
+    // The link names task A; IRET saved B's IP and SI as words and freed its descriptor (type 1).
+    assert_eq!(peek32(&mem, TSS16) & 0xffff, u32::from(sel::TSS));
+    assert_eq!(u64::from(peek32(&mem, TSS16 + 0x0e) & 0xffff), iret_end);
+    assert_eq!(peek32(&mem, TSS16 + 0x1e) & 0xffff, 0x5678);
+    assert_eq!((peek64(&mem, GDT + u64::from(TSS_B_SEL)) >> 40) & 0xf, 0x1);
+    // Back in task A.
+    assert_eq!((out.state.regs.rax, out.state.regs.rcx), (1, 2));
+    assert_eq!(out.state.sregs.tr.selector, sel::TSS);
+}
