@@ -19,8 +19,7 @@ fn u64_at(r: &RunReport, addr: u64) -> u64 {
 }
 
 /// Runs `guest` on every backend, checks `expect` (the SDM's outcome) on each run, and compares
-/// KVM with the software CPU (`mask_rf`: clear RF in the IST1 frame first, see
-/// `exceptions_long_mode_fault_pushes_rf`).
+/// KVM with the software CPU (the whole state and RAM, exception frames included).
 ///
 /// `kvm_defect` names a known defect of this host's KVM for this guest: when KVM's run misses the
 /// SDM expectation, that is reported out loud and the differential half is skipped, the software
@@ -28,7 +27,6 @@ fn u64_at(r: &RunReport, addr: u64) -> u64 {
 /// here once it can run guests — TODO(duet-qemu).)
 fn check(
     guest: &Guest,
-    mask_rf: bool,
     kvm_defect: Option<&str>,
     expect: impl Fn(&RunReport) -> Result<(), String>,
 ) -> Vec<RunReport> {
@@ -54,12 +52,7 @@ fn check(
     }
     if let [kvm, interp] = &reports[..] {
         if !kvm_wrong {
-            let (kvm, interp) = (kvm.clone(), interp.clone());
-            if mask_rf {
-                mask_frame_rf(&kvm);
-                mask_frame_rf(&interp);
-            }
-            let diff = compare(&kvm, &interp);
+            let diff = compare(kvm, interp);
             assert!(diff.is_empty(), "{}: KVM and the software CPU differ:\n{diff}", guest.name);
         }
     }
@@ -95,14 +88,13 @@ fn to_ring3(a: &mut CodeAssembler, user: CodeLabel) -> Result<(), iced_x86::Iced
 }
 
 #[test]
-#[ignore = "interpreter divergence: long-mode IDT delivery of a fault pushes RFLAGS.RF = 0; SDM Vol. 3A §18.3.1.1 (and KVM) push RF = 1"]
 fn exceptions_long_mode_fault_pushes_rf() {
     let guest = GuestBuilder::new(Mode::Long)
         .name("exceptions_long_mode_fault_pushes_rf")
         .code(|a| Ok(a.ud2()?))
         .build()
         .unwrap();
-    check(&guest, false, None, |r| {
+    check(&guest, None, |r| {
         want("exception", exception(r), (6, 0))?;
         // SDM Vol. 3A §18.3.1.1: "For any fault-class exception except a debug exception
         // generated in response to an instruction breakpoint, the value pushed for RF is 1."
@@ -117,7 +109,7 @@ fn exceptions_protected_mode_fault_pushes_rf() {
         .code(|a| Ok(a.ud2()?))
         .build()
         .unwrap();
-    check(&guest, false, None, |r| {
+    check(&guest, None, |r| {
         want("exception", exception(r), (6, 0))?;
         // Same level: no stack switch; EFLAGS, CS, EIP pushed below ESP = 0x80000.
         want("saved EFLAGS.RF", u64_at(r, 0x8_0000 - 4) & (1 << 16), 1 << 16)
@@ -138,7 +130,7 @@ fn exceptions_ring3_fault_switches_to_ist_stack_at_cpl0() {
         })
         .build()
         .unwrap();
-    check(&guest, true, Some("IRETQ to ring 3 keeps DS/ES/FS/GS holding DPL-0 data selectors"), |r| {
+    check(&guest, Some("IRETQ to ring 3 keeps DS/ES/FS/GS holding DPL-0 data selectors"), |r| {
         want("exception", exception(r), (13, 0))?;
         // SDM Vol. 3A §6.14.4/§6.14.5: IST1 (16-byte aligned) holds SS, RSP, RFLAGS, CS, RIP,
         // error code.
@@ -187,7 +179,7 @@ fn exceptions_sysret_enters_ring3_with_star_selectors() {
         })
         .build()
         .unwrap();
-    check(&guest, true, Some("SYSRET loads CS 0x33 / SS 0x2b whatever STAR holds, and sets IF"), |r| {
+    check(&guest, Some("SYSRET loads CS 0x33 / SS 0x2b whatever STAR holds, and sets IF"), |r| {
         want("exception", exception(r), (6, 0))?;
         // SDM Vol. 2B SYSRET (64-bit): CS = STAR[63:48] + 16 | 3, SS = STAR[63:48] + 8 | 3,
         // RFLAGS = R11 & 0x3C7FD7 | 2.
@@ -237,7 +229,7 @@ fn exceptions_call_gate_from_ring3_switches_to_rsp0() {
         })
         .build()
         .unwrap();
-    check(&guest, false, Some("far CALL through a call gate from ring 3 raises #UD"), |r| {
+    check(&guest, Some("far CALL through a call gate from ring 3 raises #UD"), |r| {
         want("stop", &r.outcome.stop, &StopReason::DebugExit { value: 0 })?;
         // SDM Vol. 3A §5.8.6 (IA-32e mode): CPL 0, SS = NULL, RSP = TSS.RSP0; pushed old SS,
         // old RSP, CS, RIP — four quadwords.

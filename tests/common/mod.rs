@@ -469,14 +469,3 @@ pub fn sz(size: u32) -> &'static str {
 
 /// Where the long-mode IST1 exception frame keeps the saved RFLAGS (IST1_TOP − 24).
 pub const IST1_FRAME_RFLAGS: u64 = 0x74000 - 24;
-
-/// Clears RF (bit 16) in the RFLAGS image of the long-mode exception frame on IST1, so a
-/// comparison does not trip over the known divergence reproduced by
-/// `isa_exceptions::exceptions_long_mode_fault_pushes_rf` (the software CPU pushes RF = 0).
-pub fn mask_frame_rf(report: &RunReport) {
-    let mut w = [0u8; 8];
-    if report.memory.read_slice(&mut w, GuestAddress(IST1_FRAME_RFLAGS)).is_ok() {
-        let v = u64::from_le_bytes(w) & !(1 << 16);
-        let _ = report.memory.write_slice(&v.to_le_bytes(), GuestAddress(IST1_FRAME_RFLAGS));
-    }
-}
