@@ -306,3 +306,21 @@ pub fn with(profile: &CpuidProfile, function: u32, reg: usize, bits: u32) -> Cpu
     }
     p
 }
+
+/// Runs `state` over a fresh copy of guest memory on KVM (the baseline profile restricted to
+/// the host), with the console on 0xE9; `None` after printing why when KVM is unusable.
+pub fn run_kvm(
+    build: impl Fn() -> (Arc<GuestMemory>, CpuState),
+) -> Option<(RunOutcome, Console, Arc<GuestMemory>)> {
+    use duet_core::Vcpu;
+    let kvm = duet_kvm::testing::kvm_or_skip()?;
+    let profile = CpuidProfile::baseline().restricted_to(&kvm.host_cpuid().unwrap());
+    let (mem, state) = build();
+    let mut vcpu = kvm.create(mem.clone(), &profile).unwrap();
+    vcpu.set_state(&state).unwrap();
+    let mut m = Machine::with_vcpu(mem.clone(), vcpu);
+    let console = Console::default();
+    m.pio.insert(0xe9, 1, Arc::new(Mutex::new(console.clone()))).unwrap();
+    let out = m.run(&RunOptions { timeout: Duration::from_secs(10) }).unwrap();
+    Some((out, console, mem))
+}
