@@ -102,7 +102,7 @@ pub fn scratch(mode: Mode) -> u64 {
 /// Linear address of a DS-relative offset `off` of the batch's data segment.
 pub fn linear(mode: Mode, off: u64) -> u64 {
     match mode {
-        Mode::Real => REAL_BASE + off,
+        Mode::Real => REAL_BASE.wrapping_add(off),
         _ => off,
     }
 }
