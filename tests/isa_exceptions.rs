@@ -244,3 +244,120 @@ fn exceptions_call_gate_from_ring3_switches_to_rsp0() {
         )
     });
 }
+
+#[test]
+fn exceptions_syscall_from_ring3_enters_lstar_at_cpl0() {
+    let guest = GuestBuilder::new(Mode::Long)
+        .name("exceptions_syscall_from_ring3_enters_lstar_at_cpl0")
+        .code(|a| {
+            let (mut user, mut handler) = (a.create_label(), a.create_label());
+            a.mov(ecx, msr::EFER)?;
+            a.rdmsr()?;
+            a.or(eax, ctrl::EFER_SCE as i32)?;
+            a.wrmsr()?;
+            a.mov(ecx, msr::STAR)?;
+            a.xor(eax, eax)?;
+            a.mov(edx, (u32::from(sel::UCODE32) << 16) | u32::from(sel::CODE64))?;
+            a.wrmsr()?;
+            a.mov(ecx, msr::LSTAR)?;
+            a.lea(rax, ptr(handler))?;
+            a.mov(rdx, rax)?;
+            a.shr(rdx, 32)?;
+            a.wrmsr()?;
+            a.mov(ecx, msr::SFMASK)?;
+            a.mov(eax, 0x0701)?; // clear TF IF DF and CF on entry
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            to_ring3(a, user)?;
+            a.set_label(&mut user)?;
+            a.push(0x8c3)?; // CF PF SF OF
+            a.popfq()?;
+            a.syscall()?;
+            a.ud2()?;
+            a.set_label(&mut handler)?;
+            a.mov(r8d, 0)?;
+            a.mov(r8w, cs)?;
+            a.mov(r9d, 0)?;
+            a.mov(r9w, ss)?;
+            a.pushfq()?;
+            a.pop(r10)?;
+            duet::fixtures::asm::exit(a, 0)?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    check(&guest, Some("SYSCALL from ring 3 stays at CPL 3"), |r| {
+        want("stop", &r.outcome.stop, &StopReason::DebugExit { value: 0 })?;
+        // SDM Vol. 2B SYSCALL: CS = STAR[47:32], SS = STAR[47:32] + 8, R11 = RFLAGS,
+        // RFLAGS &= ~FMASK, RCX = the next instruction's RIP.
+        let g = &r.outcome.state.regs;
+        want("CS, SS", (g.r8, g.r9), (u64::from(sel::CODE64), u64::from(sel::KDATA)))?;
+        want("R11", g.r11, 0x8c3)?;
+        want("RFLAGS in the handler", g.r10, 0x8c2)?;
+        want("RCX in the code", (0x10_0000..0x20_0000).contains(&g.rcx), true)?;
+        want("CPL", r.outcome.state.cpl(), 0)
+    });
+}
+
+#[test]
+fn exceptions_sysexit_to_ring3_and_sysenter_back_in_protected_mode() {
+    // Kernel entry and user code at fixed addresses (32-bit code has no label addresses).
+    const KERNEL: u64 = 0x60_0000;
+    const USER: u64 = 0x60_1000;
+    let kernel = duet::fixtures::assemble(32, KERNEL, |a| {
+        a.mov(ebx, 0)?;
+        a.mov(bx, cs)?;
+        a.mov(ebp, 0)?;
+        a.mov(bp, ss)?;
+        a.mov(edx, esp)?;
+        duet::fixtures::asm::exit(a, 0)
+    })
+    .unwrap();
+    let user = duet::fixtures::assemble(32, USER, |a| {
+        a.mov(esi, 0)?;
+        a.mov(si, cs)?;
+        a.mov(edi, 0)?;
+        a.mov(di, ss)?;
+        a.sysenter()?;
+        Ok(a.ud2()?)
+    })
+    .unwrap();
+    let guest = GuestBuilder::new(Mode::Protected)
+        .name("exceptions_sysexit_to_ring3_and_sysenter_back_in_protected_mode")
+        .load(KERNEL, kernel)
+        .load(USER, user)
+        .code(|a| {
+            for (index, value) in [
+                (msr::SYSENTER_CS, u32::from(sel::CODE32)),
+                (msr::SYSENTER_ESP, 0x7_0000),
+                (msr::SYSENTER_EIP, KERNEL as u32),
+            ] {
+                a.mov(ecx, index)?;
+                a.mov(eax, value)?;
+                a.xor(edx, edx)?;
+                a.wrmsr()?;
+            }
+            a.mov(edx, USER as u32)?;
+            a.mov(ecx, 0x6_0000)?;
+            a.sysexit()?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    check(&guest, None, |r| {
+        want("stop", &r.outcome.stop, &StopReason::DebugExit { value: 0 })?;
+        // SDM Vol. 2B SYSEXIT (32-bit): CS = SYSENTER_CS + 16 | 3, SS = SYSENTER_CS + 24 | 3.
+        // SYSENTER: CS = SYSENTER_CS, SS = SYSENTER_CS + 8, ESP = SYSENTER_ESP, EIP = SYSENTER_EIP.
+        let g = &r.outcome.state.regs;
+        want(
+            "ring-3 CS, SS",
+            (g.rsi, g.rdi),
+            (u64::from(sel::CODE32 + 16) | 3, u64::from(sel::CODE32 + 24) | 3),
+        )?;
+        want(
+            "ring-0 CS, SS, ESP",
+            (g.rbx, g.rbp, g.rdx),
+            (u64::from(sel::CODE32), u64::from(sel::CODE32 + 8), 0x7_0000),
+        )
+    });
+}
