@@ -450,23 +450,6 @@ impl Cpu {
         self.rflags = (self.rflags & !rflags::STATUS) | (v & rflags::STATUS);
     }
 
-    /// The enabled instruction breakpoints (DR7 L/G set, R/W = 00) on the linear address of
-    /// CS:RIP as a DR6 B0–B3 mask; none while RF = 1 (SDM Vol. 3A §18.2.4, §18.3.1.1).
-    pub fn code_breakpoints(&self) -> u64 {
-        let dr7 = self.dr[5];
-        if self.rflags & rflags::RF != 0 || dr7 & 0xff == 0 {
-            return 0;
-        }
-        let (lin, m) = if self.mode64() {
-            (self.rip, u64::MAX)
-        } else {
-            (self.sregs.cs.base.wrapping_add(self.rip & 0xffff_ffff) & 0xffff_ffff, 0xffff_ffff)
-        };
-        (0..4)
-            .filter(|&i| (dr7 >> (2 * i)) & 3 != 0 && (dr7 >> (16 + 4 * i)) & 3 == 0 && self.dr[i] & m == lin)
-            .fold(0, |acc, i| acc | 1 << i)
-    }
-
     /// The time-stamp counter: a deterministic count of retired instructions.
     pub fn tsc(&self) -> u64 {
         self.retired.wrapping_add(self.tsc_offset)

@@ -39,6 +39,7 @@
 #![deny(missing_docs)]
 
 mod cpu;
+mod debug;
 mod decode;
 mod error;
 mod exception;
