@@ -122,12 +122,13 @@ Tests (tests/isa_*.rs; KVM against the software CPU, or the SDM where this host'
   isa_control (INT n, INT3, INTO, IRET, BOUND), isa_exceptions (faults, call gates, SYSCALL,
   SYSRET, SYSENTER/SYSEXIT); string: isa_string (with INS/OUTS);
 - flag control: isa_control (CLC STC CMC CLD STD CLI STI), isa_data (LAHF/SAHF), isa_stack
-  (PUSHF/POPF); segment register: isa_control (LDS LES LFS LGS LSS); misc: isa_data (LEA, XLAT);
+  (PUSHF/POPF); segment register: isa_control (LDS LES LFS LGS LSS); misc: isa_data (LEA, XLAT),
+  isa_misc (NOP forms, PAUSE, ENDBR64, fences, prefetches, CLFLUSH, UD0/UD1/UD2);
 - system: isa_system (descriptor tables, LAR/LSL/VERR/VERW, CR, MSRs, SWAPGS, CPUID, RDTSC),
-  isa_control (ARPL, HLT);
+  isa_control (ARPL, HLT), isa_misc (MOV DR);
 - every mode: isa_modes; random bytes never crash or hang the software CPU: isa_random.
-- No test of their own yet: IN/OUT beyond the harness, LTR/LLDT, INVD, CLFLUSH/fences/prefetch
-  and NOP forms, UD0/UD1/UD2, ENDBR, RDRAND/RDTSCP, the FSGSBASE instructions, MOV DR, CRC32.";
+- No test of their own yet: IN/OUT beyond the harness, LTR/LLDT, INVD, RDRAND/RDTSCP, the
+  FSGSBASE instructions, CRC32 (not implemented), PREFETCHW/CLFLUSHOPT/CLWB.";
 
 /// The report as Markdown.
 pub fn report() -> String {
