@@ -469,3 +469,25 @@ pub fn sz(size: u32) -> &'static str {
 
 /// Where the long-mode IST1 exception frame keeps the saved RFLAGS (IST1_TOP − 24).
 pub const IST1_FRAME_RFLAGS: u64 = 0x74000 - 24;
+
+/// The QEMU reference's slots for `batch` (the third opinion where this host's KVM cannot decide),
+/// or `None` after saying why QEMU is not usable here.
+pub fn qemu_slots(batch: Batch) -> Option<Vec<Slot>> {
+    qemu_slots_with(batch, &RunConfig::default())
+}
+
+/// As [`qemu_slots`] with a run configuration of its own (e.g. another CPUID profile).
+pub fn qemu_slots_with(batch: Batch, config: &RunConfig) -> Option<Vec<Slot>> {
+    if let duet::Availability::Unavailable(why) = duet::qemu::availability() {
+        eprintln!("skipped: qemu: {why}");
+        return None;
+    }
+    let mode = batch.mode;
+    let (guest, labels) = batch.guest();
+    let report = duet::run_qemu(&guest, config).unwrap_or_else(|e| panic!("under QEMU: {e}"));
+    if report.outcome.stop != (StopReason::DebugExit { value: 0 }) {
+        eprintln!("qemu: the batch did not finish: {}", report.outcome.stop);
+        return None;
+    }
+    Some(read_slots(&report, mode, labels.len()))
+}
