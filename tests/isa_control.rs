@@ -108,12 +108,7 @@ fn control_int_int3_into_iret_protected_and_long_mode_match_the_sdm() {
     // RFLAGS (CF ZF DF set by the case), the pushed image is RFLAGS with RF = 0 (SDM Vol. 3A
     // §18.3.1.1, software interrupts) and the saved IP is the next instruction's, inside the code.
     for mode in [Mode::Protected, Mode::Long] {
-        for kind in testing::select_backends() {
-            let (report, slots) = int_batch(mode).run_on(kind);
-            if let (BackendKind::Kvm, StopReason::CannotRun(why)) = (kind, &report.outcome.stop) {
-                eprintln!("skipped: kvm: INT n in {mode} mode: this host's KVM cannot run it ({why}); the SDM decides");
-                continue;
-            }
+        for (kind, report, slots) in opinions(&format!("INT n in {mode} mode"), || int_batch(mode)) {
             assert_eq!(report.outcome.stop, StopReason::DebugExit { value: 0 }, "{mode} on {kind}");
             let g = slots[0].regs;
             assert_eq!((g[1], slots[0].flags), (0x41 + 3, CF | ZF | DF), "{mode} on {kind}: int 0x41; int3");

@@ -274,7 +274,7 @@ fn enter_model(
 
 #[test]
 fn stack_enter_nesting_levels_match_the_sdm() {
-    use duet::{testing, BackendKind, StopReason};
+    use duet::StopReason;
     let top = duet::core::layout::STACK_TOP;
     for (mode, level) in [
         (Mode::Long, 1u32),
@@ -337,12 +337,7 @@ fn stack_enter_nesting_levels_match_the_sdm() {
             });
             b
         };
-        for kind in testing::select_backends() {
-            let (report, slots) = batch().run_on(kind);
-            if let (BackendKind::Kvm, StopReason::CannotRun(why)) = (kind, &report.outcome.stop) {
-                eprintln!("skipped: kvm: enter with nesting level {level} ({mode}): this host's KVM cannot run it ({why}); the SDM decides");
-                continue;
-            }
+        for (kind, report, slots) in opinions(&format!("enter with nesting level {level} ({mode})"), batch) {
             assert_eq!(
                 report.outcome.stop,
                 StopReason::DebugExit { value: 0 },

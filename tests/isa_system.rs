@@ -295,7 +295,7 @@ fn segment_checks_model(sel: u32) -> (Option<u64>, Option<u64>, bool, bool) {
 
 #[test]
 fn system_lar_lsl_verr_verw_over_every_selector_match_the_sdm() {
-    use duet::{testing, BackendKind, StopReason};
+    use duet::StopReason;
     // Every GDT slot, RPL 3 on ring-0 and ring-3 segments, and selectors past the limit.
     let sels: Vec<u32> =
         (0u32..0x60).step_by(8).chain([0x13, 0x33, 0x3b, 0x53, 0x5c, 0x60, 0x1000]).collect();
@@ -319,14 +319,7 @@ fn system_lar_lsl_verr_verw_over_every_selector_match_the_sdm() {
         }
         b
     };
-    for kind in testing::select_backends() {
-        let (report, slots) = batch().run_on(kind);
-        if let (BackendKind::Kvm, StopReason::CannotRun(why)) = (kind, &report.outcome.stop) {
-            eprintln!(
-                "skipped: kvm: LAR/LSL/VERR/VERW: this host's KVM cannot run them ({why}); the SDM decides"
-            );
-            continue;
-        }
+    for (kind, report, slots) in opinions("LAR/LSL/VERR/VERW", batch) {
         assert_eq!(report.outcome.stop, StopReason::DebugExit { value: 0 }, "{kind}");
         let mut bad = Vec::new();
         for (&sel, slot) in sels.iter().zip(&slots) {

@@ -491,3 +491,33 @@ pub fn qemu_slots_with(batch: Batch, config: &RunConfig) -> Option<Vec<Slot>> {
     }
     Some(read_slots(&report, mode, labels.len()))
 }
+
+/// Every opinion on a batch: each selected backend (KVM skipped out loud where it cannot run
+/// the batch) and the QEMU reference when it is usable, as (who, report, slots).
+pub fn opinions(what: &str, make: impl Fn() -> Batch) -> Vec<(String, RunReport, Vec<Slot>)> {
+    let mut v = Vec::new();
+    for kind in testing::select_backends() {
+        let (report, slots) = make().run_on(kind);
+        if let (BackendKind::Kvm, StopReason::CannotRun(why)) = (kind, &report.outcome.stop) {
+            eprintln!("skipped: kvm: {what}: this host's KVM cannot run it ({why}); the SDM decides");
+            continue;
+        }
+        v.push((kind.to_string(), report, slots));
+    }
+    match duet::qemu::availability() {
+        duet::Availability::Available(_) => {
+            let b = make();
+            let mode = b.mode;
+            let (guest, labels) = b.guest();
+            match duet::run_qemu(&guest, &RunConfig::default()) {
+                Ok(report) => {
+                    let slots = read_slots(&report, mode, labels.len());
+                    v.push(("qemu".into(), report, slots));
+                }
+                Err(e) => eprintln!("skipped: qemu: {what}: {e}"),
+            }
+        }
+        duet::Availability::Unavailable(why) => eprintln!("skipped: qemu: {why}"),
+    }
+    v
+}
