@@ -49,7 +49,7 @@ fn exit_latency(c: &mut Criterion) {
         let guest = exit_guest(kind).expect("exit guest");
         for backend in &kinds {
             let mut rig = Rig::new(*backend, &guest).expect("machine for an exit guest");
-            let mut regs = guest.state.regs.clone();
+            let mut regs = guest.state.regs;
             group.bench_function(format!("{name}/{backend}"), |b| {
                 b.iter_custom(|iters| {
                     regs.rcx = iters.min(MAX_BATCH);

@@ -7,13 +7,17 @@
 
 use std::sync::Arc;
 
-use duet_core::vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress};
+use duet_core::vm_memory::{
+    GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress,
+};
 use duet_core::GuestMemory;
 use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use crate::workloads::{exit_images, ExitKind, EXIT_CODE_ADDR, EXIT_MMIO_SEGMENT, EXIT_RAM, EXIT_WAKE_VECTOR};
+use crate::workloads::{
+    exit_images, ExitKind, EXIT_CODE_ADDR, EXIT_MMIO_SEGMENT, EXIT_RAM, EXIT_WAKE_VECTOR,
+};
 
 /// kvm-ioctls has no wrapper for KVM_INTERRUPT (a VMM with a userspace irqchip injects with it).
 mod nr {
@@ -51,7 +55,8 @@ impl RawKvm {
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         vm.set_tss_address(TSS_ADDR).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         let region = memory.find_region(GuestAddress(0)).ok_or("no RAM region")?;
-        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| format!("host address: {e}"))?;
+        let host =
+            region.get_host_address(MemoryRegionAddress(0)).map_err(|e| format!("host address: {e}"))?;
         let desc = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,

@@ -147,7 +147,10 @@ const PAGING_PTS: u64 = 0x40_0000;
 /// The identity map's first page directory (fixtures' layout: PML4, PDPT, then PD0).
 const PD0: u64 = duet_core::layout::PAGE_TABLES_ADDR + 0x2000;
 
-fn long(name: &str, f: impl FnOnce(&mut CodeAssembler) -> Result<(), FixtureError> + 'static) -> GuestBuilder {
+fn long(
+    name: &str,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), FixtureError> + 'static,
+) -> GuestBuilder {
     GuestBuilder::new(Mode::Long).name(name).code(f)
 }
 
@@ -180,7 +183,8 @@ pub fn alu() -> Result<SpeedWorkload, FixtureError> {
 
 /// The catalogue's `sieve` fixture (primes below 10,000, printed through the serial port).
 pub fn sieve() -> Result<SpeedWorkload, FixtureError> {
-    let fixture = duet::fixtures::find("sieve").ok_or_else(|| FixtureError::Asm("the catalogue has no `sieve`".into()))?;
+    let fixture = duet::fixtures::find("sieve")
+        .ok_or_else(|| FixtureError::Asm("the catalogue has no `sieve`".into()))?;
     Ok(SpeedWorkload { name: "sieve", what: "catalogue fixture `sieve`", guest: fixture.guest()? })
 }
 

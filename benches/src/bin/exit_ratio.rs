@@ -34,14 +34,23 @@ fn run(rounds: usize, exits: u64) -> Result<(), String> {
     println!("{rounds} rounds of {exits} exits; ns per exit (median over rounds), ratios are medians of per-round ratios");
     println!(
         "{:<11} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} {:>11}",
-        "kind", "raw", "vcpu", "vcpu+dl", "machine", "interp", "vcpu/raw", "vcpu+dl/r", "machine/r", "machine/int"
+        "kind",
+        "raw",
+        "vcpu",
+        "vcpu+dl",
+        "machine",
+        "interp",
+        "vcpu/raw",
+        "vcpu+dl/r",
+        "machine/r",
+        "machine/int"
     );
     for kind in ExitKind::ALL {
         let guest = exit_guest(kind).map_err(|e| e.to_string())?;
         let mut raw = RawKvm::new(kind)?;
         let mut kvm = Rig::new(BackendKind::Kvm, &guest)?;
         let mut interp = Rig::new(BackendKind::Interp, &guest)?;
-        let mut regs = guest.state.regs.clone();
+        let mut regs = guest.state.regs;
         regs.rcx = exits;
         let machine_batch = |rig: &mut Rig| -> Result<(), String> {
             rig.machine.vcpu().set_regs(&regs).map_err(|e| e.to_string())?;
@@ -74,7 +83,9 @@ fn run(rounds: usize, exits: u64) -> Result<(), String> {
             for (v, x) in t.iter_mut().zip([raw_t, vcpu_t, dl_t, machine_t, interp_t]) {
                 v.push(x);
             }
-            for (v, x) in r.iter_mut().zip([vcpu_t / raw_t, dl_t / raw_t, machine_t / raw_t, machine_t / interp_t]) {
+            for (v, x) in
+                r.iter_mut().zip([vcpu_t / raw_t, dl_t / raw_t, machine_t / raw_t, machine_t / interp_t])
+            {
                 v.push(x);
             }
         }

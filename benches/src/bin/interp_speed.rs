@@ -35,7 +35,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [name] => run(name, 5),
-        [name, runs] => runs.parse().map_err(|_| format!("`{runs}` is not a number")).and_then(|r| run(name, r)),
+        [name, runs] => {
+            runs.parse().map_err(|_| format!("`{runs}` is not a number")).and_then(|r| run(name, r))
+        }
         _ => Err("usage: duet-interp-speed <alu|sieve|copy|call-ret|paging> [runs]".into()),
     };
     match result {

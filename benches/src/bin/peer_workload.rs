@@ -47,8 +47,11 @@ fn default_scale(name: &str) -> u32 {
     }
 }
 
+/// Guest code emitted into the boot sector.
+type Body = Box<dyn FnOnce(&mut CodeAssembler) -> Result<(), FixtureError>>;
+
 fn workload(name: &str, scale: u32) -> Result<Vec<u8>, String> {
-    let body: Box<dyn FnOnce(&mut CodeAssembler) -> Result<(), FixtureError>> = match name {
+    let body: Body = match name {
         "empty" => Box::new(|a| Ok(a.xor(al, al)?)),
         "alu" => {
             let iters = scale.checked_mul(ALU_UNIT).ok_or(format!("alu scale {scale} is too large"))?;
