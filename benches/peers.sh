@@ -24,6 +24,7 @@ root=$(cd "$here/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+command -v bc >/dev/null || { echo "bc missing (install: apt-get install bc)"; exit 1; }
 qemu=$(command -v qemu-system-x86_64 || true)
 bochs=$(command -v bochs || true)
 bochs_bios=/usr/share/bochs/BIOS-bochs-latest
@@ -107,7 +108,8 @@ rows=()
 for w in alu sieve; do
     n= d_best=
     for _ in $(seq "$runs"); do
-        read -r _ n _ secs < <("$tool" interp "$w" "${duet_scale[$w]}")
+        out=$("$tool" interp "$w" "${duet_scale[$w]}")
+        read -r _ n _ secs <<<"$out"
         d_best=$(printf '%s\n%s\n' "${d_best:-$secs}" "$secs" | best)
     done
     d_mips=$(echo "$n / $d_best / 1000000" | bc -l)
