@@ -45,6 +45,9 @@ pub struct Config {
     pub per_signature: u64,
     /// Ask the QEMU reference about cases KVM cannot decide and about every saved divergence.
     pub reference: bool,
+    /// Redraw (up to 8 times) a program that contains an instruction this host's KVM is known
+    /// not to decide; the case then depends on the host's limits as well as on the seed.
+    pub avoid_host_limits: bool,
     /// Also save this many agreeing cases (KVM's result as expected) in `out/agree`, for a corpus.
     pub keep_agreeing: u64,
 }
@@ -66,6 +69,7 @@ impl Default for Config {
             per_signature: 2,
             keep_agreeing: 0,
             reference: false,
+            avoid_host_limits: false,
         }
     }
 }
@@ -110,9 +114,9 @@ pub struct Summary {
     pub kvm: bool,
 }
 
-/// The RNG of case `k` of the campaign with `seed` (independent of shards and threads).
-fn case_rng(seed: u64, k: u64) -> TestRng {
-    let mut x = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+/// The RNG of case `k` (draw `attempt`) of the campaign with `seed` (independent of shards and threads).
+fn case_rng(seed: u64, k: u64, attempt: u64) -> TestRng {
+    let mut x = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ attempt.wrapping_mul(0xd1b5_4a32_d192_ed03);
     let mut bytes = [0u8; 32];
     for chunk in bytes.chunks_mut(8) {
         // splitmix64
@@ -127,9 +131,18 @@ fn case_rng(seed: u64, k: u64) -> TestRng {
 
 /// The spec of case `k` and its shrinkable tree.
 pub fn case_tree(cfg: &Config, k: u64) -> Result<(FuzzMode, Box<dyn ValueTree<Value = Spec>>), FuzzError> {
+    draw(cfg, k, 0)
+}
+
+/// Draw `attempt` of case `k`.
+fn draw(
+    cfg: &Config,
+    k: u64,
+    attempt: u64,
+) -> Result<(FuzzMode, Box<dyn ValueTree<Value = Spec>>), FuzzError> {
     let modes = if cfg.modes.is_empty() { FuzzMode::ALL.to_vec() } else { cfg.modes.clone() };
     let mode = modes[((k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % modes.len() as u64) as usize];
-    let mut runner = TestRunner::new_with_rng(PtConfig::default(), case_rng(cfg.seed, k));
+    let mut runner = TestRunner::new_with_rng(PtConfig::default(), case_rng(cfg.seed, k, attempt));
     let tree = spec_strategy(mode, cfg.max_insns)
         .new_tree(&mut runner)
         .map_err(|e| FuzzError::Setup(format!("generating case {k}: {e}")))?;
@@ -248,7 +261,17 @@ type Seen = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
 
 fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outcome, FuzzError> {
     let (_, mut tree) = case_tree(cfg, k)?;
-    let case = realize(&tree.current());
+    let mut case = realize(&tree.current());
+    if cfg.avoid_host_limits {
+        for attempt in 1..8 {
+            let code = super::case::parse_bytes(&case.code).unwrap_or_default();
+            if super::judge::host_limit(&case, &code, checker.limits).is_none() {
+                break;
+            }
+            tree = draw(cfg, k, attempt)?.1;
+            case = realize(&tree.current());
+        }
+    }
     Ok(match checker.check(&case, &format!("case {k}"))? {
         Verdict::Agree => {
             if k < cfg.keep_agreeing {

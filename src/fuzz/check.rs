@@ -84,7 +84,9 @@ impl Checker {
         let (p, state) = layout::prepare(case, file)?;
         let interp = self.interp.run(case, &p, &state)?;
         if let StopReason::Unsupported(i) = &interp.stop {
-            return Ok(Verdict::Unsupported { what: i.mnemonic.clone() });
+            // Grouped by what, not where: addresses are cut off.
+            let what = i.mnemonic.split(" 0x").next().unwrap_or(&i.mnemonic).to_string();
+            return Ok(Verdict::Unsupported { what });
         }
         let Some(kvm_exec) = self.kvm.as_mut() else { return Ok(Verdict::InterpOnly) };
         if let Some(l) = judge::host_limit(case, &p.code, self.limits) {

@@ -51,6 +51,10 @@ pub struct FuzzArgs {
     /// saved divergence (slow: one QEMU process per case).
     #[arg(long)]
     pub reference: bool,
+    /// Redraw programs that use an instruction this host's KVM is known not to decide (more
+    /// decided cases per second here; the cases then depend on the host as well as the seed).
+    #[arg(long)]
+    pub avoid_host_limits: bool,
     /// Also save agreeing cases among the first N (in DIR/agree), to grow a regression corpus.
     #[arg(long, default_value_t = 0)]
     pub keep_agreeing: u64,
@@ -135,6 +139,7 @@ pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
         use_kvm: !args.interp_only,
         keep_agreeing: args.keep_agreeing,
         reference: args.reference,
+        avoid_host_limits: args.avoid_host_limits,
         per_signature: args.per_kind,
         ..Config::default()
     };
