@@ -19,7 +19,9 @@ use duet_benches::{backends, Rig};
 fn interp_speed(c: &mut Criterion) {
     let mut group = c.benchmark_group("interp_speed");
     group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-    for w in speed_workloads().expect("speed workloads") {
+    // `cargo test` runs each bench once as a smoke test: a twentieth of the work is enough there.
+    let div = if duet_benches::test_mode() { 20 } else { 1 };
+    for w in speed_workloads(div).expect("speed workloads") {
         let mut interp = Rig::new(BackendKind::Interp, &w.guest).expect("interpreter machine");
         let (outcome, retired) = interp.reset_and_run().expect("calibration run");
         assert_eq!(outcome.stop, StopReason::DebugExit { value: 0 }, "{} on the interpreter", w.name);

@@ -68,9 +68,10 @@ pub fn backends() -> Vec<BackendKind> {
     duet::testing::select_backends()
 }
 
-/// Whether criterion runs in test mode (`cargo test` / `--test`): one quick pass per bench.
+/// Whether criterion runs in test mode — one quick pass per bench — as under `cargo test`,
+/// which (unlike `cargo bench`) does not pass `--bench`.
 pub fn test_mode() -> bool {
-    std::env::args().any(|a| a == "--test")
+    !std::env::args().any(|a| a == "--bench")
 }
 
 /// Runs an exit guest's batch on duet's `Vcpu` API alone, without `Machine` or the buses:

@@ -160,10 +160,10 @@ fn done(a: &mut CodeAssembler) -> Result<(), FixtureError> {
 }
 
 /// The ALU loop: add, xor, sub, shl, or, and, then `dec ecx; jnz`.
-pub fn alu() -> Result<SpeedWorkload, FixtureError> {
-    let guest = long("alu-loop", |a| {
+pub fn alu(div: u32) -> Result<SpeedWorkload, FixtureError> {
+    let guest = long("alu-loop", move |a| {
         let mut top = a.create_label();
-        a.mov(ecx, ALU_ITERS)?;
+        a.mov(ecx, ALU_ITERS / div)?;
         a.mov(eax, 1)?;
         a.mov(ebx, 0x1234_5678)?;
         a.set_label(&mut top)?;
@@ -189,10 +189,10 @@ pub fn sieve() -> Result<SpeedWorkload, FixtureError> {
 }
 
 /// The copy loop: 8-byte loads and stores, 64 KiB from 2 MiB to 3 MiB, eight times.
-pub fn copy() -> Result<SpeedWorkload, FixtureError> {
-    let guest = long("copy-loop", |a| {
+pub fn copy(div: u32) -> Result<SpeedWorkload, FixtureError> {
+    let guest = long("copy-loop", move |a| {
         let (mut pass, mut top) = (a.create_label(), a.create_label());
-        a.mov(r9d, COPY_PASSES)?;
+        a.mov(r9d, (COPY_PASSES / div).max(1))?;
         a.set_label(&mut pass)?;
         a.mov(rsi, 0x20_0000u64)?;
         a.mov(rdi, 0x30_0000u64)?;
@@ -213,10 +213,10 @@ pub fn copy() -> Result<SpeedWorkload, FixtureError> {
 }
 
 /// The call/return loop: `call f; dec ecx; jnz` with `f: add eax, ecx; ret`.
-pub fn call_ret() -> Result<SpeedWorkload, FixtureError> {
-    let guest = long("call-loop", |a| {
+pub fn call_ret(div: u32) -> Result<SpeedWorkload, FixtureError> {
+    let guest = long("call-loop", move |a| {
         let (mut top, mut f, mut end) = (a.create_label(), a.create_label(), a.create_label());
-        a.mov(ecx, CALL_ITERS)?;
+        a.mov(ecx, CALL_ITERS / div)?;
         a.set_label(&mut top)?;
         a.call(f)?;
         a.dec(ecx)?;
@@ -234,7 +234,7 @@ pub fn call_ret() -> Result<SpeedWorkload, FixtureError> {
 
 /// The paging loop: 16 MiB remapped with 4 KiB pages; each pass reloads CR3 and stores to
 /// every page once, so each store is a TLB miss and a four-level walk.
-pub fn paging() -> Result<SpeedWorkload, FixtureError> {
+pub fn paging(div: u32) -> Result<SpeedWorkload, FixtureError> {
     let flags = 0b111u64; // P | RW | US
     let pts = (PAGING_PAGES / 512) as u64;
     let mut tables = Vec::with_capacity((pts * 4096) as usize);
@@ -246,9 +246,9 @@ pub fn paging() -> Result<SpeedWorkload, FixtureError> {
     for i in 0..pts {
         pdes.extend_from_slice(&((PAGING_PTS + i * 4096) | flags).to_le_bytes());
     }
-    let guest = long("paging-loop", |a| {
+    let guest = long("paging-loop", move |a| {
         let (mut pass, mut top) = (a.create_label(), a.create_label());
-        a.mov(r9d, PAGING_PASSES)?;
+        a.mov(r9d, (PAGING_PASSES / div).max(1))?;
         a.set_label(&mut pass)?;
         a.mov(rax, cr3)?;
         a.mov(cr3, rax)?;
@@ -269,9 +269,11 @@ pub fn paging() -> Result<SpeedWorkload, FixtureError> {
     Ok(SpeedWorkload { name: "paging", what: "4 KiB-page stores after a CR3 reload", guest })
 }
 
-/// Every speed workload, in report order.
-pub fn speed_workloads() -> Result<Vec<SpeedWorkload>, FixtureError> {
-    Ok(vec![alu()?, sieve()?, copy()?, call_ret()?, paging()?])
+/// Every speed workload, in report order, with its loop counts divided by `div` (1 for the
+/// figures; more for a quick smoke run).
+pub fn speed_workloads(div: u32) -> Result<Vec<SpeedWorkload>, FixtureError> {
+    let div = div.max(1);
+    Ok(vec![alu(div)?, sieve()?, copy(div)?, call_ret(div)?, paging(div)?])
 }
 
 /// The smallest useful guest: its first instruction is the debug exit.

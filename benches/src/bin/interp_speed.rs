@@ -12,7 +12,7 @@ use duet_benches::workloads::speed_workloads;
 use duet_benches::Rig;
 
 fn run(name: &str, runs: u32) -> Result<(), String> {
-    let workloads = speed_workloads().map_err(|e| e.to_string())?;
+    let workloads = speed_workloads(1).map_err(|e| e.to_string())?;
     let names: Vec<_> = workloads.iter().map(|w| w.name).collect();
     let w = workloads
         .into_iter()
