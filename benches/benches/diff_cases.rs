@@ -2,9 +2,10 @@
 //! (`Vcpu::set_state` + `Guest::load_into`), each case run on every backend and the final
 //! states compared.
 //!
-//! Until the differential engine in src/fuzz/ lands, a case is a small fixed guest (nine ALU
-//! and flag instructions on seeded registers, a store, the debug exit) with a new register seed
-//! per case. Throughput is in elements = cases. `alu-case/kvm+interp` is the differential
+//! `alu-case`: a small fixed guest (nine ALU and flag instructions on seeded registers, a store,
+//! the debug exit) with a new register seed per case, run through `Machine` directly.
+//! `engine`: campaigns of the differential engine in src/fuzz/ (generated programs in all six
+//! modes, `duet::fuzz::campaign::run`), with and without KVM. Throughput is in elements = cases. `alu-case/kvm+interp` is the differential
 //! (both runs and the comparison); `alu-case/kvm` and `alu-case/interp` run one side alone. `cargo bench -p duet-benches --bench diff_cases`.
 
 use std::time::Duration;
@@ -32,7 +33,38 @@ fn diff_cases(c: &mut Criterion) {
     for config in configs {
         bench_config(&mut group, &config, &cases);
     }
+    engine(&mut group, kinds.contains(&duet::BackendKind::Kvm));
     group.finish();
+}
+
+/// Cases per campaign of the differential engine.
+const ENGINE_CASES: u64 = 200;
+
+/// The differential engine (`duet::fuzz`): a campaign of generated programs in every mode, one
+/// worker with its reused machines, no shrinking and nothing saved — the cases-per-second a
+/// `duet fuzz` run sees, including its machine set-up once per campaign.
+fn engine(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, kvm: bool) {
+    use duet::fuzz::campaign::{self, Config};
+    group.throughput(Throughput::Elements(ENGINE_CASES));
+    let sides: &[bool] = if kvm { &[true, false] } else { &[false] };
+    for &use_kvm in sides {
+        let cfg = Config {
+            cases: ENGINE_CASES,
+            jobs: 1,
+            use_kvm,
+            shrink_budget: 0,
+            per_signature: 0,
+            ..Config::default()
+        };
+        let label = if use_kvm { "kvm+interp" } else { "interp" };
+        group.bench_function(format!("engine/{label}"), |b| {
+            b.iter(|| {
+                let summary = campaign::run(&cfg, &mut |_| {}).expect("fuzz campaign");
+                assert_eq!(summary.cases, ENGINE_CASES);
+                summary.diverged
+            })
+        });
+    }
 }
 
 fn bench_config(
