@@ -7,7 +7,7 @@ use duet_core::state::{ctrl, rflags};
 use duet_core::{CpuidProfile, FxArea, GuestMemory, Segment, SystemRegs};
 use iced_x86::Register;
 
-use crate::decode::DecodeCache;
+use crate::decode::CodeLines;
 use crate::memory::IoStage;
 use crate::mmu::paging::Tlb;
 
@@ -121,13 +121,17 @@ pub(crate) enum Post {
 
 /// Where a general-purpose register operand lives in the register file.
 #[derive(Clone, Copy, Debug)]
-struct GprSlot {
-    index: usize,
-    bytes: u8,
-    high8: bool,
+pub(crate) struct GprSlot {
+    /// Encoding number (RAX = 0 … R15 = 15).
+    pub index: usize,
+    /// Width in bytes.
+    pub bytes: u8,
+    /// AH, CH, DH or BH: bits 15:8 of the register.
+    pub high8: bool,
 }
 
-fn gpr_slot(r: Register) -> Option<GprSlot> {
+/// Where GPR `r` lives, or `None` when `r` is no general-purpose register.
+pub(crate) fn gpr_slot(r: Register) -> Option<GprSlot> {
     let n = r as u32;
     let (al, ax, eax, rax) =
         (Register::AL as u32, Register::AX as u32, Register::EAX as u32, Register::RAX as u32);
@@ -200,8 +204,8 @@ pub(crate) struct Cpu {
     pub maxphyaddr: u32,
     /// Linear-to-physical translations.
     pub tlb: Tlb,
-    /// Decoded instructions by physical address.
-    pub code: DecodeCache,
+    /// Where cached decoded instructions lie in RAM, and the writes that hit them this step.
+    pub code_lines: CodeLines,
     /// Data of in-flight MMIO and port accesses.
     pub io: IoStage,
     /// Instructions retired.
@@ -246,7 +250,7 @@ impl Cpu {
             cpuid,
             maxphyaddr,
             tlb: Tlb::default(),
-            code: DecodeCache::default(),
+            code_lines: CodeLines::default(),
             io: IoStage::default(),
             retired: 0,
             tsc_offset: 0,

@@ -1,84 +1,243 @@
-//! Instruction fetch and the decode cache: decoded instructions keyed by physical address,
-//! dropped page by page when the guest writes that page (self-modifying code).
-
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+//! Instruction fetch and the decode cache: decoded instructions keyed by physical address, each
+//! with its handler and flag masks resolved at decode time, dropped when the guest writes their
+//! bytes (self-modifying code).
+//!
+//! The cache is direct-mapped on the physical address, so a lookup is one index and one tag
+//! compare. Each page has a bitmap of the 64-byte lines that hold cached code: a guest write
+//! checks that bitmap first and only when it touches a line with code drops the entries whose
+//! bytes it overlaps. Stack and data writes near code (real-mode guests keep the stack just
+//! below their code) therefore cost one bitmap test and keep the code cached.
 
 use duet_core::vm_memory::{Bytes, GuestAddress};
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 use crate::cpu::{gp, unsupported, Cpu, Flow};
+use crate::instructions::{Handler, Operands};
 use crate::mmu::Kind;
 
-/// A multiplicative hash for integer keys (the FxHash scheme): the default SipHash costs more
-/// than the rest of a cache lookup, and these keys are not attacker-chosen hash-flooding input
-/// in any way that matters (a guest can only slow itself down).
-#[derive(Clone, Copy, Debug, Default)]
-struct FxHasher(u64);
+/// Cache slots (a power of two): 16 KiB of consecutive code never collides with itself.
+const SLOTS: usize = 1 << 14;
+/// Tag of an empty slot (no physical address shifts to it).
+const EMPTY: u64 = u64::MAX;
+/// Pages above this are not cached (it bounds the line bitmap to 8 MiB: RAM below 4 GiB).
+const MAX_PAGES: u64 = 1 << 20;
 
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
+/// A decoded instruction with what the step loop needs about it, worked out once at decode.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Decoded {
+    /// The instruction, decoded at IP 0.
+    pub ins: Instruction,
+    /// The function that executes it (from the dispatch table in `instructions`).
+    pub exec: Handler,
+    /// Operands of a register form, for the fast handlers.
+    pub ops: Operands,
+    /// RFLAGS bits it writes, per iced-x86 (RFLAGS layout).
+    pub written: u64,
+    /// RFLAGS bits it leaves undefined, per iced-x86 (RFLAGS layout).
+    pub undefined: u64,
+    /// INT n, INT3, INTO or INT1: its delivery clears TF, so no single-step trap follows.
+    pub software_int: bool,
+    /// IRET/IRETD/IRETQ: the only instructions that load RF.
+    pub iret: bool,
+    /// Not legacy-encoded (VEX/EVEX/XOP): #UD in real-address and virtual-8086 mode.
+    pub vex: bool,
+}
+
+impl Decoded {
+    /// Resolves handler and flag masks of `ins`.
+    pub fn new(ins: Instruction) -> Self {
+        use iced_x86::Mnemonic::{Int, Int1, Int3, Into, Iret, Iretd, Iretq};
+        let m = ins.mnemonic();
+        let (exec, ops) = crate::instructions::resolve(&ins);
+        Decoded {
+            exec,
+            ops,
+            written: crate::flags::from_iced(ins.rflags_modified()),
+            undefined: crate::flags::from_iced(ins.rflags_undefined()),
+            software_int: matches!(m, Int | Int3 | Into | Int1),
+            iret: matches!(m, Iret | Iretd | Iretq),
+            vex: ins.encoding() != iced_x86::EncodingKind::Legacy,
+            ins,
         }
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(u64::from(v));
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
-type Fx = BuildHasherDefault<FxHasher>;
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// `pa << 8 | bitness`, or `EMPTY`.
+    tag: u64,
+    d: Decoded,
+}
 
-/// Decoded instructions of each physical page, keyed by (offset, bitness).
+/// Which bytes of guest RAM hold cached code, and the writes that hit them since the step
+/// loop last looked: the part of the decode cache guest writes see (it lives in `Cpu`).
 #[derive(Debug, Default)]
+pub(crate) struct CodeLines {
+    /// Per physical page, the 64-byte lines some cached instruction covers (a superset).
+    lines: Vec<u64>,
+    /// Writes that touched a line with code, to drop from the cache after this step.
+    pending: Vec<(u64, u64)>,
+    /// More writes hit code than `pending` keeps: drop everything.
+    overflow: bool,
+}
+
+/// Writes to code remembered exactly per step; beyond this the whole cache is dropped.
+const MAX_PENDING: usize = 64;
+
+impl CodeLines {
+    /// Whether `[pa, pa + len)` touches a line that holds cached code.
+    fn touches_code(&self, pa: u64, len: u64) -> bool {
+        let end = pa.saturating_add(len.max(1) - 1);
+        let mut page = pa >> 12;
+        while page <= end >> 12 {
+            let Some(&lines) = self.lines.get(page as usize) else { return false };
+            let lo = if page == pa >> 12 { pa & 0xfff } else { 0 };
+            let hi = if page == end >> 12 { end & 0xfff } else { 0xfff };
+            if lines & line_mask(lo, hi) != 0 {
+                return true;
+            }
+            page += 1;
+        }
+        false
+    }
+
+    /// The guest wrote `[pa, pa + len)`: remember it if it may have changed cached code.
+    #[inline]
+    pub fn wrote(&mut self, pa: u64, len: usize) {
+        if self.lines.is_empty() || !self.touches_code(pa, len as u64) {
+            return;
+        }
+        if self.pending.len() < MAX_PENDING {
+            self.pending.push((pa, len as u64));
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    /// Whether writes wait to be applied to the cache.
+    #[inline]
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.overflow
+    }
+
+    fn mark(&mut self, pa: u64, len: u64) {
+        let page = (pa >> 12) as usize;
+        if self.lines.len() <= page {
+            self.lines.resize(page + 1, 0);
+        }
+        if let Some(l) = self.lines.get_mut(page) {
+            *l |= line_mask(pa & 0xfff, (pa & 0xfff) + len - 1);
+        }
+    }
+}
+
+/// Decoded instructions by (physical address, bitness), direct-mapped. It lives beside the CPU
+/// (in the vCPU), so the step loop runs an instruction straight from its slot; guest writes
+/// reach it through [`CodeLines`] after each step.
+#[derive(Debug)]
 pub(crate) struct DecodeCache {
-    pages: HashMap<u64, HashMap<u32, Instruction, Fx>, Fx>,
+    slots: Vec<Slot>,
+    /// The last instruction that could not be cached (it crosses a page, or is invalid).
+    uncached: Decoded,
+}
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        let d = Decoded::new(Instruction::default());
+        DecodeCache { slots: vec![Slot { tag: EMPTY, d }; SLOTS], uncached: d }
+    }
+}
+
+/// Mask of the lines covering page offsets `lo..=hi` (both below 0x1000).
+fn line_mask(lo: u64, hi: u64) -> u64 {
+    let (a, b) = (lo >> 6, hi >> 6);
+    let upto_b = if b >= 63 { u64::MAX } else { (1u64 << (b + 1)) - 1 };
+    upto_b & !((1u64 << a) - 1)
 }
 
 impl DecodeCache {
-    fn key(pa: u64, bitness: u32) -> u32 {
-        (pa & 0xfff) as u32 | (bitness << 16)
+    fn tag(pa: u64, bitness: u32) -> u64 {
+        (pa << 8) | u64::from(bitness)
+    }
+
+    fn slot(pa: u64) -> usize {
+        (pa as usize) & (SLOTS - 1)
     }
 
     /// The instruction decoded at `pa` for `bitness`, if cached.
-    pub fn get(&self, pa: u64, bitness: u32) -> Option<&Instruction> {
-        self.pages.get(&(pa >> 12))?.get(&Self::key(pa, bitness))
+    #[inline]
+    pub fn get(&self, pa: u64, bitness: u32) -> Option<&Decoded> {
+        let s = self.slots.get(Self::slot(pa))?;
+        (s.tag == Self::tag(pa, bitness)).then_some(&s.d)
     }
 
-    /// Caches an instruction that lies wholly in the page of `pa`.
-    pub fn insert(&mut self, pa: u64, bitness: u32, ins: Instruction) {
-        self.pages.entry(pa >> 12).or_default().insert(Self::key(pa, bitness), ins);
+    /// Caches `d`, decoded at `pa`, when it lies wholly in that page (else keeps it aside for
+    /// this step only), marking its lines in `lines`.
+    pub fn insert(&mut self, pa: u64, bitness: u32, d: Decoded, lines: &mut CodeLines) -> &Decoded {
+        let len = d.ins.len() as u64;
+        if pa >> 12 >= MAX_PAGES || len == 0 || (pa & 0xfff) + len > 0x1000 || d.ins.is_invalid() {
+            self.uncached = d;
+            return &self.uncached;
+        }
+        lines.mark(pa, len);
+        let i = Self::slot(pa);
+        match self.slots.get_mut(i) {
+            Some(s) => {
+                *s = Slot { tag: Self::tag(pa, bitness), d };
+                &s.d
+            }
+            None => {
+                self.uncached = d;
+                &self.uncached
+            }
+        }
     }
 
-    /// Drops the decoded instructions of every page `[pa, pa + len)` touches.
-    pub fn invalidate(&mut self, pa: u64, len: usize) {
-        if self.pages.is_empty() {
+    /// Applies the writes `lines` collected: drops the instructions whose bytes they overlap.
+    pub fn apply(&mut self, lines: &mut CodeLines) {
+        if std::mem::take(&mut lines.overflow) {
+            lines.pending.clear();
+            self.clear(lines);
             return;
         }
-        let first = pa >> 12;
-        let last = pa.wrapping_add(len.max(1) as u64 - 1) >> 12;
-        self.pages.remove(&first);
-        if last != first {
-            self.pages.remove(&last);
+        for (pa, len) in lines.pending.drain(..) {
+            let end = pa.saturating_add(len.max(1));
+            let overlaps = |s: &Slot| {
+                let start = s.tag >> 8;
+                s.tag != EMPTY && start < end && start.saturating_add(s.d.ins.len() as u64) > pa
+            };
+            if len > 4096 {
+                for s in self.slots.iter_mut().filter(|s| overlaps(s)) {
+                    s.tag = EMPTY;
+                }
+                continue;
+            }
+            // An instruction is at most 15 bytes: only those starting up to 14 bytes before reach in.
+            for a in pa.saturating_sub(14)..end {
+                if let Some(s) = self.slots.get_mut(Self::slot(a)) {
+                    if s.tag >> 8 == a && overlaps(s) {
+                        s.tag = EMPTY;
+                    }
+                }
+            }
         }
     }
 
     /// Drops everything.
-    pub fn clear(&mut self) {
-        self.pages.clear();
+    pub fn clear(&mut self, lines: &mut CodeLines) {
+        for s in self.slots.iter_mut() {
+            s.tag = EMPTY;
+        }
+        lines.lines.clear();
+        lines.pending.clear();
+        lines.overflow = false;
     }
 }
 
 impl Cpu {
     /// Fetches and decodes the instruction at CS:RIP (decoded with IP 0: branch targets and
     /// RIP-relative displacements are relative to the instruction's start).
-    pub fn fetch(&mut self) -> Flow<Instruction> {
+    pub fn fetch<'c>(&mut self, code: &'c mut DecodeCache) -> Flow<&'c Decoded> {
         let bitness = self.bitness();
         let rip = self.rip;
         let lin = if self.mode64() {
@@ -94,10 +253,14 @@ impl Cpu {
             self.sregs.cs.base.wrapping_add(rip & 0xffff_ffff) & 0xffff_ffff
         };
         let pa = self.translate(lin, Kind::Exec, false)?;
-        let ins = match self.code.get(pa, bitness) {
-            Some(i) => *i,
-            None => self.decode_at(lin, pa, bitness)?,
+        // Looked up twice on a hit: the borrow checker cannot yet see that the miss arm's borrow
+        // is a different one (NLL problem case 3).
+        let d = if code.get(pa, bitness).is_some() {
+            code.get(pa, bitness).ok_or_else(|| unsupported("decode cache"))?
+        } else {
+            self.decode_at(lin, pa, bitness, code)?
         };
+        let ins = &d.ins;
         // CS limit check on the whole instruction outside 64-bit mode (SDM Vol. 3A §5.3).
         if !self.mode64() {
             let last = (rip & 0xffff_ffff).wrapping_add((ins.len() as u64).saturating_sub(1));
@@ -105,11 +268,17 @@ impl Cpu {
                 return Err(gp(0));
             }
         }
-        Ok(ins)
+        Ok(d)
     }
 
     /// Reads up to 15 bytes at `lin`/`pa`, decodes them and caches the result when it fits the page.
-    fn decode_at(&mut self, lin: u64, pa: u64, bitness: u32) -> Flow<Instruction> {
+    fn decode_at<'c>(
+        &mut self,
+        lin: u64,
+        pa: u64,
+        bitness: u32,
+        code: &'c mut DecodeCache,
+    ) -> Flow<&'c Decoded> {
         let mut buf = [0u8; 15];
         let first = (0x1000 - (lin & 0xfff)).min(15) as usize;
         if self.mem.read_slice(&mut buf[..first], GuestAddress(pa)).is_err() {
@@ -134,10 +303,14 @@ impl Cpu {
             let mut dec = Decoder::with_ip(bitness, &buf, 0, DecoderOptions::NONE);
             dec.decode_out(&mut ins);
         }
-        if ins.len() <= first && !ins.is_invalid() {
-            self.code.insert(pa, bitness, ins);
+        let d = Decoded::new(ins);
+        if ins.len() <= first {
+            Ok(code.insert(pa, bitness, d, &mut self.code_lines))
+        } else {
+            // Crossing into the next page: decoded for this step only.
+            code.uncached = d;
+            Ok(&code.uncached)
         }
-        Ok(ins)
     }
 
     /// The raw bytes of the instruction at CS:RIP, for `Unsupported` reports (best effort).
@@ -162,21 +335,72 @@ impl Cpu {
 mod tests {
     use super::*;
 
+    fn nop(len: usize) -> Decoded {
+        // 66 90 / 90 and friends: any instruction of the right length will do.
+        let bytes = [0x66u8; 15];
+        let mut b = bytes[..len - 1].to_vec();
+        b.push(0x90);
+        Decoded::new(Decoder::with_ip(16, &b, 0, DecoderOptions::NONE).decode())
+    }
+
     #[test]
-    fn cache_invalidate_drops_whole_page_and_keeps_others() {
-        let mut c = DecodeCache::default();
-        let i = Instruction::default();
-        c.insert(0x1010, 16, i);
-        c.insert(0x1ff0, 32, i);
-        c.insert(0x2000, 16, i);
+    fn cache_keys_on_address_and_bitness() {
+        let (mut c, mut l) = (DecodeCache::default(), CodeLines::default());
+        c.insert(0x1010, 16, nop(1), &mut l);
         assert!(c.get(0x1010, 16).is_some());
         assert!(c.get(0x1010, 32).is_none());
-        c.invalidate(0x1800, 1);
-        assert!(c.get(0x1010, 16).is_none() && c.get(0x1ff0, 32).is_none());
-        assert!(c.get(0x2000, 16).is_some());
-        // A write straddling a page boundary drops both pages.
-        c.insert(0x1010, 16, i);
-        c.invalidate(0x1fff, 2);
-        assert!(c.get(0x1010, 16).is_none() && c.get(0x2000, 16).is_none());
+        // Same slot, another page: a miss, not a wrong hit.
+        assert!(c.get(0x1010 + SLOTS as u64, 16).is_none());
+        // An instruction crossing its page is not cached.
+        c.insert(0x1fff, 16, nop(2), &mut l);
+        assert!(c.get(0x1fff, 16).is_none());
+    }
+
+    #[test]
+    fn writes_drop_exactly_the_instructions_they_overlap() {
+        let (mut c, mut l) = (DecodeCache::default(), CodeLines::default());
+        let write = |c: &mut DecodeCache, l: &mut CodeLines, pa, len| {
+            l.wrote(pa, len);
+            c.apply(l);
+        };
+        c.insert(0x1010, 16, nop(3), &mut l); // 0x1010..=0x1012
+        c.insert(0x1013, 16, nop(1), &mut l);
+        c.insert(0x1ff0, 32, nop(2), &mut l);
+        c.insert(0x2000, 16, nop(1), &mut l);
+        // A write to a line without code (a real-mode stack under its code) is not even queued.
+        l.wrote(0x1fa0, 16);
+        assert!(!l.has_pending());
+        // A write just below the code, in its line, keeps everything.
+        write(&mut c, &mut l, 0x1000, 16);
+        assert!(c.get(0x1010, 16).is_some() && c.get(0x1013, 16).is_some());
+        // A write into the middle of an instruction drops it and only it.
+        write(&mut c, &mut l, 0x1012, 1);
+        assert!(c.get(0x1010, 16).is_none());
+        assert!(c.get(0x1013, 16).is_some() && c.get(0x1ff0, 32).is_some());
+        // A write straddling a page boundary drops on both sides.
+        write(&mut c, &mut l, 0x1fff, 2);
+        assert!(c.get(0x2000, 16).is_none());
+        assert!(c.get(0x1ff0, 32).is_some());
+        write(&mut c, &mut l, 0x1ff1, 1);
+        assert!(c.get(0x1ff0, 32).is_none());
+        // A large write drops everything it covers.
+        c.insert(0x1010, 16, nop(3), &mut l);
+        write(&mut c, &mut l, 0, 0x10000);
+        assert!(c.get(0x1010, 16).is_none() && c.get(0x1013, 16).is_none());
+        // Too many writes in one step drop the whole cache.
+        c.insert(0x1013, 16, nop(1), &mut l);
+        for _ in 0..=MAX_PENDING {
+            l.wrote(0x1010, 1);
+        }
+        c.apply(&mut l);
+        assert!(c.get(0x1013, 16).is_none() && !l.has_pending());
+    }
+
+    #[test]
+    fn line_masks_cover_the_offsets() {
+        assert_eq!(line_mask(0, 0), 1);
+        assert_eq!(line_mask(0x3f, 0x40), 0b11);
+        assert_eq!(line_mask(0, 0xfff), u64::MAX);
+        assert_eq!(line_mask(0xfc0, 0xfff), 1 << 63);
     }
 }

@@ -104,7 +104,7 @@ impl Cpu {
     /// Writes guest physical memory (dropping decoded instructions of the pages written) or queues MMIO.
     pub fn phys_write(&mut self, pa: u64, data: &[u8]) -> Flow {
         if self.mem.write_slice(data, GuestAddress(pa)).is_ok() {
-            self.code.invalidate(pa, data.len());
+            self.code_lines.wrote(pa, data.len());
         } else {
             self.io.writes.push_back((pa, data.to_vec()));
         }
@@ -132,7 +132,7 @@ impl Cpu {
     /// Writes back a paging-structure entry (accessed/dirty bits); ignored outside RAM.
     pub fn phys_write_entry(&mut self, pa: u64, bytes: &[u8]) {
         if self.mem.write_slice(bytes, GuestAddress(pa)).is_ok() {
-            self.code.invalidate(pa, bytes.len());
+            self.code_lines.wrote(pa, bytes.len());
         }
     }
 }

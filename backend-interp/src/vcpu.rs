@@ -11,9 +11,10 @@ use duet_core::{
 use iced_x86::{Formatter, Instruction, IntelFormatter};
 
 use crate::cpu::{ud, Abort, Cpu, Post};
+use crate::decode::DecodeCache;
 use crate::error::InterpError;
 use crate::exception::{Event, Source};
-use crate::instructions::execute;
+use crate::instructions::run;
 use crate::memory::Awaiting;
 
 /// Instructions between two looks at the wall clock.
@@ -37,6 +38,8 @@ enum Exit {
 /// One software vCPU over shared guest memory.
 pub struct InterpVcpu {
     cpu: Cpu,
+    /// Decoded instructions by physical address (guest writes reach it through `cpu.code_lines`).
+    code: DecodeCache,
     single_step: bool,
     deadline: Option<Instant>,
     window: bool,
@@ -56,6 +59,7 @@ impl InterpVcpu {
     pub fn new(memory: Arc<GuestMemory>, cpuid: &CpuidProfile) -> Self {
         InterpVcpu {
             cpu: Cpu::new(memory, cpuid.clone()),
+            code: DecodeCache::default(),
             single_step: false,
             deadline: None,
             window: false,
@@ -70,7 +74,7 @@ impl InterpVcpu {
     /// Drops every cached decoded instruction. Guest writes do this page by page on their own;
     /// call it after the host (not the guest) wrote guest memory that may hold code.
     pub fn invalidate_code(&mut self) {
-        self.cpu.code.clear();
+        self.code.clear(&mut self.cpu.code_lines);
     }
 
     fn ready(&self) -> bool {
@@ -100,6 +104,11 @@ impl InterpVcpu {
     /// Executes one instruction (or delivers one exception); `Some` when `run` must return.
     fn step(&mut self) -> Option<Exit> {
         let cpu = &mut self.cpu;
+        // Guest writes since the last fetch (by instructions or by event delivery) drop the
+        // decoded instructions they overwrote before anything is fetched.
+        if cpu.code_lines.has_pending() {
+            self.code.apply(&mut cpu.code_lines);
+        }
         // SDM Vol. 3A §6.9 Table 6-2: an instruction breakpoint (priority 7) is taken before any
         // fault on fetching (8) or decoding (9) the instruction it names.
         let hits = cpu.code_breakpoints();
@@ -119,39 +128,31 @@ impl InterpVcpu {
         cpu.rep_pending = false;
         cpu.io.begin();
         cpu.post = None;
-        let fetched = cpu.fetch();
-        let (result, ins) = match fetched {
+        let fetched = cpu.fetch(&mut self.code);
+        let (result, d) = match fetched {
             // More than 15 bytes is #GP(0) (SDM Vol. 2A §2.3.11); any other undecodable form is #UD.
-            Ok(ins) if ins.is_invalid() && ins.len() >= 15 => (Err(crate::cpu::gp(0)), Some(ins)),
-            Ok(ins) if ins.is_invalid() => (Err(ud()), Some(ins)),
-            Ok(ins) => {
+            Ok(d) if d.ins.is_invalid() && d.ins.len() >= 15 => (Err(crate::cpu::gp(0)), Some(d)),
+            Ok(d) if d.ins.is_invalid() => (Err(ud()), Some(d)),
+            Ok(d) => {
                 let lim = if cpu.mode64() { u64::MAX } else { 0xffff_ffff };
-                cpu.next_rip = cpu.rip.wrapping_add(ins.len() as u64) & lim;
-                (execute(cpu, &ins), Some(ins))
+                cpu.next_rip = cpu.rip.wrapping_add(d.ins.len() as u64) & lim;
+                (run(cpu, d), Some(d))
             }
             Err(e) => (Err(e), None),
         };
         match result {
             Ok(()) => {
-                if let Some(i) = &ins {
+                if let Some(d) = d {
                     // Per iced-x86: what this instruction wrote is defined unless it is undefined.
-                    let written = crate::flags::from_iced(i.rflags_modified());
-                    cpu.undefined =
-                        (cpu.undefined & !written) | crate::flags::from_iced(i.rflags_undefined());
+                    cpu.undefined = (cpu.undefined & !d.written) | d.undefined;
                 }
                 // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it,
                 // except after INT n/INT3/INTO, whose delivery clears TF first.
-                let software_int = ins.as_ref().is_some_and(|i| {
-                    use iced_x86::Mnemonic::{Int, Int1, Int3, Into};
-                    matches!(i.mnemonic(), Int | Int3 | Into | Int1)
-                });
+                let software_int = d.is_some_and(|d| d.software_int);
                 self.pending_db = tf && !software_int;
                 // RF is cleared at the start of every instruction; only IRET loads it (SDM Vol. 3A
                 // §18.3.1.1).
-                let iret = ins.as_ref().is_some_and(|i| {
-                    use iced_x86::Mnemonic::{Iret, Iretd, Iretq};
-                    matches!(i.mnemonic(), Iret | Iretd | Iretq)
-                });
+                let iret = d.is_some_and(|d| d.iret);
                 if !iret {
                     cpu.rflags &= !duet_core::state::rflags::RF;
                 }
@@ -183,6 +184,7 @@ impl InterpVcpu {
                 self.single_step.then_some(Exit::Step)
             }
             Err(Abort::Exception(e)) => {
+                let ins = d.map(|d| d.ins);
                 (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
                 cpu.io.finish();
                 match cpu.raise_exception(e) {
@@ -192,6 +194,7 @@ impl InterpVcpu {
                 }
             }
             Err(other) => {
+                let ins = d.map(|d| d.ins);
                 (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
                 Some(self.abort_exit(other, ins.as_ref()))
             }
@@ -334,7 +337,7 @@ impl Vcpu for InterpVcpu {
             self.cpu.pdpte = std::array::from_fn(|i| self.cpu.phys_read_u64(base + 8 * i as u64));
         }
         self.cpu.tlb.flush();
-        self.cpu.code.clear();
+        self.code.clear(&mut self.cpu.code_lines);
         Ok(())
     }
 

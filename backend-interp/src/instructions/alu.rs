@@ -5,6 +5,7 @@ use iced_x86::{Instruction, Mnemonic};
 
 use super::form;
 use crate::cpu::{Cpu, Flow};
+use crate::decode::Decoded;
 use crate::flags;
 
 /// Executes an arithmetic/logic instruction.
@@ -55,6 +56,84 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     if write {
         cpu.write_op(ins, 0, res)?;
     }
+    cpu.set_status(f);
+    Ok(())
+}
+
+/// Operations of the fast register forms (const parameters of `rr`, `ri` and `unary`).
+pub(crate) mod op {
+    pub const ADD: u8 = 0;
+    pub const ADC: u8 = 1;
+    pub const SUB: u8 = 2;
+    pub const SBB: u8 = 3;
+    pub const CMP: u8 = 4;
+    pub const AND: u8 = 5;
+    pub const OR: u8 = 6;
+    pub const XOR: u8 = 7;
+    pub const TEST: u8 = 8;
+    pub const INC: u8 = 9;
+    pub const DEC: u8 = 10;
+    pub const NEG: u8 = 11;
+    pub const NOT: u8 = 12;
+}
+
+/// `exec` for a GPR destination and a source value: the same flag functions, no operand decoding.
+#[inline(always)]
+fn binary<const OP: u8>(cpu: &mut Cpu, d: &Decoded, a: u64, src: u64) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let cf = cpu.flag(CF);
+    let (res, f) = match OP {
+        op::ADD => flags::add(a, src, false, b),
+        op::ADC => flags::add(a, src, cf, b),
+        op::SUB | op::CMP => flags::sub(a, src, false, b),
+        op::SBB => flags::sub(a, src, cf, b),
+        op::AND | op::TEST => (a & src, flags::logic(a & src, b)),
+        op::OR => (a | src, flags::logic(a | src, b)),
+        _ => (a ^ src, flags::logic(a ^ src, b)),
+    };
+    if OP != op::CMP && OP != op::TEST {
+        cpu.set_gpr_sized(usize::from(d.ops.r0), b, res);
+    }
+    cpu.set_status(f);
+    Ok(())
+}
+
+/// `op r, r` (both GPRs of the same width, neither AH–BH).
+pub(crate) fn rr<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let a = cpu.gpr_sized(usize::from(d.ops.r0), b);
+    let src = cpu.gpr_sized(usize::from(d.ops.r1), b);
+    binary::<OP>(cpu, d, a, src)
+}
+
+/// `op r, imm`.
+pub(crate) fn ri<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let a = cpu.gpr_sized(usize::from(d.ops.r0), u32::from(d.ops.bytes));
+    binary::<OP>(cpu, d, a, d.ops.imm)
+}
+
+/// INC/DEC/NEG/NOT on a GPR.
+pub(crate) fn unary<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let r = usize::from(d.ops.r0);
+    let a = cpu.gpr_sized(r, b);
+    let cf = if cpu.flag(CF) { CF } else { 0 };
+    let (res, f) = match OP {
+        op::INC => {
+            let (res, f) = flags::add(a, 1, false, b);
+            (res, (f & !CF) | cf)
+        }
+        op::DEC => {
+            let (res, f) = flags::sub(a, 1, false, b);
+            (res, (f & !CF) | cf)
+        }
+        op::NEG => flags::sub(0, a, false, b),
+        _ => {
+            cpu.set_gpr_sized(r, b, !a);
+            return Ok(());
+        }
+    };
+    cpu.set_gpr_sized(r, b, res);
     cpu.set_status(f);
     Ok(())
 }

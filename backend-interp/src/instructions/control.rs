@@ -320,6 +320,16 @@ fn counter_bytes(code: Code) -> u32 {
     }
 }
 
+/// Jcc and JMP with a relative near target (`ops.imm` from the instruction's start, `ops.bytes`
+/// the target's width): the same checks as `exec`.
+pub(crate) fn jcc_near(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    if cond(cpu, d.ins.condition_code()) {
+        let target = cpu.rip.wrapping_add(d.ops.imm) & mask(u32::from(d.ops.bytes));
+        cpu.jump_near(target)?;
+    }
+    Ok(())
+}
+
 /// Executes a control-transfer instruction.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let m = ins.mnemonic();

@@ -22,9 +22,10 @@ pub(crate) mod system;
 pub(crate) mod task;
 pub(crate) mod vme;
 
-use iced_x86::{Instruction, Mnemonic};
+use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use crate::cpu::{unsupported, Cpu, Flow};
+use crate::decode::Decoded;
 
 /// The instruction groups, one module each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,34 +99,165 @@ pub fn implemented_mnemonics() -> Vec<Mnemonic> {
     Mnemonic::values().filter(|&m| is_implemented(m)).collect()
 }
 
-/// Executes one decoded instruction: the single dispatch point.
-pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+/// Executes one instruction (the step loop calls the handler it resolved at decode time).
+pub(crate) type Handler = fn(&mut Cpu, &Decoded) -> Flow;
+
+/// Register and immediate operands of the forms with a fast handler, resolved at decode time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Operands {
+    /// Destination GPR (encoding number).
+    pub r0: u8,
+    /// Source GPR (encoding number), when the source is a register.
+    pub r1: u8,
+    /// Operand width in bytes (for near branches: the width of the target).
+    pub bytes: u8,
+    /// Immediate source, masked to its width as `read_op` reads it (near branches: the
+    /// displacement from the instruction's start).
+    pub imm: u64,
+}
+
+/// The handler of `m`: the single dispatch point, consulted once per decoded instruction.
+pub(crate) fn handler(m: Mnemonic) -> Handler {
+    match group(m) {
+        Some(Group::Mov) => |c, d| mov::exec(c, &d.ins),
+        Some(Group::Alu) => |c, d| alu::exec(c, &d.ins),
+        Some(Group::Shift) => |c, d| shift::exec(c, &d.ins),
+        Some(Group::MulDiv) => |c, d| muldiv::exec(c, &d.ins),
+        Some(Group::Bit) => |c, d| bit::exec(c, &d.ins),
+        Some(Group::Stack) => |c, d| stack::exec(c, &d.ins),
+        Some(Group::Control) => |c, d| control::exec(c, &d.ins),
+        Some(Group::String) => |c, d| string::exec(c, &d.ins),
+        Some(Group::Io) => |c, d| io::exec(c, &d.ins),
+        Some(Group::System) => |c, d| system::exec(c, &d.ins),
+        Some(Group::Flags) => |c, d| flags::exec(c, &d.ins),
+        Some(Group::Misc) => |c, d| misc::exec(c, &d.ins),
+        Some(Group::Bcd) => |c, d| bcd::exec(c, &d.ins),
+        Some(Group::Syscall) => |c, d| syscall::exec(c, &d.ins),
+        Some(Group::Descriptor) => |c, d| descriptor::exec(c, &d.ins),
+        Some(Group::Bmi) => |c, d| bmi::exec(c, &d.ins),
+        Some(Group::Ext) => |c, d| ext::exec(c, &d.ins),
+        None => not_implemented,
+    }
+}
+
+/// The handler of `ins` and its resolved operands: a fast handler for the register and
+/// immediate forms of the common instructions (same semantics, same flag functions, no operand
+/// decoding at run time), else the group's handler.
+pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands) {
+    fast_form(ins).unwrap_or((handler(ins.mnemonic()), Operands::default()))
+}
+
+/// A GPR operand other than AH/CH/DH/BH: (encoding number, width).
+fn gpr_op(ins: &Instruction, op: u32) -> Option<(u8, u8)> {
+    if ins.op_kind(op) != OpKind::Register {
+        return None;
+    }
+    let s = crate::cpu::gpr_slot(ins.op_register(op)).filter(|s| !s.high8)?;
+    Some((s.index as u8, s.bytes))
+}
+
+/// An immediate operand as `read_op` reads it (extended by iced-x86, masked to its width).
+fn imm_op(ins: &Instruction, op: u32) -> Option<u64> {
+    let bytes = match ins.op_kind(op) {
+        OpKind::Immediate8 => 1,
+        OpKind::Immediate16 | OpKind::Immediate8to16 => 2,
+        OpKind::Immediate32 | OpKind::Immediate8to32 => 4,
+        OpKind::Immediate64 | OpKind::Immediate8to64 | OpKind::Immediate32to64 => 8,
+        _ => return None,
+    };
+    Some(ins.immediate(op) & crate::cpu::mask(bytes))
+}
+
+fn fast_form(ins: &Instruction) -> Option<(Handler, Operands)> {
+    use Mnemonic::*;
+    if ins.encoding() != iced_x86::EncodingKind::Legacy {
+        return None;
+    }
     let m = ins.mnemonic();
+    let n = ins.op_count();
+    let (r0, bytes) = match m {
+        Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js => {
+            let bytes = match ins.op_kind(0) {
+                OpKind::NearBranch16 => 2,
+                OpKind::NearBranch32 => 4,
+                OpKind::NearBranch64 => 8,
+                _ => return None,
+            };
+            let ops = Operands { bytes, imm: ins.near_branch_target(), ..Operands::default() };
+            return Some((control::jcc_near, ops));
+        }
+        _ => gpr_op(ins, 0)?,
+    };
+    let src = if n == 2 { gpr_op(ins, 1) } else { None };
+    let imm = if n == 2 { imm_op(ins, 1) } else { None };
+    let mut ops = Operands { r0, bytes, ..Operands::default() };
+    if let Some((r1, b1)) = src {
+        if b1 != bytes && !matches!(m, Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr) {
+            return None;
+        }
+        ops.r1 = r1;
+    }
+    ops.imm = imm.unwrap_or(0);
+    let (rr, ri): (Handler, Handler) = match (m, n) {
+        (Add, 2) => (alu::rr::<{ alu::op::ADD }>, alu::ri::<{ alu::op::ADD }>),
+        (Adc, 2) => (alu::rr::<{ alu::op::ADC }>, alu::ri::<{ alu::op::ADC }>),
+        (Sub, 2) => (alu::rr::<{ alu::op::SUB }>, alu::ri::<{ alu::op::SUB }>),
+        (Sbb, 2) => (alu::rr::<{ alu::op::SBB }>, alu::ri::<{ alu::op::SBB }>),
+        (Cmp, 2) => (alu::rr::<{ alu::op::CMP }>, alu::ri::<{ alu::op::CMP }>),
+        (And, 2) => (alu::rr::<{ alu::op::AND }>, alu::ri::<{ alu::op::AND }>),
+        (Or, 2) => (alu::rr::<{ alu::op::OR }>, alu::ri::<{ alu::op::OR }>),
+        (Xor, 2) => (alu::rr::<{ alu::op::XOR }>, alu::ri::<{ alu::op::XOR }>),
+        (Test, 2) => (alu::rr::<{ alu::op::TEST }>, alu::ri::<{ alu::op::TEST }>),
+        (Mov, 2) => (mov::rr, mov::ri),
+        (Inc, 1) => return Some((alu::unary::<{ alu::op::INC }>, ops)),
+        (Dec, 1) => return Some((alu::unary::<{ alu::op::DEC }>, ops)),
+        (Neg, 1) => return Some((alu::unary::<{ alu::op::NEG }>, ops)),
+        (Not, 1) => return Some((alu::unary::<{ alu::op::NOT }>, ops)),
+        (Shl | Sal, 2) => (shift::rcl_count::<{ shift::op::SHL }>, shift::ri::<{ shift::op::SHL }>),
+        (Shr, 2) => (shift::rcl_count::<{ shift::op::SHR }>, shift::ri::<{ shift::op::SHR }>),
+        (Sar, 2) => (shift::rcl_count::<{ shift::op::SAR }>, shift::ri::<{ shift::op::SAR }>),
+        (Rol, 2) => (shift::rcl_count::<{ shift::op::ROL }>, shift::ri::<{ shift::op::ROL }>),
+        (Ror, 2) => (shift::rcl_count::<{ shift::op::ROR }>, shift::ri::<{ shift::op::ROR }>),
+        (Rcl, 2) => (shift::rcl_count::<{ shift::op::RCL }>, shift::ri::<{ shift::op::RCL }>),
+        (Rcr, 2) => (shift::rcl_count::<{ shift::op::RCR }>, shift::ri::<{ shift::op::RCR }>),
+        _ => return None,
+    };
+    let shift = matches!(m, Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr);
+    if shift {
+        // The count is CL or an 8-bit immediate.
+        return match (ins.op_kind(1), src) {
+            (OpKind::Register, Some(_)) if ins.op_register(1) == iced_x86::Register::CL => Some((rr, ops)),
+            (OpKind::Immediate8, _) => Some((ri, ops)),
+            _ => None,
+        };
+    }
+    match (src, imm) {
+        (Some(_), _) => Some((rr, ops)),
+        (None, Some(_)) => Some((ri, ops)),
+        _ => None,
+    }
+}
+
+/// The handler of a mnemonic the interpreter does not implement.
+fn not_implemented(_: &mut Cpu, d: &Decoded) -> Flow {
+    Err(unsupported(format!("{:?}", d.ins.mnemonic())))
+}
+
+/// Executes a decoded instruction with its resolved handler.
+#[inline]
+pub(crate) fn run(cpu: &mut Cpu, d: &Decoded) -> Flow {
     // VEX-encoded instructions are #UD in real-address and virtual-8086 mode (SDM Vol. 2A
     // §2.3.2; iced-x86 decodes C4/C5 as VEX there since 16-bit code has them).
-    if ins.encoding() != iced_x86::EncodingKind::Legacy && (!cpu.protected() || cpu.v86()) {
+    if d.vex && (!cpu.protected() || cpu.v86()) {
         return Err(crate::cpu::ud());
     }
-    match group(m) {
-        Some(Group::Mov) => mov::exec(cpu, ins),
-        Some(Group::Alu) => alu::exec(cpu, ins),
-        Some(Group::Shift) => shift::exec(cpu, ins),
-        Some(Group::MulDiv) => muldiv::exec(cpu, ins),
-        Some(Group::Bit) => bit::exec(cpu, ins),
-        Some(Group::Stack) => stack::exec(cpu, ins),
-        Some(Group::Control) => control::exec(cpu, ins),
-        Some(Group::String) => string::exec(cpu, ins),
-        Some(Group::Io) => io::exec(cpu, ins),
-        Some(Group::System) => system::exec(cpu, ins),
-        Some(Group::Flags) => flags::exec(cpu, ins),
-        Some(Group::Misc) => misc::exec(cpu, ins),
-        Some(Group::Bcd) => bcd::exec(cpu, ins),
-        Some(Group::Syscall) => syscall::exec(cpu, ins),
-        Some(Group::Descriptor) => descriptor::exec(cpu, ins),
-        Some(Group::Bmi) => bmi::exec(cpu, ins),
-        Some(Group::Ext) => ext::exec(cpu, ins),
-        None => Err(unsupported(format!("{m:?}"))),
-    }
+    (d.exec)(cpu, d)
+}
+
+/// Executes one instruction decoded elsewhere (resolving its handler now).
+#[cfg(test)]
+pub(crate) fn execute(cpu: &mut Cpu, ins: &Instruction) -> Flow {
+    run(cpu, &Decoded::new(*ins))
 }
 
 /// `Unsupported` for a form of an implemented mnemonic this group does not handle.

@@ -177,6 +177,20 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     }
 }
 
+/// `mov r, r` (GPRs of the same width, neither AH–BH).
+pub(crate) fn rr(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let v = cpu.gpr_sized(usize::from(d.ops.r1), b);
+    cpu.set_gpr_sized(usize::from(d.ops.r0), b, v);
+    Ok(())
+}
+
+/// `mov r, imm`.
+pub(crate) fn ri(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    cpu.set_gpr_sized(usize::from(d.ops.r0), u32::from(d.ops.bytes), d.ops.imm);
+    Ok(())
+}
+
 fn mov(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     if is_reg(ins, 0, Register::is_cr) || is_reg(ins, 1, Register::is_cr) {
         return system::mov_cr(cpu, ins);

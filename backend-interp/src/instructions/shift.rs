@@ -5,6 +5,7 @@ use iced_x86::{Instruction, Mnemonic};
 
 use super::form;
 use crate::cpu::{Cpu, Flow};
+use crate::decode::Decoded;
 use crate::flags::{double_shift, shift, ShiftOp};
 
 /// Executes a shift or rotate.
@@ -48,4 +49,53 @@ fn store(cpu: &mut Cpu, ins: &Instruction, a: u64, out: crate::flags::ShiftOut) 
         None => {}
     }
     Ok(())
+}
+
+/// Operations of the fast register forms (const parameters of `ri` and `rcl_count`).
+pub(crate) mod op {
+    pub const SHL: u8 = 0;
+    pub const SHR: u8 = 1;
+    pub const SAR: u8 = 2;
+    pub const ROL: u8 = 3;
+    pub const ROR: u8 = 4;
+    pub const RCL: u8 = 5;
+    pub const RCR: u8 = 6;
+}
+
+const fn shift_op(op: u8) -> ShiftOp {
+    match op {
+        op::SHL => ShiftOp::Shl,
+        op::SHR => ShiftOp::Shr,
+        op::SAR => ShiftOp::Sar,
+        op::ROL => ShiftOp::Rol,
+        op::ROR => ShiftOp::Ror,
+        op::RCL => ShiftOp::Rcl,
+        _ => ShiftOp::Rcr,
+    }
+}
+
+/// A shift or rotate of a GPR by `count`, stored as `store` does for a register destination.
+#[inline(always)]
+fn reg<const OP: u8>(cpu: &mut Cpu, d: &Decoded, count: u32) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let r = usize::from(d.ops.r0);
+    let a = cpu.gpr_sized(r, b);
+    let out = shift(shift_op(OP), a, count, cpu.flag(CF), b);
+    cpu.set_gpr_sized(r, b, out.res);
+    if let Some(f) = out.flags {
+        let changed = STATUS & !out.keep;
+        cpu.rflags = (cpu.rflags & !changed) | (f & changed);
+    }
+    Ok(())
+}
+
+/// `shift r, imm8` (and the by-one forms).
+pub(crate) fn ri<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    reg::<OP>(cpu, d, d.ops.imm as u32)
+}
+
+/// `shift r, CL`.
+pub(crate) fn rcl_count<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let count = cpu.gpr_sized(1, 1) as u32;
+    reg::<OP>(cpu, d, count)
 }

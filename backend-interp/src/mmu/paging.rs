@@ -8,6 +8,13 @@ use crate::cpu::{vector, Abort, Cpu, Exception, Flow};
 
 const TLB_SIZE: usize = 256;
 
+/// The TLB slot of a page: the page number folded so that pages 1 MiB apart (code and data
+/// often sit at such round addresses) do not evict each other.
+#[inline]
+fn tlb_index(vpn: u64) -> usize {
+    ((vpn ^ (vpn >> 8) ^ (vpn >> 16)) as usize) % TLB_SIZE
+}
+
 /// A cached translation of one 4 KiB linear page with the combined rights of its walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -52,17 +59,18 @@ impl Tlb {
     /// Drops the translation of the page holding `lin`, global or not (INVLPG).
     pub fn invlpg(&mut self, lin: u64) {
         let vpn = lin >> 12;
-        if let Some(e) = self.entries.get_mut(vpn as usize % TLB_SIZE) {
+        if let Some(e) = self.entries.get_mut(tlb_index(vpn)) {
             *e = None;
         }
     }
 
+    #[inline]
     fn get(&self, vpn: u64) -> Option<Entry> {
-        self.entries.get(vpn as usize % TLB_SIZE).copied().flatten().filter(|e| e.vpn == vpn)
+        self.entries.get(tlb_index(vpn)).copied().flatten().filter(|e| e.vpn == vpn)
     }
 
     fn put(&mut self, e: Entry) {
-        if let Some(slot) = self.entries.get_mut(e.vpn as usize % TLB_SIZE) {
+        if let Some(slot) = self.entries.get_mut(tlb_index(e.vpn)) {
             *slot = Some(e);
         }
     }
@@ -114,11 +122,24 @@ impl Cpu {
     }
 
     /// Translates linear `lin` for an access of `kind`; `sup` marks implicit supervisor accesses.
+    #[inline]
     pub fn translate(&mut self, lin: u64, kind: Kind, sup: bool) -> Flow<u64> {
         if !self.paging() {
             return Ok(lin & 0xffff_ffff);
         }
         let user = !sup && self.cpl() == 3;
+        // The TLB hit that needs no walk and raises nothing: the common case, kept inline.
+        if let Some(e) = self.tlb.get(lin >> 12) {
+            if (kind != Kind::Write || e.dirty) && self.denied(&e, kind, user).is_none() {
+                return Ok((e.pfn << 12) | (lin & 0xfff));
+            }
+        }
+        self.translate_slow(lin, kind, user)
+    }
+
+    /// `translate` past the fast path: a miss (walk), a write to a clean page, or a fault.
+    #[inline(never)]
+    fn translate_slow(&mut self, lin: u64, kind: Kind, user: bool) -> Flow<u64> {
         let vpn = lin >> 12;
         let hit = self.tlb.get(vpn).filter(|e| kind != Kind::Write || e.dirty);
         let e = match hit {
@@ -161,6 +182,7 @@ impl Cpu {
     }
 
     /// The protection violation of an access to a present page, if any (SDM Vol. 3A §4.6.1).
+    #[inline]
     fn denied(&self, e: &Entry, kind: Kind, user: bool) -> Option<u32> {
         let wp = self.sregs.cr0 & ctrl::CR0_WP != 0;
         let bad = (user && !e.user)
