@@ -8,6 +8,7 @@ use crate::cpu::Cpu;
 impl Cpu {
     /// The enabled instruction breakpoints (DR7 L/G set, R/W = 00) on the linear address of
     /// CS:RIP as a DR6 B0–B3 mask; none while RF = 1 (SDM Vol. 3A §18.2.4, §18.3.1.1).
+    #[inline]
     pub fn code_breakpoints(&self) -> u64 {
         let dr7 = self.dr[5];
         if self.rflags & rflags::RF != 0 || dr7 & 0xff == 0 {

@@ -41,6 +41,9 @@ pub(crate) struct Decoded {
     pub iret: bool,
     /// Not legacy-encoded (VEX/EVEX/XOP): #UD in real-address and virtual-8086 mode.
     pub vex: bool,
+    /// A fast register form: it changes no state when it fails, so the step loop keeps no
+    /// copy of the registers to restore.
+    pub fast: bool,
 }
 
 impl Decoded {
@@ -48,7 +51,7 @@ impl Decoded {
     pub fn new(ins: Instruction) -> Self {
         use iced_x86::Mnemonic::{Int, Int1, Int3, Into, Iret, Iretd, Iretq};
         let m = ins.mnemonic();
-        let (exec, ops) = crate::instructions::resolve(&ins);
+        let (exec, ops, fast) = crate::instructions::resolve(&ins);
         Decoded {
             exec,
             ops,
@@ -57,6 +60,7 @@ impl Decoded {
             software_int: matches!(m, Int | Int3 | Into | Int1),
             iret: matches!(m, Iret | Iretd | Iretq),
             vex: ins.encoding() != iced_x86::EncodingKind::Legacy,
+            fast,
             ins,
         }
     }

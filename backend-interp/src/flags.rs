@@ -23,7 +23,19 @@ pub(crate) fn msb(v: u64, bytes: u32) -> bool {
     v & sign_bit(bytes) != 0
 }
 
+/// Even parity of each byte value (PF), worked out at compile time.
+const PARITY: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = (i as u8).count_ones() % 2 == 0;
+        i += 1;
+    }
+    t
+};
+
 /// SF, ZF and PF of a result (PF: even parity of the low byte).
+#[inline]
 pub(crate) fn szp(res: u64, bytes: u32) -> u64 {
     let r = res & mask(bytes);
     let mut f = 0;
@@ -33,19 +45,23 @@ pub(crate) fn szp(res: u64, bytes: u32) -> u64 {
     if msb(r, bytes) {
         f |= SF;
     }
-    if (r as u8).count_ones() % 2 == 0 {
+    if PARITY[(r & 0xff) as usize] {
         f |= PF;
     }
     f
 }
 
 /// ADD/ADC: `a + b + carry`.
+#[inline]
 pub(crate) fn add(a: u64, b: u64, carry: bool, bytes: u32) -> (u64, u64) {
     let m = mask(bytes);
-    let wide = u128::from(a & m) + u128::from(b & m) + u128::from(carry);
-    let res = (wide as u64) & m;
+    let (a, b) = (a & m, b & m);
+    let (s1, c1) = a.overflowing_add(b);
+    let (sum, c2) = s1.overflowing_add(u64::from(carry));
+    let res = sum & m;
     let mut f = szp(res, bytes);
-    if wide > u128::from(m) {
+    // Below 64 bits the carry out is the bit above the operand; at 64 bits, the u64 overflow.
+    if if m == u64::MAX { c1 || c2 } else { sum > m } {
         f |= CF;
     }
     if (a ^ res) & (b ^ res) & sign_bit(bytes) != 0 {
@@ -58,12 +74,14 @@ pub(crate) fn add(a: u64, b: u64, carry: bool, bytes: u32) -> (u64, u64) {
 }
 
 /// SUB/SBB/CMP/NEG: `a - b - borrow`.
+#[inline]
 pub(crate) fn sub(a: u64, b: u64, borrow: bool, bytes: u32) -> (u64, u64) {
     let m = mask(bytes);
     let (a, b) = (a & m, b & m);
     let res = a.wrapping_sub(b).wrapping_sub(u64::from(borrow)) & m;
     let mut f = szp(res, bytes);
-    if u128::from(a) < u128::from(b) + u128::from(borrow) {
+    // a < b + borrow, without overflowing b + borrow.
+    if a < b || (borrow && a == b) {
         f |= CF;
     }
     if (a ^ b) & (a ^ res) & sign_bit(bytes) != 0 {
@@ -278,6 +296,27 @@ mod tests {
         assert_eq!(from_iced(I::OF | I::CF), OF | CF);
         assert_eq!(from_iced(I::AF | I::PF | I::SF | I::ZF), AF | PF | SF | ZF);
         assert_eq!(from_iced(0), 0);
+    }
+
+    #[test]
+    fn add_and_sub_carry_agree_with_wide_arithmetic() {
+        let edge = [0u64, 1, 0x7f, 0x80, 0xff, 0x7fff, 0x8000, 0xffff, 0x7fff_ffff, 0x8000_0000];
+        let edge: Vec<u64> = edge.iter().copied().chain([u64::MAX, u64::MAX - 1, 1 << 63, 0xffff_ffff]).collect();
+        for bytes in [1, 2, 4, 8] {
+            let m = u128::from(mask(bytes));
+            for &a in &edge {
+                for &b in &edge {
+                    for c in [false, true] {
+                        let (a2, b2) = (u128::from(a) & m, u128::from(b) & m);
+                        let wide = a2 + b2 + u128::from(c);
+                        assert_eq!(add(a, b, c, bytes).1 & CF != 0, wide > m, "add {a:#x} {b:#x} {c} {bytes}");
+                        assert_eq!(add(a, b, c, bytes).0, (wide & m) as u64);
+                        assert_eq!(sub(a, b, c, bytes).1 & CF != 0, a2 < b2 + u128::from(c), "sub {a:#x} {b:#x}");
+                    }
+                }
+            }
+        }
+        assert!((0..256u64).all(|v| (szp(v, 1) & PF != 0) == (v.count_ones() % 2 == 0)));
     }
 
     #[test]

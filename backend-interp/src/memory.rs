@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 
-use duet_core::vm_memory::{Bytes, GuestAddress};
+use duet_core::vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::cpu::{Abort, Cpu, Flow};
 
@@ -85,9 +87,34 @@ impl IoStage {
 }
 
 impl Cpu {
+    /// Reads RAM at `pa`; `false` where any byte is not RAM. One region lookup and a copy when
+    /// the range lies in one region (the common case), else vm-memory's general path.
+    #[inline]
+    pub fn ram_read(&self, pa: u64, buf: &mut [u8]) -> bool {
+        if let Some(r) = self.mem.find_region(GuestAddress(pa)) {
+            let off = pa - r.start_addr().0;
+            if off.saturating_add(buf.len() as u64) <= r.len() {
+                return r.read_slice(buf, MemoryRegionAddress(off)).is_ok();
+            }
+        }
+        self.mem.read_slice(buf, GuestAddress(pa)).is_ok()
+    }
+
+    /// Writes RAM at `pa`; `false` where any byte is not RAM (as `ram_read`).
+    #[inline]
+    pub fn ram_write(&self, pa: u64, data: &[u8]) -> bool {
+        if let Some(r) = self.mem.find_region(GuestAddress(pa)) {
+            let off = pa - r.start_addr().0;
+            if off.saturating_add(data.len() as u64) <= r.len() {
+                return r.write_slice(data, MemoryRegionAddress(off)).is_ok();
+            }
+        }
+        self.mem.write_slice(data, GuestAddress(pa)).is_ok()
+    }
+
     /// Reads guest physical memory; an unbacked address is MMIO (an exit, then re-execution).
     pub fn phys_read(&mut self, pa: u64, buf: &mut [u8]) -> Flow {
-        if self.mem.read_slice(buf, GuestAddress(pa)).is_ok() {
+        if self.ram_read(pa, buf) {
             return Ok(());
         }
         let io = &mut self.io;
@@ -103,7 +130,7 @@ impl Cpu {
 
     /// Writes guest physical memory (dropping decoded instructions of the pages written) or queues MMIO.
     pub fn phys_write(&mut self, pa: u64, data: &[u8]) -> Flow {
-        if self.mem.write_slice(data, GuestAddress(pa)).is_ok() {
+        if self.ram_write(pa, data) {
             self.code_lines.wrote(pa, data.len());
         } else {
             self.io.writes.push_back((pa, data.to_vec()));
@@ -114,24 +141,26 @@ impl Cpu {
     /// Reads a paging-structure or descriptor entry; unbacked memory reads as all ones (PC behaviour).
     pub fn phys_read_u64(&self, pa: u64) -> u64 {
         let mut b = [0u8; 8];
-        match self.mem.read_slice(&mut b, GuestAddress(pa)) {
-            Ok(()) => u64::from_le_bytes(b),
-            Err(_) => u64::MAX,
+        if self.ram_read(pa, &mut b) {
+            u64::from_le_bytes(b)
+        } else {
+            u64::MAX
         }
     }
 
     /// Reads a 32-bit paging-structure entry; unbacked memory reads as all ones.
     pub fn phys_read_u32(&self, pa: u64) -> u32 {
         let mut b = [0u8; 4];
-        match self.mem.read_slice(&mut b, GuestAddress(pa)) {
-            Ok(()) => u32::from_le_bytes(b),
-            Err(_) => u32::MAX,
+        if self.ram_read(pa, &mut b) {
+            u32::from_le_bytes(b)
+        } else {
+            u32::MAX
         }
     }
 
     /// Writes back a paging-structure entry (accessed/dirty bits); ignored outside RAM.
     pub fn phys_write_entry(&mut self, pa: u64, bytes: &[u8]) {
-        if self.mem.write_slice(bytes, GuestAddress(pa)).is_ok() {
+        if self.ram_write(pa, bytes) {
             self.code_lines.wrote(pa, bytes.len());
         }
     }

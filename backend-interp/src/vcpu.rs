@@ -52,6 +52,8 @@ pub struct InterpVcpu {
     pending_db: bool,
     /// The CPU shut down (triple fault); it stays so until new state is loaded.
     shutdown: bool,
+    /// GPRs, RIP and RFLAGS before the current instruction (kept only when it may need them).
+    saved: ([u64; 16], u64, u64),
 }
 
 impl InterpVcpu {
@@ -68,6 +70,7 @@ impl InterpVcpu {
             write_buf: Vec::new(),
             pending_db: false,
             shutdown: false,
+            saved: ([0; 16], 0, 0),
         }
     }
 
@@ -123,12 +126,20 @@ impl InterpVcpu {
                 Err(other) => Some(self.abort_exit(other, None)),
             };
         }
-        let snapshot = (cpu.gpr, cpu.rip, cpu.rflags);
         let tf = cpu.flag(duet_core::state::rflags::TF);
         cpu.rep_pending = false;
         cpu.io.begin();
         cpu.post = None;
         let fetched = cpu.fetch(&mut self.code);
+        // Registers to restore if the instruction faults or must be re-executed (fetching changes
+        // none; the fast forms change none before they fail).
+        let restore = match &fetched {
+            Ok(d) if !d.fast => {
+                self.saved = (cpu.gpr, cpu.rip, cpu.rflags);
+                true
+            }
+            _ => false,
+        };
         let (result, d) = match fetched {
             // More than 15 bytes is #GP(0) (SDM Vol. 2A §2.3.11); any other undecodable form is #UD.
             Ok(d) if d.ins.is_invalid() && d.ins.len() >= 15 => (Err(crate::cpu::gp(0)), Some(d)),
@@ -185,7 +196,9 @@ impl InterpVcpu {
             }
             Err(Abort::Exception(e)) => {
                 let ins = d.map(|d| d.ins);
-                (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
+                if restore {
+                    (cpu.gpr, cpu.rip, cpu.rflags) = self.saved;
+                }
                 cpu.io.finish();
                 match cpu.raise_exception(e) {
                     Ok(()) => self.single_step.then_some(Exit::Step),
@@ -195,7 +208,9 @@ impl InterpVcpu {
             }
             Err(other) => {
                 let ins = d.map(|d| d.ins);
-                (cpu.gpr, cpu.rip, cpu.rflags) = snapshot;
+                if restore {
+                    (cpu.gpr, cpu.rip, cpu.rflags) = self.saved;
+                }
                 Some(self.abort_exit(other, ins.as_ref()))
             }
         }

@@ -143,8 +143,13 @@ pub(crate) fn handler(m: Mnemonic) -> Handler {
 /// The handler of `ins` and its resolved operands: a fast handler for the register and
 /// immediate forms of the common instructions (same semantics, same flag functions, no operand
 /// decoding at run time), else the group's handler.
-pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands) {
-    fast_form(ins).unwrap_or((handler(ins.mnemonic()), Operands::default()))
+/// The third value says whether the handler is a fast one: those fail (only `jcc_near` can)
+/// before they change any state.
+pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands, bool) {
+    match fast_form(ins) {
+        Some((h, ops)) => (h, ops, true),
+        None => (handler(ins.mnemonic()), Operands::default(), false),
+    }
 }
 
 /// A GPR operand other than AH/CH/DH/BH: (encoding number, width).
