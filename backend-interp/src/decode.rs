@@ -241,6 +241,7 @@ impl DecodeCache {
 impl Cpu {
     /// Fetches and decodes the instruction at CS:RIP (decoded with IP 0: branch targets and
     /// RIP-relative displacements are relative to the instruction's start).
+    #[inline(always)]
     pub fn fetch<'c>(&mut self, code: &'c mut DecodeCache) -> Flow<&'c Decoded> {
         let bitness = self.bitness();
         let rip = self.rip;

@@ -105,6 +105,7 @@ impl InterpVcpu {
     }
 
     /// Executes one instruction (or delivers one exception); `Some` when `run` must return.
+    #[inline(always)]
     fn step(&mut self) -> Option<Exit> {
         let cpu = &mut self.cpu;
         // Guest writes since the last fetch (by instructions or by event delivery) drop the

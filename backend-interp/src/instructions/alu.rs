@@ -12,7 +12,12 @@ use crate::flags;
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let m = ins.mnemonic();
     let b = cpu.op_bytes(ins, 0);
-    let a = cpu.read_op(ins, 0)?;
+    // CMP and TEST only read; the others read their memory destination with write intent.
+    let a = if matches!(m, Mnemonic::Cmp | Mnemonic::Test) {
+        cpu.read_op(ins, 0)?
+    } else {
+        cpu.read_op_rmw(ins, 0)?
+    };
     let cf = cpu.flag(CF);
     let (res, f, write) = match m {
         Mnemonic::Add | Mnemonic::Adc | Mnemonic::Sub | Mnemonic::Sbb | Mnemonic::Cmp => {

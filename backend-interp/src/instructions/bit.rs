@@ -24,10 +24,15 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 let (seg, ea) = cpu.mem_addr(ins, 0);
                 let am = mask(addr_bytes(ins, cpu.bitness()));
                 let addr = ea.wrapping_add((unit as u64).wrapping_mul(u64::from(b))) & am;
-                let v = cpu.read_mem(seg, addr, b)?;
+                let v = if m == Mnemonic::Bt {
+                    cpu.read_mem(seg, addr, b)?
+                } else {
+                    cpu.read_mem_rmw(seg, addr, b)?
+                };
                 (v, off.rem_euclid(bits as i64) as u64, Some((seg, addr)))
             } else {
-                (cpu.read_op(ins, 0)?, raw % bits, None)
+                let v = if m == Mnemonic::Bt { cpu.read_op(ins, 0)? } else { cpu.read_op_rmw(ins, 0)? };
+                (v, raw % bits, None)
             };
             let set = (val >> bit) & 1 != 0;
             let nv = match m {

@@ -126,7 +126,8 @@ fn cmpxchg16b(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         return Err(gp(0));
     }
     let mut cur = [0u8; 16];
-    cpu.read_lin(lin, &mut cur, false)?;
+    // Read with write intent, as every read-modify-write (SDM Vol. 3A §4.7; see `read_mem_rmw`).
+    cpu.read_lin_as(lin, &mut cur, false, crate::mmu::Kind::Write)?;
     let cur = u128::from_le_bytes(cur);
     let rdx_rax = (u128::from(cpu.gpr[2]) << 64) | u128::from(cpu.gpr[0]);
     if cur == rdx_rax {

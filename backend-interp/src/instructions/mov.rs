@@ -35,8 +35,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.write_op(ins, 0, ea)
         }
         Mnemonic::Xchg => {
-            let a = cpu.read_op(ins, 0)?;
-            let b = cpu.read_op(ins, 1)?;
+            // XCHG with memory is locked and read-modify-write: its read has write intent.
+            let a = cpu.read_op_rmw(ins, 0)?;
+            let b = cpu.read_op_rmw(ins, 1)?;
             // Memory (if any) first, so a fault leaves both registers intact.
             if Cpu::is_mem(ins, 1) {
                 cpu.write_op(ins, 1, a)?;
@@ -84,15 +85,22 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         }
         Mnemonic::Cmpxchg => {
             let b = cpu.op_bytes(ins, 0);
-            let dest = cpu.read_op(ins, 0)?;
+            let dest = cpu.read_op_rmw(ins, 0)?;
             let acc = cpu.gpr_sized(0, b);
             let (_, f) = flags::sub(acc, dest, false, b);
             if acc == dest {
                 let src = cpu.read_op(ins, 1)?;
                 cpu.write_op(ins, 0, src)?;
             } else {
-                // SDM Vol. 2A CMPXCHG: the destination is written back with its own value.
-                cpu.write_op(ins, 0, dest)?;
+                // SDM Vol. 2A CMPXCHG: "the destination operand receives a write cycle without
+                // regard to the result of the comparison" — a bus cycle, so a memory destination
+                // is written back with its own value. A register destination is not written at
+                // all: a 32-bit one in 64-bit mode keeps its upper half (KVM on the silicon,
+                // fixtures/corpus cmpxchg-r32-fail-upper-half.json; QEMU agrees since 8.0).
+                // Only the accumulator is loaded (and, at 32 bits, zero-extended).
+                if Cpu::is_mem(ins, 0) {
+                    cpu.write_op(ins, 0, dest)?;
+                }
                 cpu.set_gpr_sized(0, b, dest);
             }
             cpu.set_status(f);
@@ -103,7 +111,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 return Err(ud());
             }
             let (seg, off) = cpu.mem_addr(ins, 0);
-            let cur = cpu.read_mem(seg, off, 8)?;
+            let cur = cpu.read_mem_rmw(seg, off, 8)?;
             let edx_eax = (cpu.gpr_sized(2, 4) << 32) | cpu.gpr_sized(0, 4);
             if cur == edx_eax {
                 let ecx_ebx = (cpu.gpr_sized(1, 4) << 32) | cpu.gpr_sized(3, 4);
@@ -119,7 +127,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         }
         Mnemonic::Xadd => {
             let b = cpu.op_bytes(ins, 0);
-            let dest = cpu.read_op(ins, 0)?;
+            let dest = cpu.read_op_rmw(ins, 0)?;
             let src = cpu.read_op(ins, 1)?;
             let (sum, f) = flags::add(dest, src, false, b);
             cpu.write_op(ins, 0, sum)?;

@@ -12,7 +12,7 @@ use crate::flags::{double_shift, shift, ShiftOp};
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     if matches!(ins.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd) {
         let b = cpu.op_bytes(ins, 0);
-        let a = cpu.read_op(ins, 0)?;
+        let a = cpu.read_op_rmw(ins, 0)?;
         let src = cpu.read_op(ins, 1)?;
         let count = cpu.read_op(ins, 2)? as u32;
         let out = double_shift(ins.mnemonic() == Mnemonic::Shld, a, src, count, b);
@@ -29,13 +29,13 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         _ => return Err(form(ins)),
     };
     let b = cpu.op_bytes(ins, 0);
-    let a = cpu.read_op(ins, 0)?;
+    let a = cpu.read_op_rmw(ins, 0)?;
     let count = if ins.op_count() > 1 { cpu.read_op(ins, 1)? as u32 } else { 1 };
     let out = shift(op, a, count, cpu.flag(CF), b);
     store(cpu, ins, a, out)
 }
 
-/// Writes a shift's result and flags; with a zero count only a register is rewritten.
+/// Writes a shift's result and flags; with a zero count the unchanged value is written back.
 fn store(cpu: &mut Cpu, ins: &Instruction, a: u64, out: crate::flags::ShiftOut) -> Flow {
     match out.flags {
         Some(f) => {
@@ -43,10 +43,13 @@ fn store(cpu: &mut Cpu, ins: &Instruction, a: u64, out: crate::flags::ShiftOut) 
             let changed = STATUS & !out.keep;
             cpu.rflags = (cpu.rflags & !changed) | (f & changed);
         }
-        // Count 0: nothing changes, but a 32-bit register destination is still written
-        // (zero-extended) in 64-bit mode.
-        None if !Cpu::is_mem(ins, 0) => cpu.write_op(ins, 0, a)?,
-        None => {}
+        // Count 0 (after masking): no value or flag changes (SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/
+        // RCR/ROL/ROR: "If the count is 0, the flags are not affected"), but the destination is
+        // still written: a 32-bit register is zero-extended in 64-bit mode, and a memory
+        // destination gets its write cycle — the hardware sets the page's dirty bit (SDM Vol. 3A
+        // §4.8) and an MMIO destination sees the write (KVM, fixtures/corpus
+        // rol-cl-zero-ram-dirty-bit.json and shift-count-zero-still-writes.json).
+        None => cpu.write_op(ins, 0, a)?,
     }
     Ok(())
 }
