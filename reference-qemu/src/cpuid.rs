@@ -8,10 +8,9 @@
 //! - leaf 1 EBX bits 31:24 (initial APIC ID) are QEMU's APIC ID (0, as in the profile);
 //! - leaf 0x8000_0001 EAX: QEMU repeats the leaf 1 signature there, the profile has 0;
 //! - leaf 0x8000_0008 EAX bits 15:8 (linear address bits) are 48 (57 with LA57);
-//! - the brand string (leaves 0x8000_0002–4) is QEMU's `model-id`, text up to the first NUL:
-//!   the baseline profile's brand has a NUL inside ("duet virtual CP", NUL, "U"), so
-//!   leaves 0x8000_0002/3 differ from it under QEMU (a guest printing the brand as a C string
-//!   sees the same text).
+//! - the brand string (leaves 0x8000_0002–4) is QEMU's `model-id`, text up to the first NUL,
+//!   so a brand with a NUL inside could not be reproduced (the baseline's, "duet virtual CPU",
+//!   has none).
 
 use duet_core::CpuidProfile;
 
@@ -169,7 +168,7 @@ mod tests {
         {
             assert!(o.contains(&format!("{f},")) || o.contains(&format!("{f},model-id")), "{f} in {o}");
         }
-        assert!(o.ends_with(",model-id=duet virtual CP,phys-bits=36,enforce"), "{o}");
+        assert!(o.ends_with(",model-id=duet virtual CPU,phys-bits=36,enforce"), "{o}");
         assert!(!o.contains("+fpu") && !o.contains("+sse"), "{o}");
     }
 
