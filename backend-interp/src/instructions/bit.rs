@@ -57,15 +57,20 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
 
 /// BSF (`forward`) or BSR; also LZCNT/TZCNT on a profile without them, which execute as these.
 pub(crate) fn exec_scan(cpu: &mut Cpu, ins: &Instruction, forward: bool) -> Flow {
+    scan(cpu, ins, forward).map(|_| ())
+}
+
+/// `exec_scan`, returning the source operand it scanned.
+pub(crate) fn scan(cpu: &mut Cpu, ins: &Instruction, forward: bool) -> Flow<u64> {
     let b = crate::cpu::width(cpu.op_bytes(ins, 0));
     let src = cpu.read_op(ins, 1)? & mask(b);
     if src == 0 {
         // Destination undefined (left unchanged, as current parts do); ZF = 1.
         cpu.set_flag(ZF, true);
-        return Ok(());
+        return Ok(src);
     }
     let idx = if forward { src.trailing_zeros() } else { 63 - src.leading_zeros() };
     cpu.write_op(ins, 0, u64::from(idx))?;
     cpu.set_flag(ZF, false);
-    Ok(())
+    Ok(src)
 }
