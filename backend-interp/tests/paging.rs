@@ -88,7 +88,9 @@ fn one_gib_page_maps_in_long_mode() {
     // PDPTE 1 (linear 1–2 GiB) → physical 0 as a 1 GiB page: P | RW | PS.
     poke(&mem, PT + 0x1000 + 8, &0x83u64.to_le_bytes());
     poke(&mem, 0x9000, &PATTERN.to_le_bytes());
-    let (out, _) = run(mem.clone(), &s);
+    // Only with CPUID.80000001H:EDX.Page1GB[26] (SDM Vol. 3A §4.5.4), which the baseline lacks.
+    let profile = with(&duet_core::CpuidProfile::baseline(), 0x8000_0001, 3, 1 << 26);
+    let (out, _) = run_profile(mem.clone(), &s, &profile, std::time::Duration::from_secs(5), |_| {});
     assert_eq!(out.stop, StopReason::Halted);
     assert_eq!(out.state.regs.rax, u64::from(PATTERN));
     assert_eq!(peek64(&mem, PT + 0x1000 + 8) & 0x20, 0x20, "accessed bit set");

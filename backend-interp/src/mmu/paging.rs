@@ -8,6 +8,9 @@ use crate::cpu::{vector, Abort, Cpu, Exception, Flow};
 
 const TLB_SIZE: usize = 256;
 
+/// CPUID.80000001H:EDX bit 26: 1-GByte pages (SDM Vol. 2A CPUID, Table 3-8).
+const PAGE1GB: u32 = 1 << 26;
+
 /// The TLB slot of a page: the page number folded so that pages 1 MiB apart (code and data
 /// often sit at such round addresses) do not evict each other.
 #[inline]
@@ -243,6 +246,16 @@ impl Cpu {
             let mut rsvd = if wide { rsvd8 } else { 0 };
             if wide && i == 0 && levels.len() == 4 && ps {
                 rsvd |= 0x80; // PS is reserved in a PML4E.
+            }
+            // PS in a PDPTE (a 1-GByte page) is reserved unless CPUID.80000001H:EDX.Page1GB
+            // [bit 26] = 1 (SDM Vol. 3A §4.5.4, Table 4-16 and §4.1.4).
+            if wide
+                && i == 1
+                && levels.len() == 4
+                && ps
+                && self.cpuid.lookup(0x8000_0001, 0)[3] & PAGE1GB == 0
+            {
+                return Err(fault(self, pf::P | pf::RSVD));
             }
             if large {
                 // Bits 20:13 (2 MiB) or 29:13 (1 GiB) below the page base are reserved; bit 12 is PAT.
