@@ -321,3 +321,33 @@ fn iopl_and_bitmap_outcomes_match_kvm() {
         assert_eq!(iout.state.regs.rax & 0xffff_ffff, kout.state.regs.rax & 0xffff_ffff, "{name}");
     }
 }
+
+#[test]
+fn rep_ins_and_outs_with_a_zero_count_still_check_the_bitmap() {
+    // SDM Vol. 1 §19.5.1: the permission check is the instruction's, made before any iteration;
+    // KVM raises #GP(0) for `rep insb` with ECX = 0 at CPL 3 (fixtures/corpus
+    // rep-ins-zero-count-iopl.json). Allowed ports and a zero count do nothing.
+    // (The HLT after the code faults at CPL 3 too: EBX = 1 says the string instruction passed.)
+    for (port, ins, passes) in [(0x80u16, true, false), (0x80, false, false), (0xe9, true, true)] {
+        let (out, _, frame) = run_user32(
+            |a| {
+                a.mov(ecx, 0).unwrap();
+                a.mov(edi, 0x9000).unwrap();
+                a.mov(esi, 0x9000).unwrap();
+                a.mov(dx, u32::from(port)).unwrap();
+                if ins {
+                    a.rep().insb().unwrap();
+                } else {
+                    a.rep().outsb().unwrap();
+                }
+                a.mov(ebx, 1).unwrap();
+            },
+            0,
+            Some(&[0x80]),
+        );
+        assert_eq!(stub_vector(&out.state), Some(13), "port {port:#x}, ins {ins}");
+        assert_eq!((frame[0], frame[1]), (13, 0), "#GP(0)");
+        assert_eq!(out.state.regs.rbx == 1, passes, "port {port:#x}, ins {ins}");
+        assert_eq!((out.state.regs.rdi, out.state.regs.rsi), (0x9000, 0x9000));
+    }
+}

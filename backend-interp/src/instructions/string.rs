@@ -39,14 +39,30 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         return Err(form(ins));
     }
     let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
-    if rep && cpu.gpr_sized(1, asz) == 0 {
-        return Ok(());
-    }
+    let io = matches!(
+        m,
+        Mnemonic::Insb
+            | Mnemonic::Insw
+            | Mnemonic::Insd
+            | Mnemonic::Outsb
+            | Mnemonic::Outsw
+            | Mnemonic::Outsd
+    );
     let n = match m {
         Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => cpu.op_bytes(ins, 0),
         Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => cpu.op_bytes(ins, 1),
         _ => cpu.op_bytes(ins, 0),
     };
+    if rep && cpu.gpr_sized(1, asz) == 0 {
+        // The I/O permission check of INS/OUTS (SDM Vol. 1 §19.5.1, Vol. 2A INS / Vol. 2B OUTS
+        // "Operation") belongs to the instruction, not to an iteration: hardware raises #GP(0)
+        // for REP INS/OUTS with a zero count at CPL > IOPL when the bitmap denies the port
+        // (KVM, fixtures/corpus rep-ins-zero-count-iopl.json).
+        if io {
+            cpu.check_io(cpu.gpr_sized(2, 2) as u16, n as u8)?;
+        }
+        return Ok(());
+    }
     let mut stop = false;
     match m {
         Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {
