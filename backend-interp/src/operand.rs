@@ -23,7 +23,79 @@ pub(crate) fn addr_bytes(ins: &Instruction, bitness: u32) -> u32 {
     }
 }
 
+/// `MemRef` register field: no register.
+pub(crate) const NO_REG: u8 = 0xff;
+/// `MemRef` base field: RIP/EIP-relative.
+pub(crate) const RIP_REG: u8 = 16;
+
+/// An explicit memory operand resolved at decode time: base and index as GPR numbers, the scale
+/// as a shift, the address-size mask and the effective segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MemRef {
+    /// Base GPR, `RIP_REG` or `NO_REG`.
+    pub base: u8,
+    /// Index GPR or `NO_REG`.
+    pub index: u8,
+    /// log2 of the scale.
+    pub scale: u8,
+    /// Segment register.
+    pub seg: Register,
+    /// Displacement (sign-extended).
+    pub disp: u64,
+    /// Mask of the address size.
+    pub amask: u64,
+}
+
+impl MemRef {
+    /// The memory operand `op` of `ins` when it is an `OpKind::Memory` with GPR (or RIP) base and
+    /// GPR index.
+    pub fn of(ins: &Instruction, op: u32) -> Option<MemRef> {
+        if ins.op_kind(op) != OpKind::Memory {
+            return None;
+        }
+        let gpr = |r: Register| match r {
+            Register::None => Some(NO_REG),
+            r => crate::cpu::gpr_slot(r).filter(|s| s.bytes >= 2).map(|s| s.index as u8),
+        };
+        let base = match ins.memory_base() {
+            Register::RIP | Register::EIP => RIP_REG,
+            r => gpr(r)?,
+        };
+        let bitness = match ins.code_size() {
+            iced_x86::CodeSize::Code16 => 16,
+            iced_x86::CodeSize::Code32 => 32,
+            iced_x86::CodeSize::Code64 => 64,
+            _ => return None,
+        };
+        Some(MemRef {
+            base,
+            index: gpr(ins.memory_index())?,
+            scale: ins.memory_index_scale().trailing_zeros() as u8,
+            seg: ins.memory_segment(),
+            disp: ins.memory_displacement64(),
+            amask: mask(addr_bytes(ins, bitness)),
+        })
+    }
+}
+
 impl Cpu {
+    /// Effective address of a resolved memory operand: the same sum as `ea`, taken modulo the
+    /// address size (register widths need no masking before the final one).
+    #[inline]
+    pub fn ea_of(&self, m: &MemRef) -> u64 {
+        let reg = |i: u8| self.gpr.get(usize::from(i)).copied().unwrap_or(0);
+        let mut off = m.disp;
+        if m.base == RIP_REG {
+            off = off.wrapping_add(self.rip);
+        } else if m.base != NO_REG {
+            off = off.wrapping_add(reg(m.base));
+        }
+        if m.index != NO_REG {
+            off = off.wrapping_add(reg(m.index) << m.scale);
+        }
+        off & m.amask
+    }
+
     /// Width in bytes of operand `op`.
     pub fn op_bytes(&self, ins: &Instruction, op: u32) -> u32 {
         match ins.op_kind(op) {

@@ -82,12 +82,11 @@ pub(crate) mod op {
     pub const NOT: u8 = 12;
 }
 
-/// `exec` for a GPR destination and a source value: the same flag functions, no operand decoding.
+/// Result and status flags of `OP` on `b`-byte operands: the same flag functions as `exec`.
 #[inline(always)]
-fn binary<const OP: u8>(cpu: &mut Cpu, d: &Decoded, a: u64, src: u64) -> Flow {
-    let b = u32::from(d.ops.bytes);
+pub(crate) fn compute<const OP: u8>(cpu: &Cpu, a: u64, src: u64, b: u32) -> (u64, u64) {
     let cf = cpu.flag(CF);
-    let (res, f) = match OP {
+    match OP {
         op::ADD => flags::add(a, src, false, b),
         op::ADC => flags::add(a, src, cf, b),
         op::SUB | op::CMP => flags::sub(a, src, false, b),
@@ -95,8 +94,20 @@ fn binary<const OP: u8>(cpu: &mut Cpu, d: &Decoded, a: u64, src: u64) -> Flow {
         op::AND | op::TEST => (a & src, flags::logic(a & src, b)),
         op::OR => (a | src, flags::logic(a | src, b)),
         _ => (a ^ src, flags::logic(a ^ src, b)),
-    };
-    if OP != op::CMP && OP != op::TEST {
+    }
+}
+
+/// Whether `OP` writes its destination (CMP and TEST do not).
+pub(crate) const fn writes(op: u8) -> bool {
+    op != op::CMP && op != op::TEST
+}
+
+/// `exec` for a GPR destination and a source value: the same flag functions, no operand decoding.
+#[inline(always)]
+fn binary<const OP: u8>(cpu: &mut Cpu, d: &Decoded, a: u64, src: u64) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let (res, f) = compute::<OP>(cpu, a, src, b);
+    if writes(OP) {
         cpu.set_gpr_sized(usize::from(d.ops.r0), b, res);
     }
     cpu.set_status(f);
@@ -109,6 +120,30 @@ pub(crate) fn rr<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
     let a = cpu.gpr_sized(usize::from(d.ops.r0), b);
     let src = cpu.gpr_sized(usize::from(d.ops.r1), b);
     binary::<OP>(cpu, d, a, src)
+}
+
+/// `op r, [m]`.
+pub(crate) fn rm<const OP: u8>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let a = cpu.gpr_sized(usize::from(d.ops.r0), b);
+    let src = cpu.read_mem(d.ops.mem.seg, cpu.ea_of(&d.ops.mem), b)?;
+    binary::<OP>(cpu, d, a, src)
+}
+
+/// `op [m], r` (`IMM` false) or `op [m], imm`: read, compute, write back, then the flags (a
+/// faulting write leaves them as they were, as `exec` does).
+pub(crate) fn mem<const OP: u8, const IMM: bool>(cpu: &mut Cpu, d: &Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let (seg, off) = (d.ops.mem.seg, cpu.ea_of(&d.ops.mem));
+    // A read-modify-write reads with write intent (W/R = 1 in a #PF; `Cpu::read_mem_rmw`).
+    let a = if writes(OP) { cpu.read_mem_rmw(seg, off, b)? } else { cpu.read_mem(seg, off, b)? };
+    let src = if IMM { d.ops.imm } else { cpu.gpr_sized(usize::from(d.ops.r1), b) };
+    let (res, f) = compute::<OP>(cpu, a, src, b);
+    if writes(OP) {
+        cpu.write_mem(seg, off, b, res)?;
+    }
+    cpu.set_status(f);
+    Ok(())
 }
 
 /// `op r, imm`.

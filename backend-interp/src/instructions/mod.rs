@@ -114,6 +114,10 @@ pub(crate) struct Operands {
     /// Immediate source, masked to its width as `read_op` reads it (near branches: the
     /// displacement from the instruction's start).
     pub imm: u64,
+    /// Width in bytes of the memory operand.
+    pub mbytes: u8,
+    /// The memory operand.
+    pub mem: crate::operand::MemRef,
 }
 
 /// The handler of `m`: the single dispatch point, consulted once per decoded instruction.
@@ -146,7 +150,7 @@ pub(crate) fn handler(m: Mnemonic) -> Handler {
 /// The third value says whether the handler is a fast one: those fail (only `jcc_near` can)
 /// before they change any state.
 pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands, bool) {
-    match fast_form(ins) {
+    match fast_form(ins).or_else(|| memory_form(ins)) {
         Some((h, ops)) => (h, ops, true),
         None => (handler(ins.mnemonic()), Operands::default(), false),
     }
@@ -171,6 +175,64 @@ fn imm_op(ins: &Instruction, op: u32) -> Option<u64> {
         _ => return None,
     };
     Some(ins.immediate(op) & crate::cpu::mask(bytes))
+}
+
+/// The GPR/memory forms of MOV, MOVZX and the binary ALU instructions with a fast handler.
+fn memory_form(ins: &Instruction) -> Option<(Handler, Operands)> {
+    use Mnemonic::*;
+    if ins.encoding() != iced_x86::EncodingKind::Legacy || ins.op_count() != 2 {
+        return None;
+    }
+    let m = ins.mnemonic();
+    let mbytes = ins.memory_size().size() as u8;
+    let (mem_op, other) = match (ins.op_kind(0), ins.op_kind(1)) {
+        (OpKind::Memory, _) => (0, 1),
+        (_, OpKind::Memory) => (1, 0),
+        _ => return None,
+    };
+    let mem = crate::operand::MemRef::of(ins, mem_op)?;
+    let reg = gpr_op(ins, other);
+    let imm = imm_op(ins, other);
+    let bytes = match reg {
+        Some((_, b)) => b,
+        None => mbytes,
+    };
+    // Same width on both sides, except MOVZX's wider register.
+    if !matches!(mbytes, 1 | 2 | 4 | 8) || (m != Movzx && bytes != mbytes) || (reg.is_none() && imm.is_none()) {
+        return None;
+    }
+    let r = reg.map_or(0, |(r, _)| r);
+    let ops = Operands { r0: r, r1: r, bytes, imm: imm.unwrap_or(0), mbytes, mem };
+    let load = mem_op == 1;
+    macro_rules! alu {
+        ($op:expr) => {
+            match (load, reg.is_some()) {
+                (true, _) => alu::rm::<{ $op }> as Handler,
+                (false, true) => alu::mem::<{ $op }, false>,
+                (false, false) => alu::mem::<{ $op }, true>,
+            }
+        };
+    }
+    let h: Handler = match m {
+        Mov | Movzx if load && reg.is_some() => mov::load,
+        Mov if !load && reg.is_some() => mov::store::<false>,
+        Mov if !load => mov::store::<true>,
+        Add => alu!(alu::op::ADD),
+        Adc => alu!(alu::op::ADC),
+        Sub => alu!(alu::op::SUB),
+        Sbb => alu!(alu::op::SBB),
+        Cmp => alu!(alu::op::CMP),
+        And => alu!(alu::op::AND),
+        Or => alu!(alu::op::OR),
+        Xor => alu!(alu::op::XOR),
+        Test => alu!(alu::op::TEST),
+        _ => return None,
+    };
+    // A register destination with a memory source needs the register; `op r, imm` is no memory form.
+    if load && reg.is_none() {
+        return None;
+    }
+    Some((h, ops))
 }
 
 fn fast_form(ins: &Instruction) -> Option<(Handler, Operands)> {

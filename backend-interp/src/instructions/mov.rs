@@ -199,6 +199,20 @@ pub(crate) fn ri(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
     Ok(())
 }
 
+/// `mov r, [m]` and `movzx r, [m]` (`ops.mbytes` read, zero-extended to `ops.bytes`).
+pub(crate) fn load(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    let v = cpu.read_mem(d.ops.mem.seg, cpu.ea_of(&d.ops.mem), u32::from(d.ops.mbytes))?;
+    cpu.set_gpr_sized(usize::from(d.ops.r0), u32::from(d.ops.bytes), v);
+    Ok(())
+}
+
+/// `mov [m], r` (`IMM` false) or `mov [m], imm`.
+pub(crate) fn store<const IMM: bool>(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    let b = u32::from(d.ops.bytes);
+    let v = if IMM { d.ops.imm } else { cpu.gpr_sized(usize::from(d.ops.r1), b) };
+    cpu.write_mem(d.ops.mem.seg, cpu.ea_of(&d.ops.mem), b, v)
+}
+
 fn mov(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     if is_reg(ins, 0, Register::is_cr) || is_reg(ins, 1, Register::is_cr) {
         return system::mov_cr(cpu, ins);
