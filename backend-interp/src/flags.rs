@@ -132,6 +132,7 @@ pub(crate) enum ShiftOp {
 /// SAL/SAR/SHL/SHR and RCL/RCR/ROL/ROR (SDM Vol. 2B), with the count masked to 5 bits (6 for
 /// 64-bit operands). OF is defined only for a masked count of 1; for larger counts this returns
 /// the same formula, which is what current Intel parts produce.
+#[inline]
 pub(crate) fn shift(op: ShiftOp, a: u64, count: u32, cf_in: bool, bytes: u32) -> ShiftOut {
     let bytes = crate::cpu::width(bytes);
     let bits = bytes * 8;
