@@ -9,8 +9,10 @@
 //! and the integer instruction set [`implemented_mnemonics`] lists (CPUID-gated extensions included). Guest
 //! physical addresses outside RAM are MMIO: reads and `IN` end `run` with an exit and the
 //! instruction is re-executed with the data the run loop supplied; writes and `OUT` retire the
-//! instruction first. Instructions are decoded once, cached by physical address and dropped when
-//! the guest writes their page, so self-modifying code works.
+//! instruction first. Instructions are decoded once, with their handler and flag masks, cached by
+//! physical address and dropped when the guest writes any of their bytes, so self-modifying code
+//! works; the common register and register/memory forms run through handlers with their operands
+//! resolved at decode time.
 //!
 //! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, SMM, data and
 //! I/O breakpoints (DR0–DR3 raise instruction breakpoints only).
