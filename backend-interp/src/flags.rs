@@ -302,7 +302,8 @@ mod tests {
     #[test]
     fn add_and_sub_carry_agree_with_wide_arithmetic() {
         let edge = [0u64, 1, 0x7f, 0x80, 0xff, 0x7fff, 0x8000, 0xffff, 0x7fff_ffff, 0x8000_0000];
-        let edge: Vec<u64> = edge.iter().copied().chain([u64::MAX, u64::MAX - 1, 1 << 63, 0xffff_ffff]).collect();
+        let edge: Vec<u64> =
+            edge.iter().copied().chain([u64::MAX, u64::MAX - 1, 1 << 63, 0xffff_ffff]).collect();
         for bytes in [1, 2, 4, 8] {
             let m = u128::from(mask(bytes));
             for &a in &edge {
@@ -310,9 +311,17 @@ mod tests {
                     for c in [false, true] {
                         let (a2, b2) = (u128::from(a) & m, u128::from(b) & m);
                         let wide = a2 + b2 + u128::from(c);
-                        assert_eq!(add(a, b, c, bytes).1 & CF != 0, wide > m, "add {a:#x} {b:#x} {c} {bytes}");
+                        assert_eq!(
+                            add(a, b, c, bytes).1 & CF != 0,
+                            wide > m,
+                            "add {a:#x} {b:#x} {c} {bytes}"
+                        );
                         assert_eq!(add(a, b, c, bytes).0, (wide & m) as u64);
-                        assert_eq!(sub(a, b, c, bytes).1 & CF != 0, a2 < b2 + u128::from(c), "sub {a:#x} {b:#x}");
+                        assert_eq!(
+                            sub(a, b, c, bytes).1 & CF != 0,
+                            a2 < b2 + u128::from(c),
+                            "sub {a:#x} {b:#x}"
+                        );
                     }
                 }
             }

@@ -2,9 +2,7 @@
 
 use std::collections::VecDeque;
 
-use duet_core::vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-};
+use duet_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::cpu::{Abort, Cpu, Flow};
 

@@ -147,7 +147,8 @@ impl InterpVcpu {
             Ok(d) if d.ins.is_invalid() => (Err(ud()), Some(d)),
             Ok(d) => {
                 // Decoded for the current code size (the cache is keyed by it): 64 means 64-bit mode.
-                let lim = if d.ins.code_size() == iced_x86::CodeSize::Code64 { u64::MAX } else { 0xffff_ffff };
+                let lim =
+                    if d.ins.code_size() == iced_x86::CodeSize::Code64 { u64::MAX } else { 0xffff_ffff };
                 cpu.next_rip = cpu.rip.wrapping_add(d.ins.len() as u64) & lim;
                 (run(cpu, d), Some(d))
             }

@@ -198,7 +198,8 @@ fn memory_form(ins: &Instruction) -> Option<(Handler, Operands)> {
         None => mbytes,
     };
     // Same width on both sides, except MOVZX's wider register.
-    if !matches!(mbytes, 1 | 2 | 4 | 8) || (m != Movzx && bytes != mbytes) || (reg.is_none() && imm.is_none()) {
+    if !matches!(mbytes, 1 | 2 | 4 | 8) || (m != Movzx && bytes != mbytes) || (reg.is_none() && imm.is_none())
+    {
         return None;
     }
     let r = reg.map_or(0, |(r, _)| r);
