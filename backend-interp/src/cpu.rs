@@ -222,6 +222,10 @@ pub(crate) struct Cpu {
     pub next_rip: u64,
     /// RFLAGS bits the instructions retired so far left architecturally undefined.
     pub undefined: u64,
+    /// This execution's effect on RFLAGS as (written, undefined), where it differs from
+    /// iced-x86's static per-instruction masks: a zero-count shift or REP string instruction
+    /// writes no flag, and a shift's OF is defined only for a count of 1. Consumed by the step.
+    pub flag_effect: Option<(u64, u64)>,
     /// The last step ran one iteration of a REP string instruction that is not finished.
     pub rep_pending: bool,
     /// DR0–DR3, DR6, DR7 (instruction breakpoints are raised; data and I/O breakpoints are not).
@@ -259,6 +263,7 @@ impl Cpu {
             halted: false,
             next_rip: 0,
             undefined: 0,
+            flag_effect: None,
             rep_pending: false,
             // DR6 and DR7 after RESET (SDM Vol. 3A Table 10-1).
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400],

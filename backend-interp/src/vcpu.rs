@@ -154,11 +154,14 @@ impl InterpVcpu {
             }
             Err(e) => (Err(e), None),
         };
+        let effect = cpu.flag_effect.take();
         match result {
             Ok(()) => {
                 if let Some(d) = d {
-                    // Per iced-x86: what this instruction wrote is defined unless it is undefined.
-                    cpu.undefined = (cpu.undefined & !d.written) | d.undefined;
+                    // Per iced-x86 (unless this execution said otherwise): what this instruction
+                    // wrote is defined unless it is undefined.
+                    let (written, undefined) = effect.unwrap_or((d.written, d.undefined));
+                    cpu.undefined = (cpu.undefined & !written) | undefined;
                 }
                 // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it,
                 // except after INT n/INT3/INTO, whose delivery clears TF first.

@@ -218,3 +218,31 @@ fn pdpte_ps_is_reserved_without_1gb_pages() {
     assert_eq!(out.stop, StopReason::Halted);
     assert_eq!(out.state.regs.rax, 0xfeed_f00d);
 }
+
+#[test]
+fn zero_count_shifts_and_strings_keep_undefined_flags_undefined() {
+    use duet_core::state::rflags::{AF, OF};
+    // SDM Vol. 2B SAL/SAR/SHL/SHR: AF is undefined after a non-zero count, and "if the count is
+    // 0, the flags are not affected"; a REP string instruction with RCX = 0 runs no iteration
+    // and writes no flag (fixtures/corpus undefined-af-survives-zero-count-cmps.json). So AF
+    // stays undefined through both, and OF is undefined after a count other than 1.
+    let (out, _) = run64(
+        |a| {
+            a.shl(al, 0x41).unwrap(); // masked count 1: AF undefined, OF defined
+            a.xor(ecx, ecx).unwrap(); // defines OF, SF, ZF, PF, CF; AF undefined (SDM XOR)
+            a.shl(al, 0x40).unwrap(); // masked count 0: no flag written
+            a.repe().cmpsb().unwrap(); // RCX = 0: no iteration
+        },
+        |_, _| {},
+    );
+    assert_eq!(out.stop, StopReason::Halted, "{:?}", out.stop);
+    assert_eq!(out.undefined_rflags & (AF | OF), AF, "undefined {:#x}", out.undefined_rflags);
+    let (out, _) = run64(
+        |a| {
+            a.mov(cl, 3).unwrap();
+            a.rcl(eax, cl).unwrap(); // count 3: OF undefined (SDM Vol. 2B RCL)
+        },
+        |_, _| {},
+    );
+    assert_ne!(out.undefined_rflags & OF, 0, "undefined {:#x}", out.undefined_rflags);
+}

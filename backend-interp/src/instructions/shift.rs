@@ -1,6 +1,6 @@
 //! SHL/SAL/SHR/SAR/ROL/ROR/RCL/RCR and SHLD/SHRD with masked counts (flags in `crate::flags::shift`).
 
-use duet_core::state::rflags::{CF, STATUS};
+use duet_core::state::rflags::{CF, OF, STATUS};
 use iced_x86::{Instruction, Mnemonic};
 
 use super::form;
@@ -16,6 +16,7 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         let src = cpu.read_op(ins, 1)?;
         let count = cpu.read_op(ins, 2)? as u32;
         let out = double_shift(ins.mnemonic() == Mnemonic::Shld, a, src, count, b);
+        cpu.flag_effect = Some(flag_effect(ins_masks(ins), count, b, out.flags.is_some()));
         return store(cpu, ins, a, out);
     }
     let op = match ins.mnemonic() {
@@ -32,7 +33,25 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let a = cpu.read_op_rmw(ins, 0)?;
     let count = if ins.op_count() > 1 { cpu.read_op(ins, 1)? as u32 } else { 1 };
     let out = shift(op, a, count, cpu.flag(CF), b);
+    cpu.flag_effect = Some(flag_effect(ins_masks(ins), count, b, out.flags.is_some()));
     store(cpu, ins, a, out)
+}
+
+/// iced-x86's static (written, undefined) RFLAGS masks of `ins`.
+fn ins_masks(ins: &Instruction) -> (u64, u64) {
+    (crate::flags::from_iced(ins.rflags_modified()), crate::flags::from_iced(ins.rflags_undefined()))
+}
+
+/// This execution's (written, undefined) flags: a count that masks to 0 changes no flag, and OF
+/// is defined only for a count of 1 (SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/RCR/ROL/ROR, SHLD/SHRD:
+/// "The OF flag is affected only for 1-bit shifts … otherwise, it is undefined").
+fn flag_effect((written, undefined): (u64, u64), count: u32, bytes: u32, changed: bool) -> (u64, u64) {
+    let masked = count & if crate::cpu::width(bytes) == 8 { 0x3f } else { 0x1f };
+    match (changed, masked) {
+        (false, _) => (0, 0),
+        (true, 1) => (written, undefined & !OF),
+        (true, _) => (written, undefined | OF),
+    }
 }
 
 /// Writes a shift's result and flags; with a zero count the unchanged value is written back.
@@ -84,6 +103,7 @@ fn reg<const OP: u8>(cpu: &mut Cpu, d: &Decoded, count: u32) -> Flow {
     let r = usize::from(d.ops.r0);
     let a = cpu.gpr_sized(r, b);
     let out = shift(shift_op(OP), a, count, cpu.flag(CF), b);
+    cpu.flag_effect = Some(flag_effect((d.written, d.undefined), count, b, out.flags.is_some()));
     cpu.set_gpr_sized(r, b, out.res);
     if let Some(f) = out.flags {
         let changed = STATUS & !out.keep;

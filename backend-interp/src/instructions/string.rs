@@ -61,6 +61,8 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         if io {
             cpu.check_io(cpu.gpr_sized(2, 2) as u16, n as u8)?;
         }
+        // No iteration: no flag is written, so what was undefined stays undefined.
+        cpu.flag_effect = Some((0, 0));
         return Ok(());
     }
     let mut stop = false;
