@@ -162,14 +162,19 @@ fn zero_hex() -> String {
 /// Parses a hex number with or without `0x`.
 pub fn parse_hex(s: &str) -> Option<u64> {
     let t = s.trim();
-    let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
-    u64::from_str_radix(&t.replace('_', ""), 16).ok()
+    let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t).replace('_', "");
+    // from_str_radix would take a sign ("+f"); only hex digits make a number.
+    if !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(&t, 16).ok()
 }
 
 /// Parses a string of hex byte pairs (whitespace allowed).
 pub fn parse_bytes(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    // from_str_radix would take a sign ("+f"); only hex digits make a byte.
+    if digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     digits

@@ -70,6 +70,10 @@ pub fn data_selectors(mode: FuzzMode) -> &'static [u16] {
 pub fn start(mode: FuzzMode, p: &Parsed) -> Result<CpuState, FuzzError> {
     let mut s = start_state(mode.fixture_mode(), CODE_ADDR).map_err(|e| FuzzError::Setup(e.to_string()))?;
     let long = matches!(mode, FuzzMode::Long64 | FuzzMode::Long64Ring3);
+    // Selectors are 16 bits; a wider value in a case file is an error, not a silent truncation.
+    if let Some((name, v)) = p.segments.iter().find(|(n, v)| !n.contains('.') && **v > 0xffff) {
+        return Err(FuzzError::Setup(format!("segment selector {name} = {v:#x} does not fit in 16 bits")));
+    }
     let seg = |name: &str| p.segments.get(name).copied();
     let r = &mut s.sregs;
     match mode {

@@ -93,7 +93,7 @@ impl Plan<'_> {
                 gdt.limit
             )));
         }
-        let linear = gdt.base + off;
+        let linear = gdt.base.wrapping_add(off);
         let addr = self.phys(linear)?;
         let raw = read_u64(self.mem, addr)
             .ok_or_else(|| unsupported(format!("{name} descriptor at {addr:#x} is not in guest RAM")))?;
@@ -154,7 +154,7 @@ impl Plan<'_> {
                 d.raw
             )));
         }
-        Ok(Some((d.linear + 5, (d.raw >> 40) as u8)))
+        Ok(Some((d.linear.wrapping_add(5), (d.raw >> 40) as u8)))
     }
 }
 

@@ -13,8 +13,11 @@ pub struct ElfImage {
     pub entry: u64,
     /// Whether it is ELF64 (else ELF32).
     pub is_64: bool,
-    /// PT_LOAD segments at their physical addresses, zero-filled up to p_memsz.
+    /// PT_LOAD segments' file bytes at their physical addresses (the zero-filled rest up to
+    /// p_memsz is not materialised: fresh guest RAM is already zero).
     pub loads: Vec<Load>,
+    /// The end (exclusive) of the highest segment in memory, p_paddr + p_memsz.
+    pub end: u64,
 }
 
 /// Whether `bytes` starts with the ELF magic.
@@ -58,32 +61,35 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, String> {
         return Err(format!("ELF program header size {phentsize} is smaller than {min_ent}"));
     }
     let mut loads = Vec::new();
+    let mut end = 0u64;
     for i in 0..phnum as usize {
         let ph = phoff.checked_add(i * phentsize as usize).ok_or("program header offset overflows")?;
         if field(b, ph, 4)? != 1 {
             continue; // only PT_LOAD segments occupy memory
         }
+        // Saturating: a header offset near the top of the address space reads as "truncated".
+        let at = |o: usize, len: usize| field(b, ph.saturating_add(o), len);
         let (offset, paddr, filesz, memsz) = if is_64 {
-            (field(b, ph + 8, 8)?, field(b, ph + 24, 8)?, field(b, ph + 32, 8)?, field(b, ph + 40, 8)?)
+            (at(8, 8)?, at(24, 8)?, at(32, 8)?, at(40, 8)?)
         } else {
-            (field(b, ph + 4, 4)?, field(b, ph + 12, 4)?, field(b, ph + 16, 4)?, field(b, ph + 20, 4)?)
+            (at(4, 4)?, at(12, 4)?, at(16, 4)?, at(20, 4)?)
         };
-        if filesz > memsz || memsz > 1 << 32 {
+        let seg_end = paddr.checked_add(memsz).filter(|&e| e <= 1 << 32 && filesz <= memsz);
+        let Some(seg_end) = seg_end else {
             return Err(format!(
-                "ELF segment {i}: file size {filesz:#x} and memory size {memsz:#x} are inconsistent"
+                "ELF segment {i}: file size {filesz:#x} and memory size {memsz:#x} at {paddr:#x} are inconsistent or beyond 4 GiB"
             ));
-        }
+        };
         let data = b
             .get(offset as usize..(offset.saturating_add(filesz)) as usize)
             .ok_or_else(|| format!("ELF segment {i} ({offset:#x}+{filesz:#x}) lies outside the file"))?;
-        let mut bytes = data.to_vec();
-        bytes.resize(memsz as usize, 0);
-        loads.push(Load { addr: paddr, bytes });
+        end = end.max(seg_end);
+        loads.push(Load { addr: paddr, bytes: data.to_vec() });
     }
     if loads.is_empty() {
         return Err("ELF file has no loadable (PT_LOAD) segment".into());
     }
-    Ok(ElfImage { entry, is_64, loads })
+    Ok(ElfImage { entry, is_64, loads, end })
 }
 
 #[cfg(test)]
@@ -116,7 +122,8 @@ mod tests {
         let img = parse(&elf64(&[0xf4, 0x90], 0x200000, 8)).unwrap();
         assert_eq!(img.entry, 0x200004);
         assert!(img.is_64);
-        assert_eq!(img.loads, vec![Load { addr: 0x200000, bytes: vec![0xf4, 0x90, 0, 0, 0, 0, 0, 0] }]);
+        assert_eq!(img.loads, vec![Load { addr: 0x200000, bytes: vec![0xf4, 0x90] }]);
+        assert_eq!(img.end, 0x200008);
     }
 
     #[test]
@@ -129,6 +136,12 @@ mod tests {
         let mut outside = good.clone();
         outside[64 + 8..64 + 16].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
         assert!(parse(&outside).unwrap_err().contains("outside the file"));
+        let mut far_headers = good.clone();
+        far_headers[32..40].copy_from_slice(&(u64::MAX - 4).to_le_bytes());
+        assert!(parse(&far_headers).is_err());
+        let mut huge_bss = good.clone();
+        huge_bss[64 + 40..64 + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(parse(&huge_bss).unwrap_err().contains("beyond 4 GiB"));
         let mut bss_smaller = good.clone();
         bss_smaller[64 + 40..64 + 48].copy_from_slice(&0u64.to_le_bytes());
         assert!(parse(&bss_smaller).unwrap_err().contains("inconsistent"));

@@ -70,6 +70,14 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         if img.is_64 && args.mode != ModeArg::Long {
             bail!("{} is a 64-bit ELF file: run it with --mode long", path.display());
         }
+        let ram = args.mem.unwrap_or(duet_core::layout::DEFAULT_MEM_SIZE);
+        if img.end > ram {
+            bail!(
+                "{} needs memory up to {:#x} (its segments with their zero-filled parts), beyond the {ram:#x} bytes of RAM; use a larger --mem",
+                path.display(),
+                img.end
+            );
+        }
         let entry = args.entry.unwrap_or(img.entry);
         // The segment holding the entry point is the image; the others are extra loads.
         let mut loads = img.loads;
