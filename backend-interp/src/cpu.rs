@@ -226,6 +226,8 @@ pub(crate) struct Cpu {
     /// iced-x86's static per-instruction masks: a zero-count shift or REP string instruction
     /// writes no flag, and a shift's OF is defined only for a count of 1. Consumed by the step.
     pub flag_effect: Option<(u64, u64)>,
+    /// An event is being delivered: reads of unbacked memory return all ones (see `raise`).
+    pub delivering: bool,
     /// The last step ran one iteration of a REP string instruction that is not finished.
     pub rep_pending: bool,
     /// DR0–DR3, DR6, DR7 (instruction breakpoints are raised; data and I/O breakpoints are not).
@@ -264,6 +266,7 @@ impl Cpu {
             next_rip: 0,
             undefined: 0,
             flag_effect: None,
+            delivering: false,
             rep_pending: false,
             // DR6 and DR7 after RESET (SDM Vol. 3A Table 10-1).
             dr: [0, 0, 0, 0, 0xffff_0ff0, 0x400],

@@ -72,7 +72,18 @@ struct Gate {
 impl Cpu {
     /// Delivers `ev`, turning a fault during delivery into a double fault or a serial delivery
     /// (Table 6-5), and a fault while delivering #DF into shutdown.
-    pub fn raise(&mut self, mut ev: Event) -> Flow {
+    pub fn raise(&mut self, ev: Event) -> Flow {
+        // Delivery reads the IVT/IDT, descriptor tables and the TSS; where they lie in unbacked
+        // memory those reads return all ones (as paging-structure reads do) rather than asking
+        // the run loop for MMIO data in the middle of a delivery, which could not be resumed.
+        let outer = std::mem::replace(&mut self.delivering, true);
+        let r = self.raise_serially(ev);
+        self.delivering = outer;
+        r
+    }
+
+    /// [`Cpu::raise`] without the unbacked-read rule.
+    fn raise_serially(&mut self, mut ev: Event) -> Flow {
         for _ in 0..4 {
             let saved = (self.gpr, self.rip, self.rflags, self.sregs);
             match self.deliver(&ev) {

@@ -115,6 +115,10 @@ impl Cpu {
         if self.ram_read(pa, buf) {
             return Ok(());
         }
+        if self.delivering {
+            buf.fill(0xff);
+            return Ok(());
+        }
         let io = &mut self.io;
         match io.reads.get(io.cursor) {
             Some((addr, data)) if *addr == pa && data.len() == buf.len() => {

@@ -246,3 +246,20 @@ fn zero_count_shifts_and_strings_keep_undefined_flags_undefined() {
     );
     assert_ne!(out.undefined_rflags & OF, 0, "undefined {:#x}", out.undefined_rflags);
 }
+
+#[test]
+fn delivery_through_an_idt_in_unbacked_memory_ends_without_mmio_exits() {
+    // An IDT in unbacked memory reads as all ones during delivery (as paging-structure reads
+    // do): gate selector 0xffff lies beyond the GDT limit, so #UD's delivery raises #GP, that
+    // one #DF, and #DF's own failure shuts the CPU down (SDM Vol. 3A §6.15, Table 6-5) — rather
+    // than asking for the same MMIO read until the deadline.
+    let (out, _) = run64(
+        |a| a.ud2().unwrap(),
+        |_, s| {
+            s.sregs.idt.base = 0xd000_0000;
+            s.sregs.idt.limit = 0xfff;
+        },
+    );
+    assert_eq!(out.stop, StopReason::Shutdown, "{:?}", out.stop);
+    assert!(out.exits <= 2, "{} exits", out.exits);
+}
