@@ -111,21 +111,9 @@ fn report(a: &mut CodeAssembler) -> Result<(), FixtureError> {
     Ok(())
 }
 
-/// `iters` × (add, xor, sub, shl, or, and, dec, jnz) on 32-bit registers; AL = 0.
+/// The shared ALU loop (`duet_benches::workloads::alu_loop`), then AL = 0.
 fn alu(a: &mut CodeAssembler, iters: u32) -> Result<(), FixtureError> {
-    let mut top = a.create_label();
-    a.mov(ecx, iters)?;
-    a.mov(eax, 1)?;
-    a.mov(ebx, 0x1234_5678)?;
-    a.set_label(&mut top)?;
-    a.add(eax, ebx)?;
-    a.xor(ebx, eax)?;
-    a.sub(eax, ecx)?;
-    a.shl(ebx, 3)?;
-    a.or(eax, 0x11)?;
-    a.and(ebx, eax)?;
-    a.dec(ecx)?;
-    a.jnz(top)?;
+    duet_benches::workloads::alu_loop(a, iters)?;
     a.xor(al, al)?;
     Ok(())
 }
