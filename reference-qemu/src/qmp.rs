@@ -1,9 +1,9 @@
 //! A minimal QMP client (QEMU Machine Protocol: one JSON object per line over a Unix socket)
 //! with just enough JSON to read QEMU's answers.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::QemuError;
 
@@ -171,22 +171,33 @@ pub fn quote(s: &str) -> String {
     o
 }
 
+/// How long one read of the socket waits before the deadline is checked again.
+const POLL: Duration = Duration::from_millis(50);
+/// The longest line QEMU may send (an `info registers` answer is a few KiB).
+const MAX_LINE: usize = 16 << 20;
+/// How many events [`Qmp::events`] keeps (the most recent).
+pub const MAX_EVENTS: usize = 1024;
+
 /// A QMP connection in command mode.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events seen while waiting for answers (`SHUTDOWN`, `STOP`, …), oldest first.
+    stream: UnixStream,
+    /// Bytes received but not yet part of a whole line (kept across read timeouts).
+    pending: Vec<u8>,
+    /// How long one command may take, events included.
+    timeout: Duration,
+    /// The `id` of the next command (QEMU echoes it in the answer).
+    next_id: u64,
+    /// Events seen while waiting for answers (`SHUTDOWN`, `STOP`, …), oldest first; at most
+    /// the last [`MAX_EVENTS`].
     pub events: Vec<Json>,
 }
 
 impl Qmp {
-    /// Takes over a connected socket: reads the greeting and enters command mode.
+    /// Takes over a connected socket: reads the greeting and enters command mode. Every
+    /// command (the greeting included) must be answered within `timeout`.
     pub fn new(stream: UnixStream, timeout: Duration) -> Result<Self, QemuError> {
-        let io = |source| QemuError::Io { what: "QMP socket", path: "qmp".into(), source };
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        let writer = stream.try_clone().map_err(io)?;
-        let mut q = Qmp { reader: BufReader::new(stream), writer, events: Vec::new() };
-        let greeting = q.line("greeting")?;
+        let mut q = Qmp { stream, pending: Vec::new(), timeout, next_id: 1, events: Vec::new() };
+        let greeting = q.line("greeting", Instant::now() + timeout)?;
         if greeting.get("QMP").is_none() {
             return Err(QemuError::Qmp { command: "greeting".into(), message: format!("{greeting:?}") });
         }
@@ -194,39 +205,90 @@ impl Qmp {
         Ok(q)
     }
 
-    fn line(&mut self, command: &str) -> Result<Json, QemuError> {
-        let mut text = String::new();
-        let n = self.reader.read_line(&mut text).map_err(|e| QemuError::Qmp {
-            command: command.into(),
-            message: format!("reading the answer: {e}"),
-        })?;
-        if n == 0 {
-            return Err(QemuError::Qmp { command: command.into(), message: "QEMU closed the socket".into() });
+    /// The next whole line as JSON, read before `deadline`. A read that times out keeps what
+    /// it got: the line continues with the next read.
+    fn line(&mut self, command: &str, deadline: Instant) -> Result<Json, QemuError> {
+        let fail = |message: String| QemuError::Qmp { command: command.into(), message };
+        loop {
+            if let Some(nl) = self.pending.iter().position(|&c| c == b'\n') {
+                let raw: Vec<u8> = self.pending.drain(..=nl).collect();
+                let text = String::from_utf8_lossy(&raw);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                return Json::parse(text.trim()).ok_or_else(|| fail(format!("not JSON: {text:?}")));
+            }
+            if self.pending.len() > MAX_LINE {
+                return Err(fail(format!("QEMU sent a line longer than {MAX_LINE} bytes")));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(fail(format!(
+                    "no answer within {} ms ({} bytes of an unfinished line received)",
+                    self.timeout.as_millis(),
+                    self.pending.len()
+                )));
+            }
+            let wait = (deadline - now).clamp(Duration::from_millis(1), POLL);
+            self.stream
+                .set_read_timeout(Some(wait))
+                .map_err(|e| fail(format!("setting the read timeout: {e}")))?;
+            let mut buf = [0u8; 8192];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(fail("QEMU closed the socket".into())),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(fail(format!("reading the answer: {e}"))),
+            }
         }
-        Json::parse(text.trim())
-            .ok_or_else(|| QemuError::Qmp { command: command.into(), message: format!("not JSON: {text:?}") })
     }
 
-    /// Runs `command` with `arguments` (a JSON object text) and returns its `return` value.
+    /// Runs `command` with `arguments` (a JSON object text) and returns its `return` value;
+    /// fails when the answer has not come within the connection's timeout, however many
+    /// events arrive meanwhile. A late answer to an earlier command (told apart by its `id`)
+    /// is skipped.
     pub fn execute(&mut self, command: &str, arguments: Option<&str>) -> Result<Json, QemuError> {
+        let deadline = Instant::now() + self.timeout;
+        let id = self.next_id;
+        self.next_id += 1;
         let msg = match arguments {
-            Some(a) => format!("{{\"execute\": {}, \"arguments\": {a}}}\n", quote(command)),
-            None => format!("{{\"execute\": {}}}\n", quote(command)),
+            Some(a) => format!("{{\"execute\": {}, \"arguments\": {a}, \"id\": {id}}}\n", quote(command)),
+            None => format!("{{\"execute\": {}, \"id\": {id}}}\n", quote(command)),
         };
-        self.writer
+        self.stream
             .write_all(msg.as_bytes())
             .map_err(|e| QemuError::Qmp { command: command.into(), message: format!("sending: {e}") })?;
+        let mut events = 0usize;
         loop {
-            let v = self.line(command)?;
-            if let Some(r) = v.get("return") {
+            let v = self.line(command, deadline)?;
+            // QEMU echoes the id; only an answer to a request it could not parse has none.
+            let ours = v.get("id").is_none_or(|i| *i == Json::Num(id.to_string()));
+            if let (true, Some(r)) = (ours, v.get("return")) {
                 return Ok(r.clone());
             }
-            if let Some(e) = v.get("error") {
+            if let (true, Some(e)) = (ours, v.get("error")) {
                 let desc = e.get("desc").and_then(Json::as_str).unwrap_or("(no description)");
                 return Err(QemuError::Qmp { command: command.into(), message: desc.into() });
             }
             if v.get("event").is_some() {
+                events += 1;
+                if self.events.len() >= MAX_EVENTS {
+                    self.events.remove(0);
+                }
                 self.events.push(v);
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Qmp {
+                    command: command.into(),
+                    message: format!(
+                        "no answer within {} ms ({events} events arrived meanwhile)",
+                        self.timeout.as_millis()
+                    ),
+                });
             }
         }
     }
@@ -253,7 +315,94 @@ impl Qmp {
 
 #[cfg(test)]
 mod tests {
+    use std::io::BufRead;
+    use std::thread::JoinHandle;
+
     use super::*;
+
+    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n";
+    const EVENT: &[u8] = b"{\"event\": \"RTC_CHANGE\", \"data\": {\"offset\": 0}}\r\n";
+
+    /// A fake QEMU on the other end of a socket pair: greets, answers `qmp_capabilities`,
+    /// then hands the connection to `then` (which sees each later command line).
+    fn fake_qemu(
+        then: impl FnOnce(&mut UnixStream, &mut dyn FnMut() -> String) + Send + 'static,
+    ) -> (UnixStream, JoinHandle<()>) {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(server.try_clone().unwrap());
+            let mut next = move || {
+                let mut l = String::new();
+                reader.read_line(&mut l).unwrap_or(0);
+                l
+            };
+            server.write_all(GREETING).unwrap();
+            assert!(next().contains("qmp_capabilities"));
+            server.write_all(b"{\"return\": {}}\r\n").unwrap();
+            then(&mut server, &mut next);
+        });
+        (client, handle)
+    }
+
+    #[test]
+    fn qmp_line_split_across_a_read_timeout_is_kept() {
+        // The answer arrives in two parts with a pause of several read timeouts between them.
+        let (sock, qemu) = fake_qemu(|s, next| {
+            assert!(next().contains("query-status"));
+            s.write_all(b"{\"return\": {\"status\": \"pau").unwrap();
+            std::thread::sleep(POLL * 6);
+            s.write_all(b"sed\", \"running\": false}}\r\n").unwrap();
+        });
+        let mut q = Qmp::new(sock, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.status().unwrap(), "paused");
+        qemu.join().unwrap();
+    }
+
+    #[test]
+    fn qmp_command_has_a_deadline_even_while_events_keep_arriving() {
+        let (sock, qemu) = fake_qemu(|s, next| {
+            assert!(next().contains("query-status"));
+            // A chatty QEMU: an event every 5 ms and never an answer, until the client goes away.
+            while s.write_all(EVENT).is_ok() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let limit = Duration::from_millis(400);
+        let mut q = Qmp::new(sock, limit).unwrap();
+        let start = Instant::now();
+        let err = q.status().unwrap_err();
+        let took = start.elapsed();
+        assert!(took >= limit && took < limit * 5, "gave up after {took:?}");
+        let text = err.to_string();
+        assert!(text.contains("query-status") && text.contains("no answer within 400 ms"), "{text}");
+        assert!(!q.events.is_empty() && q.events.len() <= MAX_EVENTS);
+        drop(q);
+        qemu.join().unwrap();
+    }
+
+    #[test]
+    fn qmp_late_answer_is_skipped_and_garbage_is_a_clear_error() {
+        let (sock, qemu) = fake_qemu(|s, next| {
+            // Commands carry ids 1, 2, … (qmp_capabilities was 1).
+            assert!(next().contains(r#""execute": "stop", "id": 2"#));
+            // Half a line, then nothing: the deadline names the command and the partial line.
+            s.write_all(br#"{"retu"#).unwrap();
+            assert!(next().contains(r#""execute": "cont", "id": 3"#));
+            // The rest of stop's answer, late, then cont's own answer.
+            s.write_all(b"rn\": {}, \"id\": 2}\r\n").unwrap();
+            s.write_all(b"{\"return\": {\"mine\": true}, \"id\": 3}\r\n").unwrap();
+            assert!(next().contains("quit"));
+            s.write_all(b"not json\r\n").unwrap();
+        });
+        let mut q = Qmp::new(sock, Duration::from_millis(300)).unwrap();
+        let err = q.execute("stop", None).unwrap_err().to_string();
+        assert!(err.contains("QMP stop: no answer within 300 ms (6 bytes of an unfinished line"), "{err}");
+        let mine = q.execute("cont", None).unwrap();
+        assert_eq!(mine.get("mine"), Some(&Json::Bool(true)));
+        let err = q.execute("quit", None).unwrap_err().to_string();
+        assert!(err.contains("QMP quit: not JSON"), "{err}");
+        qemu.join().unwrap();
+    }
 
     #[test]
     fn json_parses_qmp_answers_and_escapes() {
