@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use duet_core::state::TRACKED_MSRS;
-use iced_x86::code_asm::*;
 
 use crate::QemuError;
 
@@ -73,40 +72,220 @@ pub fn parse_g(reply: &str) -> Option<GdbRegs> {
     })
 }
 
+/// Packets in a row with a bad checksum (or retransmit requests for ours) before giving up.
+pub const MAX_RETRIES: u32 = 3;
+/// How long a stop takes to be reported after an interrupt (`0x03`).
+const INTERRUPT_LIMIT: Duration = Duration::from_secs(2);
+
+/// One thing received from the stub, as [`next_incoming`] splits the byte stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// `+`: the stub received our last packet.
+    Ack,
+    /// `-`: the stub asks for our last packet again.
+    Nak,
+    /// A packet whose checksum matches: its data as transmitted (still escaped and
+    /// run-length encoded; see [`decode`]).
+    Packet(Vec<u8>),
+    /// A packet whose checksum does not match (`got` is `None` when not two hex digits).
+    BadChecksum {
+        /// The checksum sent after `#`.
+        got: Option<u8>,
+        /// The modulo-256 sum of the data as received.
+        computed: u8,
+    },
+}
+
+/// The modulo-256 sum of `data`, the packet checksum.
+pub fn checksum(data: &[u8]) -> u8 {
+    data.iter().fold(0u8, |a, &b| a.wrapping_add(b))
+}
+
+/// Takes the next acknowledgement or whole packet off the front of `buf`; `None` when `buf`
+/// holds no whole one yet (what is there stays). Other bytes outside packets, and
+/// notifications (`%…#xx`), are dropped.
+pub fn next_incoming(buf: &mut Vec<u8>) -> Option<Incoming> {
+    loop {
+        let start = buf.iter().position(|&c| matches!(c, b'+' | b'-' | b'$' | b'%'));
+        let Some(start) = start else {
+            buf.clear();
+            return None;
+        };
+        buf.drain(..start);
+        match buf[0] {
+            b'+' => {
+                buf.drain(..1);
+                return Some(Incoming::Ack);
+            }
+            b'-' => {
+                buf.drain(..1);
+                return Some(Incoming::Nak);
+            }
+            lead => {
+                let hash = buf.iter().position(|&c| c == b'#')?;
+                if buf.len() < hash + 3 {
+                    return None;
+                }
+                let frame: Vec<u8> = buf.drain(..hash + 3).collect();
+                if lead == b'%' {
+                    continue;
+                }
+                let data = frame[1..hash].to_vec();
+                let got =
+                    std::str::from_utf8(&frame[hash + 1..]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let computed = checksum(&data);
+                return Some(if got == Some(computed) {
+                    Incoming::Packet(data)
+                } else {
+                    Incoming::BadChecksum { got, computed }
+                });
+            }
+        }
+    }
+}
+
+/// The data of a packet as meant: run-length encoding expanded (`X*n` is X and n − 29 more
+/// copies of X), then escapes undone (`}` followed by a byte stands for that byte XOR 0x20).
+pub fn decode(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let mut expanded: Vec<u8> = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'*' {
+            let (Some(&last), Some(&n)) = (expanded.last(), raw.get(i + 1)) else {
+                return Err(format!(
+                    "run-length marker '*' at offset {i} without a character before and a count after"
+                ));
+            };
+            if !(b' '..=b'~').contains(&n) {
+                return Err(format!(
+                    "run-length count {n:#04x} at offset {} is not a printable character",
+                    i + 1
+                ));
+            }
+            expanded.extend(std::iter::repeat_n(last, usize::from(n - 29)));
+            i += 2;
+        } else {
+            expanded.push(raw[i]);
+            i += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(expanded.len());
+    let mut bytes = expanded.iter();
+    while let Some(&c) = bytes.next() {
+        if c == b'}' {
+            let &e = bytes.next().ok_or("escape character '}' at the end of the packet")?;
+            out.push(e ^ 0x20);
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// A gdb remote-protocol connection (acknowledged mode).
 pub struct Gdb {
     stream: UnixStream,
     pending: Vec<u8>,
+    /// The last packet sent, for a retransmit the stub asks for.
+    last_sent: Vec<u8>,
+    /// Whether the vCPU was continued and its stop not yet reported.
+    running: bool,
+}
+
+/// A breakpoint set in the stub: [`Breakpoint::remove`] removes it; dropped without that (an
+/// error or a timeout on the way), it is removed anyway, after stopping the vCPU if needed.
+struct Breakpoint<'a> {
+    gdb: &'a mut Gdb,
+    /// `0` (software) or `1` (hardware).
+    kind: u8,
+    addr: u64,
+    set: bool,
+}
+
+impl Breakpoint<'_> {
+    fn remove(mut self) -> Result<(), QemuError> {
+        self.set = false;
+        self.gdb.stop()?;
+        self.gdb.ok(&format!("z{},{:x},1", self.kind, self.addr))
+    }
+}
+
+impl Drop for Breakpoint<'_> {
+    fn drop(&mut self) {
+        if self.set {
+            // Best effort on a path that is already failing: its first error is the one reported.
+            let _ = self.gdb.stop();
+            let _ = self.gdb.ok(&format!("z{},{:x},1", self.kind, self.addr));
+        }
+    }
 }
 
 impl Gdb {
     /// Connects and asks for the target description (QEMU enables `p`/`P` only after that).
     pub fn connect(path: &std::path::Path) -> Result<Self, QemuError> {
         let stream = UnixStream::connect(path).map_err(|e| err(format!("connecting: {e}")))?;
-        stream.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| err(e.to_string()))?;
-        let mut g = Gdb { stream, pending: Vec::new() };
+        let mut g = Gdb::over(stream)?;
         g.request("qXfer:features:read:target.xml:0,ffb", Duration::from_secs(2))?;
         Ok(g)
     }
 
-    fn send(&mut self, data: &str) -> Result<(), QemuError> {
-        let sum = data.bytes().fold(0u8, |a, b| a.wrapping_add(b));
-        self.stream
-            .write_all(format!("${data}#{sum:02x}").as_bytes())
-            .map_err(|e| err(format!("sending {data:.20}: {e}")))
+    /// A connection over `stream`, with nothing sent yet.
+    fn over(stream: UnixStream) -> Result<Self, QemuError> {
+        stream.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| err(e.to_string()))?;
+        Ok(Gdb { stream, pending: Vec::new(), last_sent: Vec::new(), running: false })
     }
 
-    /// Waits up to `limit` for the next packet and acknowledges it.
+    fn send(&mut self, data: &str) -> Result<(), QemuError> {
+        if data.contains(['$', '#']) {
+            return Err(err(format!("packet {data:.24} would need escapes")));
+        }
+        self.last_sent = format!("${data}#{:02x}", checksum(data.as_bytes())).into_bytes();
+        self.stream.write_all(&self.last_sent).map_err(|e| err(format!("sending {data:.20}: {e}")))?;
+        if data == "c" {
+            self.running = true;
+        }
+        Ok(())
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<(), QemuError> {
+        self.stream.write_all(bytes).map_err(|e| err(format!("sending {bytes:?}: {e}")))
+    }
+
+    /// Waits up to `limit` for the next packet with a good checksum and acknowledges it; a bad
+    /// one is refused (`-`) so the stub sends it again, up to [`MAX_RETRIES`] times.
     fn receive(&mut self, limit: Duration) -> Result<String, QemuError> {
         let deadline = Instant::now() + limit;
+        let (mut bad, mut naks) = (0u32, 0u32);
         loop {
-            if let Some(start) = self.pending.iter().position(|&c| c == b'$') {
-                if let Some(hash) = self.pending[start..].iter().position(|&c| c == b'#').map(|h| h + start) {
-                    if self.pending.len() >= hash + 3 {
-                        let body = String::from_utf8_lossy(&self.pending[start + 1..hash]).into_owned();
-                        self.pending.drain(..hash + 3);
-                        self.stream.write_all(b"+").map_err(|e| err(e.to_string()))?;
-                        return Ok(body);
+            while let Some(incoming) = next_incoming(&mut self.pending) {
+                match incoming {
+                    Incoming::Ack => {}
+                    Incoming::Nak => {
+                        naks += 1;
+                        if naks > MAX_RETRIES {
+                            return Err(err(format!("the stub refused our packet {naks} times")));
+                        }
+                        let again = self.last_sent.clone();
+                        self.write_raw(&again)?;
+                    }
+                    Incoming::BadChecksum { got, computed } => {
+                        bad += 1;
+                        let got = got.map_or("not hex".into(), |g| format!("{g:#04x}"));
+                        if bad >= MAX_RETRIES {
+                            return Err(err(format!(
+                                "{bad} packets in a row with a bad checksum (the last: sent {got}, computed {computed:#04x})"
+                            )));
+                        }
+                        self.write_raw(b"-")?;
+                    }
+                    Incoming::Packet(raw) => {
+                        self.write_raw(b"+")?;
+                        let data = decode(&raw).map_err(|e| err(format!("malformed packet: {e}")))?;
+                        let reply = String::from_utf8_lossy(&data).into_owned();
+                        if reply.starts_with(['S', 'T', 'W', 'X']) {
+                            self.running = false;
+                        }
+                        return Ok(reply);
                     }
                 }
             }
@@ -124,6 +303,18 @@ impl Gdb {
         }
     }
 
+    /// Stops the vCPU if it was continued and has not stopped yet (interrupt, then its stop reply).
+    fn stop(&mut self) -> Result<(), QemuError> {
+        if self.running {
+            self.write_raw(&[0x03])?;
+            let reply = self.receive(INTERRUPT_LIMIT)?;
+            if self.running {
+                return Err(err(format!("the interrupt was answered {reply:?}, not a stop")));
+            }
+        }
+        Ok(())
+    }
+
     /// Sends a packet and returns the reply.
     pub fn request(&mut self, data: &str, limit: Duration) -> Result<String, QemuError> {
         self.send(data)?;
@@ -137,13 +328,21 @@ impl Gdb {
         }
     }
 
+    /// Sets a breakpoint of `kind` (0 software, 1 hardware) at `addr`, removed again on every
+    /// path out.
+    fn breakpoint(&mut self, kind: u8, addr: u64) -> Result<Breakpoint<'_>, QemuError> {
+        self.ok(&format!("Z{kind},{addr:x},1"))?;
+        Ok(Breakpoint { gdb: self, kind, addr, set: true })
+    }
+
     /// Continues the vCPU until it reaches linear address `linear` (a hardware breakpoint) and
-    /// returns the stop reply; errors when that takes longer than `limit`.
+    /// returns the stop reply; errors when that takes longer than `limit`. The breakpoint is
+    /// gone afterwards either way.
     pub fn run_to(&mut self, linear: u64, limit: Duration) -> Result<String, QemuError> {
-        self.ok(&format!("Z1,{linear:x},1"))?;
-        self.send("c")?;
-        let stop = self.receive(limit)?;
-        self.ok(&format!("z1,{linear:x},1"))?;
+        let bp = self.breakpoint(1, linear)?;
+        bp.gdb.send("c")?;
+        let stop = bp.gdb.receive(limit)?;
+        bp.remove()?;
         Ok(stop)
     }
 
@@ -188,13 +387,14 @@ impl Gdb {
         self.set(16, SNIPPET_AT, 8)?;
         self.set(17, 2, 4)?;
         self.set(7, STACK_AT, 8)?;
-        self.ok(&format!("Z0,{hlt_at:x},1"))?;
+        let bp = self.breakpoint(0, hlt_at)?;
         nmi()?;
-        self.send("c")?;
-        let stop = self.receive(Duration::from_secs(2))?;
+        bp.gdb.send("c")?;
+        let stop = bp.gdb.receive(Duration::from_secs(2))?;
         if !stop.starts_with('T') && !stop.starts_with('S') {
             return Err(err(format!("continue answered {stop:?}")));
         }
+        bp.remove()?;
         let rip = self.regs()?.rip;
         if rip != hlt_at {
             return Err(err(format!("the MSR snippet stopped at {rip:#x}, not at its HLT {hlt_at:#x}")));
@@ -207,6 +407,8 @@ impl Gdb {
 /// The real-mode snippet (RDMSR of each tracked MSR into `RESULTS_AT`, then HLT) and the
 /// address of its HLT.
 fn snippet() -> Result<(Vec<u8>, u64), QemuError> {
+    use iced_x86::code_asm::*;
+
     let mut a = CodeAssembler::new(16)?;
     for (i, &index) in TRACKED_MSRS.iter().enumerate() {
         let at = RESULTS_AT + 8 * i as u64;
@@ -224,7 +426,171 @@ fn snippet() -> Result<(Vec<u8>, u64), QemuError> {
 
 #[cfg(test)]
 mod tests {
+    use std::thread::JoinHandle;
+
     use super::*;
+
+    // Expected decodings below are worked out by hand from the GDB manual, "Remote Protocol /
+    // Overview": the checksum is the modulo-256 sum of the characters between `$` and `#`;
+    // `}` escapes the next byte, which is the original XOR 0x20 (0x7d is sent as 7d 5d); `*`
+    // repeats the preceding character n − 29 more times, n being the next character
+    // (`0* ` is "0000"; "00000000" may be sent as `0*"00`).
+
+    fn all(mut buf: Vec<u8>) -> (Vec<Incoming>, Vec<u8>) {
+        let mut v = Vec::new();
+        while let Some(i) = next_incoming(&mut buf) {
+            v.push(i);
+        }
+        (v, buf)
+    }
+
+    fn packet(raw: &[u8]) -> Vec<u8> {
+        match all(raw.to_vec()).0.as_slice() {
+            [Incoming::Packet(p)] => decode(p).unwrap(),
+            other => panic!("{raw:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn packet_codec_follows_the_remote_protocol() {
+        // 'O' 0x4f + 'K' 0x4b = 0x9a; an acknowledgement before it.
+        assert_eq!(all(b"+$OK#9a".to_vec()).0, vec![Incoming::Ack, Incoming::Packet(b"OK".to_vec())]);
+        // '0' 0x30 + '*' 0x2a + ' ' 0x20 = 0x7a; ' ' is 32, so 3 more zeros.
+        assert_eq!(packet(b"$0* #7a"), b"0000");
+        // 3 * 0x30 + 0x2a + '"' 0x22 = 0xdc; '"' is 34, so 5 more zeros, then two.
+        assert_eq!(packet(b"$0*\"00#dc"), b"00000000");
+        // 'a' 0x61 + '}' 0x7d + ']' 0x5d + 'b' 0x62 + '}' 0x7d + 0x03 = 0x21d: checksum 0x1d.
+        // ']' ^ 0x20 = '}', 0x03 ^ 0x20 = '#'.
+        assert_eq!(packet(b"$a}]b}\x03#1d"), b"a}b#");
+        // A gdbserver reply to vFile:pread as captured on the wire (checksum as sent there):
+        // the file "gdbserver\0localhost:1111\0/bin/false\0", 0x24 bytes, with "1111" sent as `1* `.
+        assert_eq!(
+            packet(b"$F24;gdbserver\0localhost:1* \0/bin/false\0#cb"),
+            b"F24;gdbserver\0localhost:1111\0/bin/false\0"
+        );
+        // Wrong and unreadable checksums.
+        assert_eq!(
+            all(b"$OK#9b".to_vec()).0,
+            vec![Incoming::BadChecksum { got: Some(0x9b), computed: 0x9a }]
+        );
+        assert_eq!(all(b"$OK#zz".to_vec()).0, vec![Incoming::BadChecksum { got: None, computed: 0x9a }]);
+        // An unfinished packet stays in the buffer until its checksum has arrived.
+        let (none, rest) = all(b"-$OK#9".to_vec());
+        assert_eq!((none, rest.as_slice()), (vec![Incoming::Nak], &b"$OK#9"[..]));
+        // Notifications and noise are dropped.
+        assert_eq!(all(b"xx%Stop:T05#00$OK#9a".to_vec()).0, vec![Incoming::Packet(b"OK".to_vec())]);
+        // Malformed encodings are errors, not panics.
+        assert!(decode(b"*!").is_err());
+        assert!(decode(b"0*").is_err());
+        assert!(decode(b"0*\x01").is_err());
+        assert!(decode(b"ab}").is_err());
+    }
+
+    /// What the client sent next: a whole `$…#xx` packet, or one byte (`+`, `-`, 0x03).
+    fn heard(s: &mut UnixStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8];
+        while s.read(&mut b).unwrap_or(0) == 1 {
+            out.push(b[0]);
+            let n = out.len();
+            if out[0] != b'$' || (n >= 4 && out[n - 3] == b'#') {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// A fake stub: for each (expected, reply), reads what the client sends and answers. It
+    /// returns what it heard, stopping at the first surprise.
+    fn stub(script: &'static [(&'static str, &'static [u8])]) -> (Gdb, JoinHandle<Vec<String>>) {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut transcript = Vec::new();
+            for &(expect, reply) in script {
+                let h = heard(&mut server);
+                transcript.push(h.clone());
+                if h != expect {
+                    break;
+                }
+                server.write_all(reply).unwrap();
+            }
+            transcript
+        });
+        (Gdb::over(client).unwrap(), handle)
+    }
+
+    fn said(script: &[(&str, &[u8])]) -> Vec<String> {
+        script.iter().map(|(e, _)| e.to_string()).collect()
+    }
+
+    #[test]
+    fn gdb_bad_checksum_is_refused_and_the_retransmit_accepted() {
+        // '?' is 0x3f. The stub's first OK is corrupt (0x9b), the second good.
+        const S: &[(&str, &[u8])] = &[("$?#3f", b"+$OK#9b"), ("-", b"$OK#9a"), ("+", b"")];
+        let (mut g, stub) = stub(S);
+        assert_eq!(g.request("?", Duration::from_secs(2)).unwrap(), "OK");
+        assert_eq!(stub.join().unwrap(), said(S));
+    }
+
+    #[test]
+    fn gdb_gives_up_after_repeated_bad_checksums() {
+        const S: &[(&str, &[u8])] = &[("$?#3f", b"+$OK#00"), ("-", b"$OK#01"), ("-", b"$OK#02")];
+        let (mut g, stub) = stub(S);
+        let e = g.request("?", Duration::from_secs(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("3 packets in a row with a bad checksum (the last: sent 0x02, computed 0x9a)"),
+            "{e}"
+        );
+        drop(g);
+        assert_eq!(stub.join().unwrap(), said(S));
+    }
+
+    #[test]
+    fn gdb_resends_a_packet_the_stub_refused() {
+        // 'S' 0x53 + '0' 0x30 + '5' 0x35 = 0xb8.
+        const S: &[(&str, &[u8])] = &[("$?#3f", b"-"), ("$?#3f", b"+$S05#b8"), ("+", b"")];
+        let (mut g, stub) = stub(S);
+        assert_eq!(g.request("?", Duration::from_secs(2)).unwrap(), "S05");
+        assert_eq!(stub.join().unwrap(), said(S));
+    }
+
+    // "Z1,1000,1" sums to 0x1d5 (checksum d5); "z1,1000,1" is 0x20 more ('z' − 'Z'): f5.
+    // 'c' is 0x63. "S02" sums to 0xb5.
+
+    #[test]
+    fn gdb_run_to_removes_its_breakpoint_when_reached() {
+        const S: &[(&str, &[u8])] = &[
+            ("$Z1,1000,1#d5", b"+$OK#9a"),
+            ("+", b""),
+            ("$c#63", b"+$S05#b8"),
+            ("+", b""),
+            ("$z1,1000,1#f5", b"+$OK#9a"),
+            ("+", b""),
+        ];
+        let (mut g, stub) = stub(S);
+        assert_eq!(g.run_to(0x1000, Duration::from_secs(2)).unwrap(), "S05");
+        assert_eq!(stub.join().unwrap(), said(S));
+    }
+
+    #[test]
+    fn gdb_run_to_removes_its_breakpoint_after_a_timeout() {
+        // The guest never reaches the breakpoint: the client interrupts (0x03), waits for the
+        // stop, then removes the breakpoint.
+        const S: &[(&str, &[u8])] = &[
+            ("$Z1,1000,1#d5", b"+$OK#9a"),
+            ("+", b""),
+            ("$c#63", b"+"),
+            ("\x03", b"$S02#b5"),
+            ("+", b""),
+            ("$z1,1000,1#f5", b"+$OK#9a"),
+            ("+", b""),
+        ];
+        let (mut g, stub) = stub(S);
+        let e = g.run_to(0x1000, Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(e.contains("no answer within 300 ms"), "{e}");
+        assert_eq!(stub.join().unwrap(), said(S));
+    }
 
     #[test]
     fn g_reply_layout_puts_control_registers_after_the_segment_bases() {
