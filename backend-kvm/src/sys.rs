@@ -1,18 +1,41 @@
-//! Every `unsafe` block of duet-kvm: memory slots, the kvm_run page, KVM_INTERRUPT and the
+//! Every `unsafe` block of duet-kvm: memory slots, the kvm_run area, KVM_INTERRUPT and the
 //! deadline signal and timer. Each block names the invariant that makes it sound.
+//!
+//! # How a deadline ends KVM_RUN
+//!
+//! A [`Kicker`] is a one-shot POSIX timer that sends [`kick_signal`] to the thread running the
+//! vCPU. It is armed once per deadline (not per KVM_RUN), so an exit costs no system call but
+//! KVM_RUN itself. The signal's handler sets `kvm_run.immediate_exit` of the vCPU that is inside
+//! [`Vm::run`] on that thread (a thread-local pointer, set only for the span of that call), so a
+//! signal that lands after the deadline check but before the thread is inside KVM_RUN still
+//! makes that KVM_RUN return at once; a signal inside KVM_RUN makes it return EINTR. A signal
+//! outside that span changes nothing, and needs not: the timer never fires before its deadline,
+//! and [`Vm::run`] checks the clock inside the span before entering, so the next entry sees the
+//! deadline has passed. A kick is therefore never lost, and a stale one (from a deadline since
+//! moved) at worst makes one KVM_RUN return early, after which the caller checks the clock
+//! and runs on: only the clock ends a run.
+//!
+//! The handler is installed with `SA_RESTART`: a kick that lands while the thread is in some
+//! other blocking system call (a device's read, a log write) restarts that call instead of
+//! failing it with EINTR. KVM_RUN is not affected: it returns a plain EINTR, never one of the
+//! ERESTART codes SA_RESTART acts on, so it still comes back to duet.
 #![expect(unsafe_code, reason = "the one module of duet-kvm that talks to the kernel directly")]
 
+use std::cell::Cell;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use duet_core::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use duet_core::GuestMemory;
 use kvm_bindings::{kvm_interrupt, kvm_run, kvm_userspace_memory_region, KVMIO, KVM_EXIT_IO_IN};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
-use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
+use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::error::KvmError;
 
@@ -27,10 +50,83 @@ ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 pub(crate) struct Vm {
     vcpu: VcpuFd,
     _vm: VmFd,
+    run: RunArea,
     memory: Arc<GuestMemory>,
-    mmap_size: usize,
     /// KVM_GET/SET_XSAVE usable with the fixed 4096-byte kvm_xsave.
     xsave: bool,
+}
+
+/// duet's own shared mapping of the vCPU's kvm_run area (KVM_GET_VCPU_MMAP_SIZE bytes).
+///
+/// kvm-ioctls maps the same pages but lends them only as `&mut kvm_run`, whose provenance
+/// covers the struct alone, while the data of a port-I/O exit lies at `data_offset` past it in
+/// the same mapping. A pointer from our own mmap covers the whole area, and is also what the
+/// kick handler writes `immediate_exit` through. Both mappings are MAP_SHARED views of the
+/// same kernel pages.
+struct RunArea {
+    base: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: the mapping belongs to the process, not to a thread; `RunArea` hands out access only
+// through `&self`/`&mut self`, so moving it to another thread moves that access with it.
+unsafe impl Send for RunArea {}
+
+impl RunArea {
+    /// Maps `size` bytes of the vCPU fd's kvm_run area.
+    fn map(vcpu: &VcpuFd, size: usize) -> Result<Self, KvmError> {
+        let too_small = size < std::mem::size_of::<kvm_run>();
+        // SAFETY: a fresh shared mapping at an address the kernel chooses aliases no Rust
+        // object; the fd is a vCPU fd, whose mmap is the kvm_run area of `size` bytes.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED || too_small {
+            let source = if too_small {
+                io::Error::other(format!("KVM_GET_VCPU_MMAP_SIZE {size} is smaller than kvm_run"))
+            } else {
+                io::Error::last_os_error()
+            };
+            return Err(KvmError::Ioctl { op: "mmap (kvm_run)", source });
+        }
+        let base = NonNull::new(addr.cast::<u8>())
+            .ok_or(KvmError::Ioctl { op: "mmap (kvm_run)", source: io::Error::other("null mapping") })?;
+        Ok(RunArea { base, size })
+    }
+
+    /// The kvm_run struct at the start of the area.
+    fn run(&self) -> *mut kvm_run {
+        self.base.as_ptr().cast()
+    }
+
+    /// `kvm_run.immediate_exit`, which this thread, the kick handler and the kernel share.
+    fn immediate_exit_ptr(&self) -> *mut u8 {
+        self.base.as_ptr().wrapping_add(std::mem::offset_of!(kvm_run, immediate_exit))
+    }
+
+    /// `kvm_run.immediate_exit` as an atomic.
+    fn immediate_exit(&self) -> &AtomicU8 {
+        // SAFETY: the byte lies inside the live mapping (size ≥ size_of::<kvm_run>(), checked
+        // in `map`), a u8 is always aligned, and every access to it from Rust — here and in
+        // `on_kick` — is atomic; the kernel only reads it, inside KVM_RUN.
+        unsafe { AtomicU8::from_ptr(self.immediate_exit_ptr()) }
+    }
+}
+
+impl Drop for RunArea {
+    fn drop(&mut self) {
+        // SAFETY: `base..base + size` is the mapping `map` created; nothing borrows it any more
+        // (every lent slice borrows `self`), and no kick can write to it: the thread-local kick
+        // target points here only while `Vm::run` holds `&mut self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size) };
+    }
 }
 
 /// Dword index of MXCSR in the XSAVE legacy region (byte 24, SDM Vol. 1 §13.4.1 / Table 10-2).
@@ -97,7 +193,8 @@ impl Vm {
             unsafe { vm.set_user_memory_region(desc) }
                 .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Vm { vcpu, _vm: vm, memory, mmap_size, xsave })
+        let run = RunArea::map(&vcpu, mmap_size)?;
+        Ok(Vm { vcpu, _vm: vm, run, memory, xsave })
     }
 
     /// The vCPU fd.
@@ -105,9 +202,53 @@ impl Vm {
         &self.vcpu
     }
 
-    /// The vCPU fd, mutably (to run it or touch its kvm_run page).
-    pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
-        &mut self.vcpu
+    /// One KVM_RUN, with `immediate_exit` set to `immediate` first. With `until`, the kick
+    /// window is open for the call (see the module doc): a kick signal on this thread sets
+    /// `immediate_exit`, and `None` is returned without entering when `until` has passed.
+    pub fn run(
+        &mut self,
+        until: Option<Instant>,
+        immediate: bool,
+    ) -> Option<Result<KvmExit<'_>, vmm_sys_util::errno::Error>> {
+        self.run.immediate_exit().store(immediate.into(), Ordering::SeqCst);
+        let window = until.map(|_| KickWindow::open(&self.run));
+        // Checked inside the window: a kick from here on sets immediate_exit, and a kick before
+        // it came at or after the deadline, which this check sees.
+        if until.is_some_and(|t| Instant::now() >= t) {
+            return None;
+        }
+        #[cfg(test)]
+        if until.is_some() && KICK_IN_WINDOW.replace(false) {
+            raise_kick();
+        }
+        let exit = self.vcpu.run();
+        drop(window);
+        // Nothing is left set for whoever looks next: a kick that set it has done its work
+        // (this KVM_RUN returned), and one still to come finds the window closed.
+        self.run.immediate_exit().store(0, Ordering::SeqCst);
+        Some(exit)
+    }
+
+    /// `kvm_run.immediate_exit` (tests check nothing is left set).
+    #[cfg(test)]
+    pub fn immediate_exit(&self) -> u8 {
+        self.run.immediate_exit().load(Ordering::SeqCst)
+    }
+
+    /// Whether KVM can inject an external interrupt now: IF = 1 and nothing blocks injection.
+    pub fn ready_for_interrupt(&self) -> bool {
+        let run = self.run.run();
+        // SAFETY: `run` points at the live kvm_run struct of our mapping; both fields are u8,
+        // valid for any value, and the kernel writes them only inside KVM_RUN, which cannot be
+        // running: it needs `&mut self`.
+        unsafe { (*run).ready_for_interrupt_injection != 0 && (*run).if_flag != 0 }
+    }
+
+    /// Asks KVM for (or stops asking for) an exit as soon as an interrupt can be injected.
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        let run = self.run.run();
+        // SAFETY: as in `ready_for_interrupt`; the kernel reads the field at the next KVM_RUN.
+        unsafe { (*run).request_interrupt_window = on.into() };
     }
 
     /// Guest memory.
@@ -153,44 +294,46 @@ impl Vm {
 
     /// The port-I/O data of the last exit; only call after KVM_RUN returned KVM_EXIT_IO.
     pub fn io_data(&mut self) -> Result<IoData<'_>, KvmError> {
-        let mmap_size = self.mmap_size;
-        let run: &mut kvm_run = self.vcpu.get_kvm_run();
-        // SAFETY: the caller saw exit_reason == KVM_EXIT_IO, so the kernel wrote the `io`
-        // member of the union; every bit pattern is a valid value of its integer fields.
-        let io = unsafe { run.__bindgen_anon_1.io };
+        let run = self.run.run();
+        // SAFETY: `run` points at the live kvm_run struct of our mapping; the caller saw
+        // exit_reason == KVM_EXIT_IO, so the kernel wrote the `io` member of the union, plain
+        // integers valid for any bit pattern; it is copied out, no reference is made.
+        let io = unsafe { (*run).__bindgen_anon_1.io };
         let len = usize::from(io.size) * io.count as usize;
         let offset = io.data_offset;
-        let inside =
-            usize::try_from(offset).ok().and_then(|o| o.checked_add(len)).is_some_and(|end| end <= mmap_size);
-        if !inside {
+        let mmap_size = self.run.size;
+        let start =
+            usize::try_from(offset).ok().filter(|o| o.checked_add(len).is_some_and(|end| end <= mmap_size));
+        let Some(start) = start else {
             return Err(KvmError::BadIoData { offset, len, mmap_size });
-        }
-        let start = (run as *mut kvm_run).cast::<u8>();
-        // SAFETY: kvm_run is the start of the vCPU's mmap of `mmap_size` bytes (from
-        // KVM_GET_VCPU_MMAP_SIZE), which lives as long as `self.vcpu`; we checked that
-        // `offset + len` lies inside it. The slice borrows `self` mutably, so nothing else can
-        // touch the page (or run the vCPU) while it lives; this is what kvm-ioctls' own
-        // `VcpuExit::IoIn/IoOut` does.
-        let data = unsafe { std::slice::from_raw_parts_mut(start.add(offset as usize), len) };
+        };
+        // SAFETY: `base` comes from our own mmap of `mmap_size` bytes, so its provenance covers
+        // the whole area, and `start + len <= mmap_size` was checked just above. The kernel
+        // writes the data only inside KVM_RUN, and the slice borrows `self` mutably, so nothing
+        // else reads or writes those bytes (or runs the vCPU) while it lives.
+        let data = unsafe { std::slice::from_raw_parts_mut(self.run.base.as_ptr().add(start), len) };
         Ok(IoData { port: io.port, size: io.size, input: u32::from(io.direction) == KVM_EXIT_IO_IN, data })
     }
 
     /// The MMIO data of the last exit; only call after KVM_RUN returned KVM_EXIT_MMIO.
     pub fn mmio_data(&mut self) -> MmioData<'_> {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: the caller saw exit_reason == KVM_EXIT_MMIO, so `mmio` is the member the
-        // kernel wrote; it is plain integers and bytes, valid for any bit pattern.
-        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let run = self.run.run();
+        // SAFETY: `run` points at the live kvm_run struct of our mapping, borrowed mutably for
+        // as long as `self` is (so neither KVM_RUN nor another borrow can touch it); the caller
+        // saw exit_reason == KVM_EXIT_MMIO, so `mmio` is the member the kernel wrote, plain
+        // integers and bytes valid for any bit pattern.
+        let mmio = unsafe { &mut (*run).__bindgen_anon_1.mmio };
         let len = (mmio.len as usize).min(mmio.data.len());
         MmioData { addr: mmio.phys_addr, write: mmio.is_write != 0, data: &mut mmio.data[..len] }
     }
 
     /// Sub-error and data words of the last KVM_EXIT_INTERNAL_ERROR.
-    pub fn internal_error(&mut self) -> (u32, Vec<u64>) {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: the caller saw exit_reason == KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-        // member the kernel wrote; it is plain integers, valid for any bit pattern.
-        let internal = unsafe { run.__bindgen_anon_1.internal };
+    pub fn internal_error(&self) -> (u32, Vec<u64>) {
+        let run = self.run.run();
+        // SAFETY: `run` points at the live kvm_run struct of our mapping; the caller saw
+        // exit_reason == KVM_EXIT_INTERNAL_ERROR, so `internal` is the member the kernel wrote,
+        // plain integers valid for any bit pattern; it is copied out.
+        let internal = unsafe { (*run).__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
         (internal.suberror, internal.data[..n].to_vec())
     }
@@ -201,21 +344,89 @@ pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN() + 4
 }
 
-/// Does nothing: the signal exists only to make KVM_RUN return EINTR.
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// `immediate_exit` of the vCPU inside [`Vm::run`] with a deadline on this thread, else null.
+    static KICK_TARGET: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's [`ThreadTag`], assigned on first use.
+    static THREAD_TAG: Cell<Option<ThreadTag>> = const { Cell::new(None) };
+}
 
-/// Installs the no-op handler for [`kick_signal`] once per process.
+/// While it lives, a kick signal on this thread sets one vCPU's `immediate_exit`.
+struct KickWindow<'a>(std::marker::PhantomData<&'a RunArea>);
+
+impl<'a> KickWindow<'a> {
+    fn open(run: &'a RunArea) -> Self {
+        KICK_TARGET.set(run.immediate_exit_ptr());
+        // The handler must see the target before the deadline check and KVM_RUN that follow.
+        compiler_fence(Ordering::SeqCst);
+        KickWindow(std::marker::PhantomData)
+    }
+}
+
+impl Drop for KickWindow<'_> {
+    fn drop(&mut self) {
+        compiler_fence(Ordering::SeqCst);
+        KICK_TARGET.set(std::ptr::null_mut());
+    }
+}
+
+/// Sets the running vCPU's `immediate_exit` (see the module doc); otherwise does nothing.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread-local without destructor is a plain TLS slot: reading it
+    // allocates nothing and cannot fail, so this is async-signal-safe.
+    let target = KICK_TARGET.try_with(Cell::get).unwrap_or(std::ptr::null_mut());
+    if !target.is_null() {
+        // SAFETY: the target is non-null only while a `KickWindow` lives on this thread, i.e.
+        // inside `Vm::run`, which holds `&mut Vm` and so keeps the mapping alive; the handler
+        // runs on the thread it interrupts, so that call is still in progress. The byte is
+        // only ever accessed atomically (`RunArea::immediate_exit`).
+        unsafe { AtomicU8::from_ptr(target) }.store(1, Ordering::SeqCst);
+    }
+}
+
+/// Installs [`on_kick`] for [`kick_signal`] once per process, with `SA_RESTART` (module doc).
 pub(crate) fn install_kick_handler() -> Result<(), KvmError> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let install = || {
+        // SAFETY: sigaction is plain data; all-zero is a valid value (empty mask, no flags),
+        // filled in below.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_kick as *const () as libc::sighandler_t;
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // SAFETY: `act` is a valid sigaction whose handler is an `extern "C"` function of the
+        // SA_SIGINFO signature that only touches a thread-local and an atomic; the old action
+        // is not requested.
+        match unsafe { libc::sigaction(kick_signal(), &act, std::ptr::null_mut()) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)),
+        }
+    };
     INSTALLED
-        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .get_or_init(install)
         .map_err(|errno| KvmError::Timer { what: "sigaction", source: io::Error::from_raw_os_error(errno) })
 }
 
-/// The kernel thread id of the calling thread.
-pub(crate) fn current_tid() -> libc::pid_t {
-    // SAFETY: gettid(2) has no preconditions and cannot fail.
-    unsafe { libc::gettid() }
+/// Which thread this is: a process-unique serial (never reused, unlike a kernel tid) and the
+/// kernel thread id the timer is aimed at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadTag {
+    serial: u64,
+    tid: libc::pid_t,
+}
+
+impl ThreadTag {
+    /// The calling thread's tag: a thread-local read; gettid only on a thread's first call.
+    pub fn current() -> ThreadTag {
+        if let Some(tag) = THREAD_TAG.get() {
+            return tag;
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // SAFETY: gettid(2) has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let tag = ThreadTag { serial: NEXT.fetch_add(1, Ordering::Relaxed), tid };
+        THREAD_TAG.set(Some(tag));
+        tag
+    }
 }
 
 /// Whether [`kick_signal`] is pending (generated, not yet delivered) for this thread.
@@ -227,10 +438,31 @@ pub(crate) fn kick_signal_pending() -> bool {
     unsafe { libc::sigpending(&mut set) == 0 && libc::sigismember(&set, kick_signal()) == 1 }
 }
 
-/// A POSIX timer that sends [`kick_signal`] to one thread (SIGEV_THREAD_ID).
+#[cfg(test)]
+thread_local! {
+    /// Test hook: the next [`Vm::run`] with a deadline on this thread sends itself a kick after
+    /// its deadline check, before KVM_RUN — the moment a lost kick would hang the run.
+    static KICK_IN_WINDOW: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes the next [`Vm::run`] with a deadline on this thread kick itself inside the window.
+#[cfg(test)]
+pub(crate) fn kick_inside_next_window() {
+    KICK_IN_WINDOW.set(true);
+}
+
+/// Sends [`kick_signal`] to the calling thread; the handler has run when this returns.
+#[cfg(test)]
+fn raise_kick() {
+    // SAFETY: pthread_kill on the calling thread with a valid signal number; the kick handler
+    // is installed (a Kicker exists whenever a window is open with a deadline).
+    unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+}
+
+/// A one-shot POSIX timer that sends [`kick_signal`] to one thread (SIGEV_THREAD_ID).
 pub(crate) struct Kicker {
     timer: libc::timer_t,
-    tid: libc::pid_t,
+    thread: ThreadTag,
 }
 
 // SAFETY: a timer_t is a kernel timer id, not a pointer to thread-local data; timer_settime and
@@ -238,7 +470,7 @@ pub(crate) struct Kicker {
 unsafe impl Send for Kicker {}
 
 impl Kicker {
-    /// A disarmed timer aimed at the calling thread.
+    /// A disarmed timer aimed at the calling thread, which gets the signal unblocked.
     pub fn for_current_thread() -> Result<Self, KvmError> {
         install_kick_handler()?;
         // A thread that blocks the signal would never be kicked out of KVM_RUN.
@@ -246,42 +478,51 @@ impl Kicker {
             what: "pthread_sigmask (unblock)",
             source: io::Error::other(e.to_string()),
         })?;
-        let tid = current_tid();
+        let thread = ThreadTag::current();
         // SAFETY: sigevent is plain data (integers and a union of integer/pointer); all-zero
         // is a valid value that we then fill in.
         let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
         ev.sigev_notify = libc::SIGEV_THREAD_ID;
         ev.sigev_signo = kick_signal();
-        ev.sigev_notify_thread_id = tid;
+        ev.sigev_notify_thread_id = thread.tid;
         let mut timer: libc::timer_t = std::ptr::null_mut();
         // SAFETY: `ev` and `timer` are valid for the call; the kernel writes the new id to `timer`.
         if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) } != 0 {
             return Err(KvmError::Timer { what: "timer_create", source: io::Error::last_os_error() });
         }
-        Ok(Kicker { timer, tid })
+        Ok(Kicker { timer, thread })
     }
 
-    /// The thread this timer signals.
-    pub fn tid(&self) -> libc::pid_t {
-        self.tid
+    /// Whether this timer signals the calling thread.
+    pub fn serves_current_thread(&self) -> bool {
+        self.thread == ThreadTag::current()
     }
 
-    /// Fires after `first`, then every `every` until disarmed (so a signal that arrives just
-    /// before KVM_RUN is entered is followed by another one inside it).
-    pub fn arm(&self, first: Duration, every: Duration) -> Result<(), KvmError> {
-        let ts = |d: Duration| libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_nsec: d.subsec_nanos().into(),
-        };
+    /// Fires once, at `deadline` or later (never earlier: the relative time is taken before
+    /// the kernel reads its clock), replacing any earlier arming.
+    pub fn arm(&self, deadline: Instant) -> Result<(), KvmError> {
         // A zero it_value would disarm: fire after at least a nanosecond.
-        let first = first.max(Duration::from_nanos(1));
-        self.settime(libc::itimerspec { it_interval: ts(every), it_value: ts(first) }, "timer_settime (arm)")
+        let after = deadline.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1));
+        let value =
+            libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos().into() };
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        self.settime(libc::itimerspec { it_interval: zero, it_value: value }, "timer_settime (arm)")
     }
 
     /// Stops the timer.
     pub fn disarm(&self) -> Result<(), KvmError> {
         let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         self.settime(libc::itimerspec { it_interval: zero, it_value: zero }, "timer_settime (disarm)")
+    }
+
+    /// Whether the timer is armed (tests).
+    #[cfg(test)]
+    pub fn is_armed(&self) -> bool {
+        // SAFETY: itimerspec is plain integers; all-zero is valid and timer_gettime fills it.
+        let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: `self.timer` is a live timer id (deleted only in Drop); `cur` is writable.
+        let ok = unsafe { libc::timer_gettime(self.timer, &mut cur) } == 0;
+        ok && (cur.it_value.tv_sec != 0 || cur.it_value.tv_nsec != 0)
     }
 
     fn settime(&self, spec: libc::itimerspec, what: &'static str) -> Result<(), KvmError> {

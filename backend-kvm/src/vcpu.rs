@@ -15,9 +15,6 @@ use kvm_ioctls::VcpuExit as KvmExit;
 use crate::error::KvmError;
 use crate::{convert, insn, sys};
 
-/// How often the deadline signal repeats while KVM_RUN has not returned: a signal that lands
-/// just before the thread enters KVM_RUN is lost, the next one is not.
-const KICK_REPEAT: Duration = Duration::from_millis(10);
 /// How long KVM gets to complete one instruction when the deadline has passed.
 pub const PROGRESS_PROBE: Duration = Duration::from_millis(50);
 /// DR6.BS: the #DB was caused by single-step (SDM Vol. 3A §19.2.3).
@@ -48,7 +45,10 @@ pub struct KvmVcpu {
     vm: sys::Vm,
     deadline: Option<Instant>,
     single_step: bool,
+    /// The deadline timer, aimed at the thread that last ran the vCPU with a deadline.
     kicker: Option<sys::Kicker>,
+    /// The instant `kicker` is armed for; `None` when it is disarmed.
+    armed: Option<Instant>,
     /// The last exit was port I/O or MMIO: KVM finishes that instruction on the next KVM_RUN.
     io_pending: bool,
     /// An exit produced while finishing a pending I/O; the next `run` returns it.
@@ -67,6 +67,7 @@ impl KvmVcpu {
             deadline: None,
             single_step: false,
             kicker: None,
+            armed: None,
             io_pending: false,
             queued: None,
             deadline_seen: false,
@@ -74,10 +75,14 @@ impl KvmVcpu {
         }
     }
 
-    /// One KVM_RUN, with the deadline timer armed for `until` when given.
-    fn enter(&mut self, until: Option<Instant>) -> Result<Entered, KvmError> {
+    /// One KVM_RUN (with `immediate_exit` = `immediate`), ended by the deadline timer at
+    /// `until` when given: `Interrupted` without entering when `until` has passed.
+    ///
+    /// The timer is armed only when `until` differs from what it is armed for, or the vCPU
+    /// moved to another thread; otherwise KVM_RUN is the only system call here.
+    fn enter(&mut self, until: Option<Instant>, immediate: bool) -> Result<Entered, KvmError> {
         if let Some(t) = until {
-            self.kicker()?.arm(t.saturating_duration_since(Instant::now()), KICK_REPEAT)?;
+            self.arm(t)?;
         }
         enum Raw {
             Io,
@@ -91,22 +96,25 @@ impl KvmVcpu {
             FailEntry(u64, u32),
             Unexpected(String),
         }
-        let raw = match self.vm.vcpu_mut().run() {
-            Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..)) => Ok(Raw::Io),
-            Ok(KvmExit::MmioRead(..) | KvmExit::MmioWrite(..)) => Ok(Raw::Mmio),
-            Ok(KvmExit::Hlt) => Ok(Raw::Hlt),
-            Ok(KvmExit::Shutdown) => Ok(Raw::Shutdown),
-            Ok(KvmExit::Debug(arch)) => Ok(Raw::Debug(arch)),
-            Ok(KvmExit::IrqWindowOpen) => Ok(Raw::Window),
-            Ok(KvmExit::Intr) => Ok(Raw::Intr),
-            Ok(KvmExit::InternalError) => Ok(Raw::Internal),
-            Ok(KvmExit::FailEntry(reason, cpu)) => Ok(Raw::FailEntry(reason, cpu)),
-            Ok(other) => Ok(Raw::Unexpected(format!("{other:?}"))),
-            Err(e) if e.errno() == libc::EINTR => Ok(Raw::Intr),
-            Err(e) => Err(e),
+        let raw = match self.vm.run(until, immediate) {
+            None => return Ok(Entered::Interrupted),
+            Some(Ok(KvmExit::IoIn(..) | KvmExit::IoOut(..))) => Ok(Raw::Io),
+            Some(Ok(KvmExit::MmioRead(..) | KvmExit::MmioWrite(..))) => Ok(Raw::Mmio),
+            Some(Ok(KvmExit::Hlt)) => Ok(Raw::Hlt),
+            Some(Ok(KvmExit::Shutdown)) => Ok(Raw::Shutdown),
+            Some(Ok(KvmExit::Debug(arch))) => Ok(Raw::Debug(arch)),
+            Some(Ok(KvmExit::IrqWindowOpen)) => Ok(Raw::Window),
+            Some(Ok(KvmExit::Intr)) => Ok(Raw::Intr),
+            Some(Ok(KvmExit::InternalError)) => Ok(Raw::Internal),
+            Some(Ok(KvmExit::FailEntry(reason, cpu))) => Ok(Raw::FailEntry(reason, cpu)),
+            Some(Ok(other)) => Ok(Raw::Unexpected(format!("{other:?}"))),
+            Some(Err(e)) if e.errno() == libc::EINTR => Ok(Raw::Intr),
+            Some(Err(e)) => Err(e),
         };
-        if until.is_some() {
-            self.kicker()?.disarm()?;
+        if raw.is_err() {
+            // The caller gets the KVM_RUN error; a timer left armed would only kick a thread
+            // that may no longer run this vCPU, so stop it (its own failure adds nothing).
+            let _ = self.disarm();
         }
         self.io_pending = false;
         let exit = match raw.map_err(KvmError::ioctl("KVM_RUN"))? {
@@ -146,14 +154,36 @@ impl KvmVcpu {
         Ok(Entered::Exit(exit))
     }
 
-    /// The deadline timer for the calling thread (a vCPU may move between threads).
-    fn kicker(&mut self) -> Result<&sys::Kicker, KvmError> {
-        let tid = sys::current_tid();
-        if self.kicker.as_ref().is_none_or(|k| k.tid() != tid) {
+    /// Arms the deadline timer for `t` on the calling thread, unless it already is.
+    ///
+    /// A vCPU may move between threads (it is `Send`): the timer is aimed at one thread, so
+    /// a run on another gets a new timer aimed at it. Threads are told apart by a per-thread
+    /// serial read from a thread-local, never by a kernel tid (those are reused).
+    fn arm(&mut self, t: Instant) -> Result<(), KvmError> {
+        if self.kicker.as_ref().is_none_or(|k| !k.serves_current_thread()) {
+            // The old timer (if any) is deleted before the new one exists.
             self.kicker = None;
+            self.armed = None;
             self.kicker = Some(sys::Kicker::for_current_thread()?);
         }
-        self.kicker.as_ref().ok_or(KvmError::UnexpectedExit("deadline timer vanished".into()))
+        // A deadline already past needs no timer: `enter` sees it before entering.
+        if self.armed != Some(t) && Instant::now() < t {
+            if let Some(k) = &self.kicker {
+                k.arm(t)?;
+            }
+            self.armed = Some(t);
+        }
+        Ok(())
+    }
+
+    /// Stops the deadline timer if it is armed.
+    fn disarm(&mut self) -> Result<(), KvmError> {
+        if self.armed.take().is_some() {
+            if let Some(k) = &self.kicker {
+                k.disarm()?;
+            }
+        }
+        Ok(())
     }
 
     /// Single step or breakpoint, from the #DB/#BP KVM intercepted (SDM Vol. 3A §19.2.3 DR6).
@@ -181,9 +211,7 @@ impl KvmVcpu {
         if !self.io_pending || self.queued.is_some() || !self.immediate_exit {
             return Ok(());
         }
-        self.vm.vcpu_mut().set_kvm_immediate_exit(1);
-        let r = self.enter(None);
-        self.vm.vcpu_mut().set_kvm_immediate_exit(0);
+        let r = self.enter(None, true);
         if let Entered::Exit(e) = r? {
             self.queued = Some(e);
         }
@@ -195,14 +223,20 @@ impl KvmVcpu {
         if let Some(e) = self.queued.take() {
             return Ok(e);
         }
+        if self.deadline_seen {
+            return Ok(Exit::Deadline);
+        }
         loop {
-            if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                return self.at_deadline();
-            }
-            match self.enter(self.deadline)? {
+            match self.enter(self.deadline, false)? {
                 Entered::Exit(e) => return Ok(e),
-                // A signal before the deadline (not ours, or ours early): run on.
-                Entered::Interrupted => {}
+                // `enter` read the clock (it does, before entering, when there is a deadline)
+                // or a signal interrupted KVM_RUN: the deadline has passed, or it was a signal
+                // that is not ours (or a stale kick) and the vCPU runs on.
+                Entered::Interrupted => {
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return self.at_deadline();
+                    }
+                }
             }
         }
     }
@@ -214,6 +248,8 @@ impl KvmVcpu {
             return Ok(Exit::Deadline);
         }
         self.deadline_seen = true;
+        // The timer has done its work; the probe below arms it for its own, shorter span.
+        self.disarm()?;
         self.settle()?;
         if let Some(e) = self.queued.take() {
             // Finishing the pending I/O produced an exit: the vCPU advances.
@@ -224,8 +260,10 @@ impl KvmVcpu {
         self.guest_debug(true)?;
         let probe = self.probe(&before, spins);
         let restored = self.guest_debug(self.single_step);
+        let disarmed = self.disarm();
         let probe = probe?;
         restored?;
+        disarmed?;
         match probe {
             Some(e) => Ok(e),
             None => self.cannot_run(format!(
@@ -246,7 +284,7 @@ impl KvmVcpu {
     fn probe(&mut self, before: &(Regs, SystemRegs), spins: bool) -> Result<Option<Exit>, KvmError> {
         let until = Instant::now() + PROGRESS_PROBE;
         loop {
-            match self.enter(Some(until))? {
+            match self.enter(Some(until), false)? {
                 Entered::Exit(Exit::Debug(DebugEvent::SingleStep { .. })) => {
                     let after = (self.read_regs()?, self.read_sregs()?);
                     if spins || after != *before {
@@ -412,8 +450,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn ready_for_interrupt(&mut self) -> bool {
-        let run = self.vm.vcpu_mut().get_kvm_run();
-        run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+        self.vm.ready_for_interrupt()
     }
 
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), VcpuError> {
@@ -421,7 +458,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn request_interrupt_window(&mut self, on: bool) {
-        self.vm.vcpu_mut().get_kvm_run().request_interrupt_window = on.into();
+        self.vm.request_interrupt_window(on);
     }
 
     fn set_single_step(&mut self, on: bool) -> Result<(), VcpuError> {
@@ -431,6 +468,13 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if self.armed.is_some() && self.armed != deadline {
+            // Stop the old deadline's timer now, so it cannot fire into whatever this thread
+            // does next; the next run arms it for the new one. timer_settime fails only for a
+            // bad timer id or value, neither possible here, and this method has no error to
+            // return: a failure would leave at most one stray kick, which stops nothing.
+            let _ = self.disarm();
+        }
         self.deadline = deadline;
         self.deadline_seen = false;
     }
@@ -438,28 +482,121 @@ impl Vcpu for KvmVcpu {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+
     use duet_core::{Backend, CpuidProfile, Guest, Segment};
 
     use super::*;
     use crate::testing::kvm_or_skip;
 
-    #[test]
-    fn deadline_leaves_no_signal_or_immediate_exit_behind() {
-        let Some(kvm) = kvm_or_skip() else { return };
-        // EB FE = jmp $ at 0x7c00, real mode.
-        let mut g = Guest::new("spin", 0x10000);
-        g.load(0x7c00, vec![0xeb, 0xfe]);
+    /// A real-mode vCPU running `code` at 0000:7C00, or `None` (skipped) without KVM.
+    fn vcpu_with(code: &[u8]) -> Option<KvmVcpu> {
+        let kvm = kvm_or_skip()?;
+        let mut g = Guest::new("kick", 0x10000);
+        g.load(0x7c00, code.to_vec());
         g.state.sregs.cs = Segment::real_mode(0, true);
         g.state.regs.rip = 0x7c00;
         let memory = g.build_memory().unwrap();
         let profile = kvm.cpuid_profile(&CpuidProfile::baseline()).unwrap();
         let mut vcpu = kvm.create(memory, &profile).unwrap();
         vcpu.set_state(&g.state).unwrap();
+        Some(vcpu)
+    }
+
+    fn timer_armed(vcpu: &KvmVcpu) -> bool {
+        vcpu.kicker.as_ref().is_some_and(sys::Kicker::is_armed)
+    }
+
+    /// EB FE = jmp $.
+    const SPIN: &[u8] = &[0xeb, 0xfe];
+    /// E6 80 = out 0x80,al; EB FE = jmp $.
+    const OUT_THEN_SPIN: &[u8] = &[0xe6, 0x80, 0xeb, 0xfe];
+
+    #[test]
+    fn deadline_leaves_no_signal_or_immediate_exit_behind() {
+        let Some(mut vcpu) = vcpu_with(SPIN) else { return };
         vcpu.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
         assert!(matches!(vcpu.run().unwrap(), VcpuExit::DeadlineReached));
         assert!(!sys::kick_signal_pending());
-        assert_eq!(vcpu.vm.vcpu_mut().get_kvm_run().immediate_exit, 0);
+        assert_eq!(vcpu.vm.immediate_exit(), 0);
+        assert!(!timer_armed(&vcpu), "the deadline was reported, its timer must be stopped");
         // The deadline stays reported until it is moved.
         assert!(matches!(vcpu.run().unwrap(), VcpuExit::DeadlineReached));
+    }
+
+    #[test]
+    fn a_kick_between_the_deadline_check_and_kvm_run_ends_that_kvm_run() {
+        // The race the handler closes: the signal lands after the clock was read but before
+        // the thread is inside KVM_RUN. Without immediate_exit, KVM_RUN would spin on `jmp $`
+        // until the (far) deadline's own timer.
+        let Some(mut vcpu) = vcpu_with(SPIN) else { return };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        vcpu.set_deadline(Some(deadline));
+        sys::kick_inside_next_window();
+        assert!(matches!(vcpu.enter(Some(deadline), false).unwrap(), Entered::Interrupted));
+        assert!(Instant::now() < deadline, "KVM_RUN ran until the deadline's timer, not the kick");
+        assert_eq!(vcpu.vm.immediate_exit(), 0);
+        vcpu.set_deadline(None);
+        assert!(!timer_armed(&vcpu));
+    }
+
+    #[test]
+    fn a_stale_kick_does_not_end_a_run_before_its_deadline() {
+        // A kick whose deadline is not this one (a timer since re-armed, another vCPU's) makes
+        // one KVM_RUN return early; the run goes on to the guest's real exit.
+        let Some(mut vcpu) = vcpu_with(&[0xe6, 0x80, 0xf4]) else { return };
+        vcpu.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
+        sys::kick_inside_next_window();
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut { port: 0x80, .. } => {}
+            e => panic!("expected the guest's OUT to port 0x80, got {e:?}"),
+        }
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+    }
+
+    #[test]
+    fn the_timer_is_armed_once_per_deadline_and_stopped_when_it_changes() {
+        // E6 80 = out 0x80,al, three times; F4 = hlt.
+        let Some(mut vcpu) = vcpu_with(&[0xe6, 0x80, 0xe6, 0x80, 0xe6, 0x80, 0xf4]) else { return };
+        let first = Instant::now() + Duration::from_secs(60);
+        vcpu.set_deadline(Some(first));
+        assert!(!timer_armed(&vcpu), "armed lazily, by the first run");
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::IoOut { .. }));
+        assert!(timer_armed(&vcpu) && vcpu.armed == Some(first));
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::IoOut { .. }));
+        assert_eq!(vcpu.armed, Some(first));
+        // A new deadline stops the old timer at once; the next run arms it for the new one.
+        let second = first + Duration::from_secs(1);
+        vcpu.set_deadline(Some(second));
+        assert!(!timer_armed(&vcpu) && vcpu.armed.is_none());
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::IoOut { .. }));
+        assert!(timer_armed(&vcpu) && vcpu.armed == Some(second));
+        // No deadline: no timer, and runs do not arm one.
+        vcpu.set_deadline(None);
+        assert!(!timer_armed(&vcpu));
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+        assert!(!timer_armed(&vcpu));
+    }
+
+    #[test]
+    fn a_vcpu_moved_to_another_thread_is_kicked_there() {
+        let Some(mut vcpu) = vcpu_with(OUT_THEN_SPIN) else { return };
+        vcpu.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::IoOut { port: 0x80, .. }));
+        assert!(vcpu.kicker.as_ref().is_some_and(sys::Kicker::serves_current_thread));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            vcpu.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+            let exit = format!("{:?}", vcpu.run().map_err(|e| e.to_string()));
+            let retargeted = vcpu.kicker.as_ref().is_some_and(sys::Kicker::serves_current_thread);
+            let _ = tx.send((exit, retargeted));
+        });
+        // A kick aimed at the old thread would leave the new one in KVM_RUN for ever: wait
+        // long, so that only a lost kick (never a slow host) fails here.
+        let (exit, retargeted) = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the moved vCPU was never kicked out of KVM_RUN");
+        assert_eq!(exit, "Ok(DeadlineReached)");
+        assert!(retargeted, "the deadline timer was not re-created for the new thread");
     }
 }
