@@ -68,7 +68,7 @@ fn install_handlers(b: &mut Batch) {
         let _ = size;
         // `data` offsets are DS-relative in real mode (DS base 0x10000).
         let to_off = |linear: u64| if mode == Mode::Real { linear.wrapping_sub(0x1_0000) } else { linear };
-        b.data(to_off(entry), gate);
+        b.patch(to_off(entry), gate);
         b.data(to_off(at), code);
     }
 }

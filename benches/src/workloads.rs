@@ -271,7 +271,7 @@ pub fn paging(div: u32) -> Result<SpeedWorkload, FixtureError> {
         done(a)
     })
     .load(PAGING_PTS, tables)
-    .load(PD0 + first_pde * 8, pdes)
+    .patch(PD0 + first_pde * 8, pdes)
     .build()?;
     Ok(SpeedWorkload { name: "paging", what: "4 KiB-page stores after a CR3 reload", guest })
 }

@@ -151,7 +151,7 @@ fn start_states_the_stub_cannot_produce_are_refused() {
     // the PDPTE for 3–4 GiB (PDPT at PAGE_TABLES_ADDR + 0x1000, entry 3) removes that.
     let pdpte3 = duet_core::layout::PAGE_TABLES_ADDR + 0x1000 + 3 * 8;
     let unmapped =
-        GuestBuilder::new(Mode::Long).code(|a| Ok(a.hlt()?)).load(pdpte3, vec![0u8; 8]).build().unwrap();
+        GuestBuilder::new(Mode::Long).code(|a| Ok(a.hlt()?)).patch(pdpte3, vec![0u8; 8]).build().unwrap();
     let err = common::run(&unmapped).unwrap_err();
     assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("identity-map")), "{err}");
     let fpu = base().with_state(|s| s.fpu.0[0] = 0x7e).build().unwrap();

@@ -116,12 +116,13 @@ pub struct Batch {
     mode: Mode,
     cases: Vec<Case>,
     data: Vec<(u64, Vec<u8>)>,
+    patches: Vec<(u64, Vec<u8>)>,
 }
 
 impl Batch {
     /// An empty batch; `name` names the snapshot (`isa-<name>`).
     pub fn new(name: &str, mode: Mode) -> Self {
-        Batch { name: name.into(), mode, cases: Vec::new(), data: Vec::new() }
+        Batch { name: name.into(), mode, cases: Vec::new(), data: Vec::new(), patches: Vec::new() }
     }
 
     /// The mode.
@@ -147,6 +148,11 @@ impl Batch {
     /// Loads `bytes` at DS-relative offset `off` (a linear address outside real mode) at build time.
     pub fn data(&mut self, off: u64, bytes: impl Into<Vec<u8>>) {
         self.data.push((linear(self.mode, off), bytes.into()));
+    }
+
+    /// Like [`Batch::data`], but may replace what the guest builder places in RAM (an IDT gate…).
+    pub fn patch(&mut self, off: u64, bytes: impl Into<Vec<u8>>) {
+        self.patches.push((linear(self.mode, off), bytes.into()));
     }
 
     /// Number of cases.
@@ -176,6 +182,9 @@ impl Batch {
         }
         for (addr, bytes) in self.data {
             b = b.load(addr, bytes);
+        }
+        for (addr, bytes) in self.patches {
+            b = b.patch(addr, bytes);
         }
         let guest = b
             .code(move |a| {
