@@ -16,6 +16,8 @@ pub struct ElfImage {
     /// PT_LOAD segments' file bytes at their physical addresses (the zero-filled rest up to
     /// p_memsz is not materialised: fresh guest RAM is already zero).
     pub loads: Vec<Load>,
+    /// The zero-filled parts (p_memsz beyond p_filesz), as (address, length).
+    pub zeroed: Vec<(u64, u64)>,
     /// The end (exclusive) of the highest segment in memory, p_paddr + p_memsz.
     pub end: u64,
 }
@@ -61,6 +63,7 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, String> {
         return Err(format!("ELF program header size {phentsize} is smaller than {min_ent}"));
     }
     let mut loads = Vec::new();
+    let mut zeroed = Vec::new();
     let mut end = 0u64;
     for i in 0..phnum as usize {
         let ph = phoff.checked_add(i * phentsize as usize).ok_or("program header offset overflows")?;
@@ -85,11 +88,14 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, String> {
             .ok_or_else(|| format!("ELF segment {i} ({offset:#x}+{filesz:#x}) lies outside the file"))?;
         end = end.max(seg_end);
         loads.push(Load { addr: paddr, bytes: data.to_vec() });
+        if memsz > filesz {
+            zeroed.push((paddr + filesz, memsz - filesz));
+        }
     }
     if loads.is_empty() {
         return Err("ELF file has no loadable (PT_LOAD) segment".into());
     }
-    Ok(ElfImage { entry, is_64, loads, end })
+    Ok(ElfImage { entry, is_64, loads, zeroed, end })
 }
 
 #[cfg(test)]
@@ -123,6 +129,7 @@ mod tests {
         assert_eq!(img.entry, 0x200004);
         assert!(img.is_64);
         assert_eq!(img.loads, vec![Load { addr: 0x200000, bytes: vec![0xf4, 0x90] }]);
+        assert_eq!(img.zeroed, vec![(0x200002, 6)]);
         assert_eq!(img.end, 0x200008);
     }
 

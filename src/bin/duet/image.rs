@@ -90,6 +90,9 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         for l in loads {
             b = b.load(l.addr, l.bytes);
         }
+        for (addr, len) in img.zeroed {
+            b = b.zeroed(addr, len);
+        }
     } else {
         if bytes.is_empty() {
             bail!("image {} is empty", path.display());
