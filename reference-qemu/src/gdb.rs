@@ -74,6 +74,8 @@ pub fn parse_g(reply: &str) -> Option<GdbRegs> {
 
 /// Packets in a row with a bad checksum (or retransmit requests for ours) before giving up.
 pub const MAX_RETRIES: u32 = 3;
+/// The most bytes an unfinished packet may hold (a `g` reply is about 1 KiB).
+const MAX_PACKET: usize = 1 << 20;
 /// How long a stop takes to be reported after an interrupt (`0x03`).
 const INTERRUPT_LIMIT: Duration = Duration::from_secs(2);
 
@@ -291,6 +293,9 @@ impl Gdb {
             }
             if Instant::now() > deadline {
                 return Err(err(format!("no answer within {} ms", limit.as_millis())));
+            }
+            if self.pending.len() > MAX_PACKET {
+                return Err(err(format!("a packet of more than {MAX_PACKET} bytes, unfinished")));
             }
             let mut buf = [0u8; 4096];
             match self.stream.read(&mut buf) {
@@ -553,6 +558,22 @@ mod tests {
         let (mut g, stub) = stub(S);
         assert_eq!(g.request("?", Duration::from_secs(2)).unwrap(), "S05");
         assert_eq!(stub.join().unwrap(), said(S));
+    }
+
+    #[test]
+    fn gdb_endless_packet_is_refused() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let flood = std::thread::spawn(move || {
+            let _ = server.write_all(b"+$");
+            let chunk = [b'a'; 4096];
+            // Until the client gives up and closes its end.
+            while server.write_all(&chunk).is_ok() {}
+        });
+        let mut g = Gdb::over(client).unwrap();
+        let e = g.receive(Duration::from_secs(20)).unwrap_err().to_string();
+        assert!(e.contains("a packet of more than 1048576 bytes, unfinished"), "{e}");
+        drop(g);
+        flood.join().unwrap();
     }
 
     // "Z1,1000,1" sums to 0x1d5 (checksum d5); "z1,1000,1" is 0x20 more ('z' − 'Z'): f5.

@@ -45,7 +45,7 @@ impl Json {
     pub fn parse(text: &str) -> Option<Json> {
         let b = text.as_bytes();
         let mut i = 0;
-        let v = value(b, &mut i)?;
+        let v = value(b, &mut i, 0)?;
         skip_ws(b, &mut i);
         (i == b.len()).then_some(v)
     }
@@ -57,7 +57,13 @@ fn skip_ws(b: &[u8], i: &mut usize) {
     }
 }
 
-fn value(b: &[u8], i: &mut usize) -> Option<Json> {
+/// Deepest nesting of arrays and objects accepted (QMP answers nest a few levels).
+const MAX_DEPTH: u32 = 64;
+
+fn value(b: &[u8], i: &mut usize, depth: u32) -> Option<Json> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
     skip_ws(b, i);
     match *b.get(*i)? {
         b'{' => {
@@ -69,11 +75,11 @@ fn value(b: &[u8], i: &mut usize) -> Option<Json> {
                     *i += 1;
                     return Some(Json::Obj(m));
                 }
-                let Json::Str(k) = value(b, i)? else { return None };
+                let Json::Str(k) = value(b, i, depth + 1)? else { return None };
                 skip_ws(b, i);
                 (b.get(*i) == Some(&b':')).then_some(())?;
                 *i += 1;
-                m.push((k, value(b, i)?));
+                m.push((k, value(b, i, depth + 1)?));
                 skip_ws(b, i);
                 match b.get(*i)? {
                     b',' => *i += 1,
@@ -91,7 +97,7 @@ fn value(b: &[u8], i: &mut usize) -> Option<Json> {
                     *i += 1;
                     return Some(Json::Arr(v));
                 }
-                v.push(value(b, i)?);
+                v.push(value(b, i, depth + 1)?);
                 skip_ws(b, i);
                 match b.get(*i)? {
                     b',' => *i += 1,
@@ -174,7 +180,7 @@ pub fn quote(s: &str) -> String {
 /// How long one read of the socket waits before the deadline is checked again.
 const POLL: Duration = Duration::from_millis(50);
 /// The longest line QEMU may send (an `info registers` answer is a few KiB).
-const MAX_LINE: usize = 16 << 20;
+const MAX_LINE: usize = 1 << 20;
 /// How many events [`Qmp::events`] keeps (the most recent).
 pub const MAX_EVENTS: usize = 1024;
 
@@ -183,6 +189,8 @@ pub struct Qmp {
     stream: UnixStream,
     /// Bytes received but not yet part of a whole line (kept across read timeouts).
     pending: Vec<u8>,
+    /// How many leading bytes of `pending` are known to hold no newline.
+    scanned: usize,
     /// How long one command may take, events included.
     timeout: Duration,
     /// The `id` of the next command (QEMU echoes it in the answer).
@@ -196,7 +204,7 @@ impl Qmp {
     /// Takes over a connected socket: reads the greeting and enters command mode. Every
     /// command (the greeting included) must be answered within `timeout`.
     pub fn new(stream: UnixStream, timeout: Duration) -> Result<Self, QemuError> {
-        let mut q = Qmp { stream, pending: Vec::new(), timeout, next_id: 1, events: Vec::new() };
+        let mut q = Qmp { stream, pending: Vec::new(), scanned: 0, timeout, next_id: 1, events: Vec::new() };
         let greeting = q.line("greeting", Instant::now() + timeout)?;
         if greeting.get("QMP").is_none() {
             return Err(QemuError::Qmp { command: "greeting".into(), message: format!("{greeting:?}") });
@@ -210,8 +218,12 @@ impl Qmp {
     fn line(&mut self, command: &str, deadline: Instant) -> Result<Json, QemuError> {
         let fail = |message: String| QemuError::Qmp { command: command.into(), message };
         loop {
-            if let Some(nl) = self.pending.iter().position(|&c| c == b'\n') {
+            let from = self.scanned;
+            let newline = self.pending[from..].iter().position(|&c| c == b'\n').map(|n| from + n);
+            self.scanned = self.pending.len();
+            if let Some(nl) = newline {
                 let raw: Vec<u8> = self.pending.drain(..=nl).collect();
+                self.scanned = 0;
                 let text = String::from_utf8_lossy(&raw);
                 if text.trim().is_empty() {
                     continue;
@@ -381,6 +393,21 @@ mod tests {
     }
 
     #[test]
+    fn qmp_endless_line_is_refused() {
+        let (sock, qemu) = fake_qemu(|s, next| {
+            assert!(next().contains("query-status"));
+            let chunk = [b' '; 4096];
+            // Until the client gives up and closes its end.
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let mut q = Qmp::new(sock, Duration::from_secs(20)).unwrap();
+        let err = q.status().unwrap_err().to_string();
+        assert!(err.contains("QMP query-status: QEMU sent a line longer than 1048576 bytes"), "{err}");
+        drop(q);
+        qemu.join().unwrap();
+    }
+
+    #[test]
     fn qmp_late_answer_is_skipped_and_garbage_is_a_clear_error() {
         let (sock, qemu) = fake_qemu(|s, next| {
             // Commands carry ids 1, 2, … (qmp_capabilities was 1).
@@ -419,6 +446,11 @@ mod tests {
         );
         assert_eq!(Json::parse("{\"a\": }"), None);
         assert_eq!(Json::parse("\"unterminated"), None);
+        // Nesting is bounded (a hostile line cannot exhaust the stack); QMP's few levels pass.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(Json::parse(&deep), None);
+        let ok = format!("{}{}", "[".repeat(10), "]".repeat(10));
+        assert!(Json::parse(&ok).is_some());
         assert_eq!(quote("a\"b\\\n"), r#""a\"b\\\n""#);
     }
 }
