@@ -1,4 +1,5 @@
-//! `duet doctor`: what this host offers and which backend `auto` picks.
+//! `duet doctor`: what this host offers, how fast each backend is, and what `auto` and
+//! `fastest` pick.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,7 +9,8 @@ use duet::BackendKind;
 
 use crate::cli::DoctorArgs;
 
-/// Prints the host checklist, both backends' availability and `auto`'s choice.
+/// Prints the host checklist, both backends' availability and speed, and the choices of `auto`
+/// and `fastest`.
 pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
     let facts = duet::doctor::HostFacts::gather(Path::new("/"));
     println!("{facts}");
@@ -24,10 +26,32 @@ pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
     }
     let (kind, why) = duet::auto();
     println!("auto picks {kind}: {why}");
+    speeds();
     if args.kvm_selfcheck {
         kvm_selfcheck()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each usable backend's speed on the calibration loop, and which is faster here.
+fn speeds() {
+    let c = duet::backends::Calibration::measure();
+    println!(
+        "\nspeed on this host (the same ALU loop, {} instructions, on each backend):",
+        duet::backends::CALIBRATION_INSTRUCTIONS
+    );
+    for s in &c.speeds {
+        println!("  {:<6} {:>8.2} MIPS  ({:.3} ms)", s.kind.name(), s.mips(), s.wall.as_secs_f64() * 1e3);
+    }
+    for (kind, why) in &c.skipped {
+        println!("  {:<6} {why}", kind.name());
+    }
+    let (fast, why) = c.choice();
+    let (auto, _) = duet::auto();
+    println!("fastest picks {fast}: {why}");
+    if fast != auto {
+        println!("  `--backend fastest` runs on {fast}; `auto` keeps {auto}, the reference for fidelity.");
+    }
 }
 
 /// Runs every probe of a known nested-KVM defect on KVM (and on the software CPU for

@@ -59,6 +59,11 @@ impl Runner {
 fn runners(arg: BackendArg) -> Result<Vec<Runner>> {
     let (wanted, strict) = match arg {
         BackendArg::Auto => return Ok(vec![Runner::Backend(duet::auto().0)]),
+        BackendArg::Fastest => {
+            let (kind, why) = duet::backends::fastest();
+            eprintln!("[fastest] picks {kind}: {why}");
+            return Ok(vec![Runner::Backend(kind)]);
+        }
         BackendArg::Kvm => (vec![Runner::Backend(BackendKind::Kvm)], true),
         BackendArg::Interp => (vec![Runner::Backend(BackendKind::Interp)], true),
         BackendArg::Both => {
