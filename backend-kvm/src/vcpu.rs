@@ -41,6 +41,14 @@ enum Entered {
 }
 
 /// A KVM vCPU (and its VM) implementing [`Vcpu`].
+///
+/// A deadline ([`Vcpu::set_deadline`]) is enforced by a one-shot timer that sends the real-time
+/// signal `SIGRTMIN + 4` to the thread running the vCPU, armed once per deadline: an exit costs
+/// no system call besides KVM_RUN. duet installs its handler for that signal (with
+/// `SA_RESTART`, so other blocking calls on the thread are restarted, not failed) and unblocks
+/// it on each thread that runs a vCPU; the process must leave that signal to duet and not
+/// block it on those threads. The vCPU may move between threads: a run on a new thread aims a
+/// new timer at it.
 pub struct KvmVcpu {
     vm: sys::Vm,
     deadline: Option<Instant>,
