@@ -45,10 +45,16 @@ fn ins_masks(ins: &Instruction) -> (u64, u64) {
 /// This execution's (written, undefined) flags: a count that masks to 0 changes no flag, and OF
 /// is defined only for a count of 1 (SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/RCR/ROL/ROR, SHLD/SHRD:
 /// "The OF flag is affected only for 1-bit shifts … otherwise, it is undefined").
+///
+/// An 8- or 16-bit RCL/RCR whose masked count is a multiple of 9 or 17 (tempCOUNT = 0) changes
+/// nothing, but its masked count is not 0, so OF is still undefined (SDM Vol. 2B RCL/RCR/ROL/ROR,
+/// Flags: "If the masked count is 0, the flags are not affected … otherwise (masked count is
+/// greater than 1) the OF flag is undefined").
 fn flag_effect((written, undefined): (u64, u64), count: u32, bytes: u32, changed: bool) -> (u64, u64) {
     let masked = count & if crate::cpu::width(bytes) == 8 { 0x3f } else { 0x1f };
     match (changed, masked) {
-        (false, _) => (0, 0),
+        (_, 0) => (0, 0),
+        (false, _) => (0, OF),
         (true, 1) => (written, undefined & !OF),
         (true, _) => (written, undefined | OF),
     }

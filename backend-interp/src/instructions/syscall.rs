@@ -25,6 +25,13 @@ fn flat(selector: u16, code: bool, dpl: u8, long: bool) -> Segment {
     }
 }
 
+/// Whether SYSENTER/SYSEXIT are invalid here: a CPU whose profile says AuthenticAMD does not
+/// recognise them in long mode, 64-bit and compatibility mode alike (AMD64 APM Vol. 3, SYSENTER
+/// and SYSEXIT: "#UD … in long mode"); Intel parts run them there (SDM Vol. 2B SYSENTER).
+fn amd_long_mode(cpu: &Cpu) -> bool {
+    cpu.long_mode() && cpu.cpuid.vendor() == "AuthenticAMD"
+}
+
 /// Executes SYSCALL, SYSRET, SYSENTER or SYSEXIT.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let msr_of = |cpu: &Cpu, i: u32| cpu.msrs.get(&i).copied().unwrap_or(0);
@@ -63,6 +70,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             cpu.next_rip = rip;
         }
         Mnemonic::Sysenter => {
+            if amd_long_mode(cpu) {
+                return Err(ud());
+            }
             let cs = msr_of(cpu, msr::SYSENTER_CS) as u16;
             if !cpu.protected() || cs & 0xfffc == 0 {
                 return Err(gp(0));
@@ -83,6 +93,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             }
         }
         Mnemonic::Sysexit | Mnemonic::Sysexitq => {
+            if amd_long_mode(cpu) {
+                return Err(ud());
+            }
             let cs = msr_of(cpu, msr::SYSENTER_CS) as u16;
             if !cpu.protected() || cs & 0xfffc == 0 || cpu.cpl() != 0 {
                 return Err(gp(0));
