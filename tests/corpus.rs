@@ -4,8 +4,10 @@
 //!
 //! `fixtures/corpus/regressions/` must match exactly. `fixtures/corpus/divergences/` holds the
 //! open divergences found by `duet fuzz`, each with its analysis in the `note`: they are
-//! reported loudly and do not fail the run, until the interpreter is fixed and they move to
-//! `regressions/`.
+//! reported loudly and do not fail the run; one that starts to match fails it, with the
+//! instruction to move it to `regressions/`. A case whose result depends on the CPUID profile
+//! names that profile (`cpuid`), so it runs the same on every host; KVM replays a case only
+//! when the case's profile is this host's shared one.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,9 @@ use duet::backends::BackendKind;
 use duet::fuzz::check::{against_recorded, compare_runs};
 use duet::fuzz::exec::Executor;
 use duet::fuzz::judge::{host_limit, kvm_is_pvm, KVM_PVM_LIMITS};
+use duet::fuzz::profile::CaseCpuid;
 use duet::fuzz::{layout, Case};
+use duet::shared_cpuid_profile;
 use duet::testing::select_backends;
 
 fn cases(dir: &str) -> Vec<PathBuf> {
@@ -56,7 +60,9 @@ fn corpus_regressions_match_recorded_hardware_results() {
         if let Some(kvm) = kvm.as_mut() {
             let (p, state) = layout::prepare(&case, &file).unwrap_or_else(|e| panic!("{e}"));
             let limits = if kvm_is_pvm() { KVM_PVM_LIMITS } else { &[] };
-            if expected.source == "kvm" && host_limit(&case, &p.code, limits).is_none() {
+            let same_profile =
+                case.cpuid.as_ref().is_none_or(|c| *c == CaseCpuid::of(&shared_cpuid_profile()));
+            if expected.source == "kvm" && same_profile && host_limit(&case, &p.code, limits).is_none() {
                 let run = kvm.run(&case, &p, &state).unwrap_or_else(|e| panic!("{file}: {e}"));
                 let d = compare_runs(&p, &case, ("recorded", &expected.outcome), ("kvm", &run.outcome));
                 if !d.is_empty() {
@@ -80,6 +86,7 @@ fn corpus_open_divergences_are_reported_loudly() {
     let mut interp = Executor::new(BackendKind::Interp, timeout());
     let files = cases("divergences");
     let mut open = 0;
+    let mut fixed = Vec::new();
     for path in &files {
         let file = path.display().to_string();
         let case = Case::load(path).unwrap_or_else(|e| panic!("{e}"));
@@ -90,12 +97,16 @@ fn corpus_open_divergences_are_reported_loudly() {
                 let why = case.note.lines().find(|l| l.starts_with("analysis:")).unwrap_or("");
                 eprintln!("KNOWN OPEN DIVERGENCE (interpreter vs recorded hardware result; see the analysis): {file}\n  {why}\n{d}");
             }
-            Ok(_) => eprintln!(
-                "FIXED: {file} now matches its expected result: move it to fixtures/corpus/regressions/"
-            ),
+            Ok(_) => fixed.push(file),
             Err(e) => panic!("{file}: {e}"),
         }
     }
+    assert!(
+        fixed.is_empty(),
+        "FIXED: these open divergences now match their expected result; move each to \
+         fixtures/corpus/regressions/ (with its analysis kept in `note`):\n{}",
+        fixed.join("\n")
+    );
     if open > 0 {
         eprintln!(
             "WARNING: {open} of {} known divergences between the interpreter and hardware are still open",

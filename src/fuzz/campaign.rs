@@ -12,8 +12,10 @@ use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestRng, TestRunne
 
 use super::case::{Case, Expected, FuzzMode};
 use super::check::{Checker, Verdict};
+use super::exec::profile_of;
 use super::gen::{realize, spec_strategy, Spec};
 use super::lockstep::lockstep;
+use super::profile::CaseCpuid;
 use super::FuzzError;
 
 /// What a campaign runs.
@@ -332,6 +334,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                 cfg.seed
             );
             case.expected = Some(Expected { source: "kvm".into(), outcome: kvm_outcome });
+            case.cpuid = Some(CaseCpuid::of(&profile_of(None)?));
             let path = cfg.out.as_ref().map(|d| d.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)));
             if let Some(p) = &path {
                 case.save(p)?;
@@ -349,6 +352,7 @@ fn keep_agreeing(cfg: &Config, checker: &mut Checker, mut case: Case, k: u64) ->
     case.note =
         format!("found by `duet fuzz --seed {}` as case {k}; KVM and the interpreter agree", cfg.seed);
     case.expected = Some(Expected { source: "kvm".into(), outcome: run.outcome });
+    case.cpuid = Some(CaseCpuid::of(&profile_of(None)?));
     let dir = dir.join("agree");
     std::fs::create_dir_all(&dir).map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;
     case.save(&dir.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)))

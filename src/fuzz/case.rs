@@ -123,6 +123,10 @@ pub struct Case {
     pub disasm: Vec<String>,
     /// The data bytes, hex, loaded at [`super::layout::DATA_ADDR`].
     pub data: String,
+    /// The CPUID profile the case runs under (vendor and optional features); absent means this
+    /// process's shared profile ([`crate::backends::shared_cpuid_profile`]), which is host-dependent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuid: Option<super::profile::CaseCpuid>,
     /// The result a correct CPU produces, and which opinion it came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<Expected>,
@@ -244,6 +248,9 @@ impl Case {
         }
         if data.len() > MAX_IMAGE {
             return Err(bad("data", &format!("has {} bytes; at most {MAX_IMAGE} are allowed", data.len())));
+        }
+        if let Some(c) = &self.cpuid {
+            c.profile().map_err(|why| bad("cpuid", &why))?;
         }
         if let Some(e) = &self.expected {
             if parse_hex(&e.outcome.rflags_undefined).is_none() {

@@ -6,7 +6,7 @@ use duet_core::{StateDiff, StopReason};
 
 use super::case::{parse_hex, Case, Outcome, Parsed};
 use super::exec::{Executor, Run};
-use super::judge::{self, HostLimit, Reference};
+use super::judge::{self, HostLimit, OutcomeLimit, Reference};
 use super::layout;
 use super::FuzzError;
 use crate::backends::BackendKind;
@@ -50,6 +50,8 @@ pub struct Checker {
     pub interp: Executor,
     /// Known limits of this host's KVM.
     pub limits: &'static [HostLimit],
+    /// Known limits of this host's KVM recognised from the outcomes.
+    pub outcome_limits: &'static [OutcomeLimit],
     /// The third opinion.
     pub reference: Box<dyn Reference>,
 }
@@ -59,11 +61,14 @@ impl Checker {
     pub fn new(use_kvm: bool, timeout: Duration) -> Self {
         let kvm = (use_kvm && BackendKind::Kvm.availability().is_available())
             .then(|| Executor::new(BackendKind::Kvm, timeout));
-        let limits = if judge::kvm_is_pvm() { judge::KVM_PVM_LIMITS } else { &[] };
+        let pvm = judge::kvm_is_pvm();
+        let limits = if pvm { judge::KVM_PVM_LIMITS } else { &[] };
+        let outcome_limits = if pvm { judge::KVM_PVM_OUTCOME_LIMITS } else { &[] };
         Checker {
             kvm,
             interp: Executor::new(BackendKind::Interp, timeout),
             limits,
+            outcome_limits,
             reference: Box::new(judge::NoReference),
         }
     }
@@ -116,6 +121,10 @@ impl Checker {
         let diff = compare_runs(&p, case, ("kvm", &kvm.outcome), ("interp", &interp.outcome));
         if diff.is_empty() {
             Ok(Verdict::Agree)
+        } else if let Some(l) =
+            judge::outcome_limit(case, &kvm.outcome, &interp.outcome, &diff, self.outcome_limits)
+        {
+            Ok(self.ask_reference(case, &interp, format!("known KVM limit `{}`: {}", l.name, l.reason)))
         } else {
             Ok(Verdict::Diverge { kvm: Box::new(kvm), interp: Box::new(interp), diff })
         }

@@ -11,6 +11,7 @@ use duet_core::{
 
 use super::case::{hex_bytes, Case, FuzzMode, Outcome, Parsed};
 use super::layout::{self, RAM_SIZE};
+use super::profile::CaseCpuid;
 use super::FuzzError;
 use crate::backends::{shared_cpuid_profile, BackendKind};
 
@@ -72,6 +73,8 @@ pub struct Executor {
     kind: BackendKind,
     backend: Box<dyn duet_core::Backend>,
     slots: BTreeMap<FuzzMode, Slot>,
+    /// The profile the machines in `slots` were created with (`None`: the shared profile).
+    cpuid: Option<CaseCpuid>,
     /// Wall-clock budget of one case.
     pub timeout: Duration,
     /// Machines created so far (a VM is rebuilt after a shutdown, a deadline or a failure).
@@ -92,7 +95,14 @@ pub struct Run {
 impl Executor {
     /// An executor on `kind`.
     pub fn new(kind: BackendKind, timeout: Duration) -> Self {
-        Executor { kind, backend: kind.create(), slots: BTreeMap::new(), timeout, machines_created: 0 }
+        Executor {
+            kind,
+            backend: kind.create(),
+            slots: BTreeMap::new(),
+            cpuid: None,
+            timeout,
+            machines_created: 0,
+        }
     }
 
     /// The backend this executor runs on.
@@ -100,11 +110,20 @@ impl Executor {
         self.kind
     }
 
+    /// Switches to the CPUID profile `case` names (its machines are rebuilt when it changes).
+    fn use_profile(&mut self, case: &Case) {
+        if self.cpuid != case.cpuid {
+            self.slots.clear();
+            self.cpuid = case.cpuid.clone();
+        }
+    }
+
     fn slot(&mut self, mode: FuzzMode) -> Result<&mut Slot, FuzzError> {
         if !self.slots.contains_key(&mode) {
             let guest = layout::base_guest(mode)?;
             let base = layout::base_image(mode)?;
-            let mut machine = Machine::new(&*self.backend, &guest, &shared_cpuid_profile())
+            let profile = profile_of(self.cpuid.as_ref())?;
+            let mut machine = Machine::new(&*self.backend, &guest, &profile)
                 .map_err(|e| FuzzError::Backend { backend: self.kind.name(), why: e.to_string() })?;
             let log: ExitLog = Arc::default();
             let pio = Recorder { mmio: false, base: 0, log: log.clone() };
@@ -124,6 +143,7 @@ impl Executor {
     /// Loads `case` into the mode's machine (memory and registers) without running it.
     pub fn load(&mut self, case: &Case, p: &Parsed, state: &CpuState) -> Result<&mut Machine, FuzzError> {
         let kind = self.kind.name();
+        self.use_profile(case);
         let slot = self.slot(case.mode)?;
         let img = layout::initial_image(&slot.base, p);
         let mem = slot.machine.memory().clone();
@@ -199,6 +219,14 @@ impl Executor {
     /// Drops the machine of `mode` (the next case builds a fresh one).
     pub fn forget(&mut self, mode: FuzzMode) {
         self.slots.remove(&mode);
+    }
+}
+
+/// The CPUID profile of a case: the one it names, else this process's shared profile.
+pub fn profile_of(cpuid: Option<&CaseCpuid>) -> Result<duet_core::cpuid::CpuidProfile, FuzzError> {
+    match cpuid {
+        Some(c) => c.profile().map_err(|e| FuzzError::Setup(format!("the case's CPUID profile: {e}"))),
+        None => Ok(shared_cpuid_profile()),
     }
 }
 

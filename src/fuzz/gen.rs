@@ -200,6 +200,7 @@ pub fn realize(spec: &Spec) -> Case {
         disasm: disassemble(mode, &code),
         code: hex_bytes(&code),
         data: hex_bytes(&data),
+        cpuid: None,
         expected: None,
     }
 }
@@ -317,7 +318,54 @@ fn fix_flags(mode: FuzzMode, slots: &mut [Vec<Item>]) {
                 }
                 undef = 0;
             }
-            undef = (undef & !ins.rflags_modified()) | ins.rflags_undefined();
+            // A REP string instruction or a shift by CL may run zero times and then defines
+            // nothing: the flags an earlier instruction left undefined stay undefined.
+            let by_cl = ins.op_count() > 1
+                && ins.op_kind(ins.op_count() - 1) == OpKind::Register
+                && ins.op_register(ins.op_count() - 1) == Register::CL
+                && matches!(
+                    ins.mnemonic(),
+                    Mnemonic::Shl
+                        | Mnemonic::Shr
+                        | Mnemonic::Sal
+                        | Mnemonic::Sar
+                        | Mnemonic::Rol
+                        | Mnemonic::Ror
+                        | Mnemonic::Rcl
+                        | Mnemonic::Rcr
+                        | Mnemonic::Shld
+                        | Mnemonic::Shrd
+                );
+            let defines = if ins.has_rep_prefix() || ins.has_repne_prefix() || by_cl {
+                0
+            } else {
+                ins.rflags_modified()
+            };
+            undef = (undef & !defines) | ins.rflags_undefined();
+            // OF of a shift or rotate by an immediate count other than 1 (after masking) is
+            // undefined (SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/RCR/ROL/ROR: "otherwise, it is
+            // undefined"), even when an 8/16-bit RCL/RCR count reduces to 0 (iced does not say so).
+            if matches!(
+                ins.mnemonic(),
+                Mnemonic::Shl
+                    | Mnemonic::Shr
+                    | Mnemonic::Sal
+                    | Mnemonic::Sar
+                    | Mnemonic::Rol
+                    | Mnemonic::Ror
+                    | Mnemonic::Rcl
+                    | Mnemonic::Rcr
+                    | Mnemonic::Shld
+                    | Mnemonic::Shrd
+            ) && !by_cl
+            {
+                let last = ins.op_count() - 1;
+                let mask =
+                    if ins.op0_register().size() == 8 || ins.memory_size().size() == 8 { 0x3f } else { 0x1f };
+                if ins.op_kind(last) == OpKind::Immediate8 && u64::from(ins.immediate8()) & mask != 1 {
+                    undef |= RflagsBits::OF;
+                }
+            }
             undef &= STATUS;
             if let Some(t) = slot[i].target {
                 if let Some(x) = at_target.get_mut(t) {

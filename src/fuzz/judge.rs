@@ -23,10 +23,14 @@ pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn
     if a.stop != b.stop {
         d.rows.push(row("stop", &a.stop, &b.stop));
     }
+    // MMIO reads are left out: their number and size are not architectural (see HOST_SPECIFIC).
+    let visible = |o: &Outcome| -> Vec<String> {
+        o.exits.iter().filter(|e| !e.starts_with("mmio-read")).cloned().collect()
+    };
     if a.stop == "shutdown" && b.stop == "shutdown" {
         // See HOST_SPECIFIC: after a triple fault only the stop and the exits are compared.
-        if a.exits != b.exits {
-            d.rows.push(row("exits", &a.exits.join("; "), &b.exits.join("; ")));
+        if visible(a) != visible(b) {
+            d.rows.push(row("exits", &visible(a).join("; "), &visible(b).join("; ")));
         }
         return d;
     }
@@ -58,10 +62,6 @@ pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn
             d.rows.push(row(&format!("mem[{addr:#x}]"), &format!("{x:016x}"), &format!("{y:016x}")));
         }
     }
-    // MMIO reads are left out: their number and size are not architectural (see HOST_SPECIFIC).
-    let visible = |o: &Outcome| -> Vec<String> {
-        o.exits.iter().filter(|e| !e.starts_with("mmio-read")).cloned().collect()
-    };
     let (ea, eb) = (visible(a), visible(b));
     if ea != eb {
         let n = ea.iter().zip(&eb).take_while(|(x, y)| x == y).count();
@@ -75,7 +75,8 @@ pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn
 /// 16-bit-aligned FLAGS image within 512 bytes below one of the stacks' tops.
 fn undefined_flags_image(addr: u64, diff: u64, undef: u64) -> bool {
     let m = undef & rflags::STATUS;
-    let near_stack = STACK_TOPS.iter().any(|&top| addr < top && top - addr <= 512);
+    // Also the bottom of memory: a real-mode stack at SS = 0 whose SP wrapped through 0.
+    let near_stack = STACK_TOPS.iter().chain(&[0x200]).any(|&top| addr < top && top - addr <= 512);
     near_stack && m != 0 && (0..4).any(|k| diff & !(m << (16 * k)) == 0)
 }
 
@@ -112,7 +113,8 @@ pub struct HostLimit {
     pub name: &'static str,
     /// Why KVM cannot decide it here (DEVELOPERS.md, `duet doctor --kvm-selfcheck`).
     pub reason: &'static str,
-    applies: fn(FuzzMode, &Instruction) -> bool,
+    /// Whether the limit applies to an instruction (given the one decoded before it, if any).
+    applies: fn(FuzzMode, &Instruction, Option<&Instruction>) -> bool,
 }
 
 /// Every known limit of nested `kvm_pvm` KVM (DEVELOPERS.md), in one place.
@@ -120,7 +122,7 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
     HostLimit {
         name: "bcd-arpl-bound",
         reason: "DAA, AAA, AAS, ARPL and BOUND end in KVM_EXIT_INTERNAL_ERROR (emulation failure)",
-        applies: |_, i| {
+        applies: |_, i, _| {
             matches!(
                 i.mnemonic(),
                 Mnemonic::Daa | Mnemonic::Aaa | Mnemonic::Aas | Mnemonic::Arpl | Mnemonic::Bound
@@ -130,18 +132,18 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
     HostLimit {
         name: "real-mode-int",
         reason: "a real-mode INT n never completes (SDM Vol. 3A §21.1.4 says it vectors through the IVT)",
-        applies: |m, i| m == FuzzMode::Real && is_soft_int(i),
+        applies: |m, i, _| m == FuzzMode::Real && is_soft_int(i),
     },
     HostLimit {
         name: "ring3-int",
         reason:
             "INT n from ring 3 through a DPL-3 gate triple-faults (SDM Vol. 3A §6.12: delivered at CPL 0)",
-        applies: |m, i| m == FuzzMode::Long64Ring3 && is_soft_int(i),
+        applies: |m, i, _| m == FuzzMode::Long64Ring3 && is_soft_int(i),
     },
     HostLimit {
         name: "pvm-emulation-failure",
         reason: "kvm_pvm cannot emulate these (KVM_EXIT_INTERNAL_ERROR in ring 0, a wrong #UD in ring 3): VERR, VERW, LAR, LSL, LFENCE, MFENCE, SFENCE, FWAIT, UD0, UD1, ENDBR32/64 and hint NOPs with operands",
-        applies: |_, i| {
+        applies: |_, i, _| {
             matches!(
                 i.mnemonic(),
                 Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Lfence | Mnemonic::Mfence
@@ -153,14 +155,14 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
     HostLimit {
         name: "fsgsbase",
         reason: "RDFSBASE, RDGSBASE, WRFSBASE and WRGSBASE run under kvm_pvm although CR4.FSGSBASE = 0 (SDM Vol. 2B RDFSBASE: #UD)",
-        applies: |_, i| {
+        applies: |_, i, _| {
             matches!(i.mnemonic(), Mnemonic::Rdfsbase | Mnemonic::Rdgsbase | Mnemonic::Wrfsbase | Mnemonic::Wrgsbase)
         },
     },
     HostLimit {
         name: "ring3-selectors",
         reason: "in 64-bit ring 3, kvm_pvm shows the data segment selectors as 0 (MOV r/m, Sreg and PUSH Sreg read 0, not the loaded selector)",
-        applies: |m, i| {
+        applies: |m, i, _| {
             m == FuzzMode::Long64Ring3
                 && (matches!(i.code(), iced_x86::Code::Mov_rm16_Sreg | iced_x86::Code::Mov_r32m16_Sreg | iced_x86::Code::Mov_r64m16_Sreg)
                     || (matches!(i.mnemonic(), Mnemonic::Push) && i.op0_kind() == iced_x86::OpKind::Register && i.op0_register().is_segment_register()))
@@ -169,12 +171,12 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
     HostLimit {
         name: "msrs",
         reason: "kvm_pvm returns 0 for RDMSR of MSRs it does not know and drops such WRMSRs instead of #GP(0) (SDM Vol. 2B RDMSR/WRMSR), even with kvm.ignore_msrs=N",
-        applies: |_, i| matches!(i.mnemonic(), Mnemonic::Rdmsr | Mnemonic::Wrmsr),
+        applies: |_, i, _| matches!(i.mnemonic(), Mnemonic::Rdmsr | Mnemonic::Wrmsr),
     },
     HostLimit {
         name: "enter-operand-size",
         reason: "kvm_pvm ignores an operand-size prefix on ENTER (66 C8 pushes 4 bytes in 32-bit code, 2 in 16-bit code; SDM Vol. 2A ENTER: the push is of the operand size)",
-        applies: |m, i| {
+        applies: |m, i, _| {
             i.mnemonic() == Mnemonic::Enter
                 && match m.bitness() {
                     16 => i.code() != iced_x86::Code::Enterw_imm16_imm8,
@@ -184,30 +186,248 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
         },
     },
     HostLimit {
-        name: "aad",
-        reason: "KVM's instruction emulator (16-bit code under kvm_pvm) sets AAD's SF, ZF, PF from AX instead of AL (SDM Vol. 2A AAD)",
-        applies: |_, i| i.mnemonic() == Mnemonic::Aad,
+        name: "enter-nesting",
+        reason: "ENTER with a nesting level above 0 is an emulation failure under kvm_pvm in ring 0 and a wrong #UD in ring 3 (SDM Vol. 2A ENTER: it copies the frame pointers; DEVELOPERS.md)",
+        applies: |_, i, _| i.mnemonic() == Mnemonic::Enter && i.immediate8_2nd() % 32 != 0,
+    },
+    HostLimit {
+        name: "aad-aam",
+        reason: "KVM's instruction emulator (16-bit code under kvm_pvm) sets AAD's and AAM's SF, ZF, PF from AX/EAX instead of AL (SDM Vol. 2A AAD, AAM; DEVELOPERS.md)",
+        applies: |_, i, _| matches!(i.mnemonic(), Mnemonic::Aad | Mnemonic::Aam),
     },
     HostLimit {
         name: "int1",
         reason: "INT1 (ICEBP) is an emulation failure in ring 0 and #UD in ring 3 (SDM Vol. 3A §6.15 / Vol. 2A INT1: #DB through gate 1 without a DPL check)",
-        applies: |_, i| i.mnemonic() == Mnemonic::Int1,
+        applies: |_, i, _| i.mnemonic() == Mnemonic::Int1,
     },
     HostLimit {
         name: "store-system-register-to-memory",
         reason: "STR, SLDT, SMSW, SGDT, SIDT and MOV Sreg (REX.W) to memory are emulated by kvm_pvm: it reads the destination first (an extra MMIO read) and with REX.W writes 8 bytes (SDM Vol. 2B STR: a 16-bit store regardless of operand size)",
-        applies: |_, i| {
+        applies: |_, i, _| {
             (matches!(i.mnemonic(), Mnemonic::Str | Mnemonic::Sldt | Mnemonic::Smsw | Mnemonic::Sgdt | Mnemonic::Sidt)
                 || i.code() == iced_x86::Code::Mov_r64m16_Sreg)
                 && i.op0_kind() == iced_x86::OpKind::Memory
         },
     },
     HostLimit {
+        name: "cmpxchg-r32-ring0",
+        reason: "kvm_pvm's ring-0 emulator zero-extends the 64-bit register destination of a failed 32-bit CMPXCHG; ring-3 code runs natively and keeps the upper half, as the silicon does (DEVELOPERS.md; fixtures/corpus/regressions/cmpxchg-r32-fail-upper-half.json)",
+        applies: |m, i, _| {
+            m == FuzzMode::Long64
+                && i.mnemonic() == Mnemonic::Cmpxchg
+                && i.op0_kind() == iced_x86::OpKind::Register
+                && i.op0_register().size() == 4
+        },
+    },
+    HostLimit {
+        name: "cpuid-host-leaves",
+        reason: "the guest's CPUID shows the host's leaves 1, 7 and 0xD under kvm_pvm, not the profile given with KVM_SET_CPUID2 (DEVELOPERS.md)",
+        applies: |_, i, _| i.mnemonic() == Mnemonic::Cpuid,
+    },
+    HostLimit {
+        name: "cr4-feature-bits",
+        reason: "kvm_pvm accepts CR4 bits the host enumerates (FSGSBASE, OSXSAVE, SMEP, SMAP, PKE, UMIP, LA57, PCIDE …) although the guest's CPUID profile does not; SDM Vol. 3A §2.5 and Vol. 2B MOV CRn: setting a bit the processor does not enumerate is #GP(0) (fixtures/corpus/regressions/cr4-fsgsbase*.json)",
+        applies: |_, i, prev| {
+            // The generator's CR4 snippet: `mov r, cr4; xor eax, imm32; mov cr4, r`.
+            const HOST_ONLY: u64 = (1 << 11) | (1 << 12) | (0x7f << 16) | (1 << 23) | (1 << 24);
+            i.code().op_code().op_kinds().contains(&iced_x86::OpCodeOperandKind::cr_reg)
+                && i.op0_register() == iced_x86::Register::CR4
+                && prev.is_some_and(|p| p.mnemonic() == Mnemonic::Xor && p.immediate(1) & HOST_ONLY != 0)
+        },
+    },
+    HostLimit {
+        name: "movbe-ring0",
+        reason: "without MOVBE in the profile the answer is #UD before any memory access (SDM Vol. 2B MOVBE, Exceptions; the software CPU decodes then faults); kvm_pvm's emulator translates the memory operand first and sets the paging-structure accessed bits",
+        applies: |m, i, _| m.cpl() == 0 && i.mnemonic() == Mnemonic::Movbe,
+    },
+    HostLimit {
+        name: "ring3-segment-loads",
+        reason: "in 64-bit ring 3, kvm_pvm does not show a data segment register loaded with a null selector by MOV Sreg, POP Sreg or LFS/LGS/LSS (the old selector stays visible), and LDT selectors resolve against kvm_pvm's own LDT, not the guest's LDTR (SDM Vol. 2B MOV/POP/LDS: a null selector is loaded; a TI = 1 selector with an invalid LDTR is #GP(selector))",
+        applies: |m, i, _| {
+            m == FuzzMode::Long64Ring3
+                && ((i.mnemonic() == Mnemonic::Mov && i.op0_kind() == iced_x86::OpKind::Register && i.op0_register().is_segment_register())
+                    || (i.mnemonic() == Mnemonic::Pop && i.op0_kind() == iced_x86::OpKind::Register && i.op0_register().is_segment_register())
+                    || matches!(i.mnemonic(), Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss))
+        },
+    },
+    HostLimit {
         name: "ring3-syscall",
         reason: "SYSCALL from ring 3 stays at CPL 3 (SDM Vol. 2B SYSCALL: CPL 0)",
-        applies: |m, i| m == FuzzMode::Long64Ring3 && i.mnemonic() == Mnemonic::Syscall,
+        applies: |m, i, _| m == FuzzMode::Long64Ring3 && i.mnemonic() == Mnemonic::Syscall,
     },
 ];
+
+/// A known limit of this host's hardware backend recognised from the two outcomes (a state, not
+/// an instruction, triggers it): a divergence it matches is counted as undecided, never dropped.
+#[derive(Clone, Copy, Debug)]
+pub struct OutcomeLimit {
+    /// Short name.
+    pub name: &'static str,
+    /// Why KVM cannot decide it here, and what the SDM says.
+    pub reason: &'static str,
+    applies: fn(&Case, &Outcome, &Outcome, &StateDiff) -> bool,
+}
+
+fn reg(o: &Outcome, name: &str) -> u64 {
+    o.state.get(name).and_then(|v| parse_hex(v)).unwrap_or(0)
+}
+
+/// Every known limit of `kvm_pvm` recognised from the outcomes (kvm, interp), in one place.
+pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
+    OutcomeLimit {
+        name: "16-bit-stack-esp-upper",
+        reason: "an exception delivered on a 16-bit stack (SS.B = 0, real mode or a 16-bit SS) with ESP[31:16] ≠ 0: kvm_pvm uses or clears the upper half of ESP (shutdown, or ESP[31:16] = 0 after the handler runs); the pushes use SP and leave ESP[31:16] alone (SDM Vol. 3A §6.12.1, Vol. 1 §6.2.3 stack-address size; Vol. 2A INT n Operation; QEMU agrees; fixtures/corpus/regressions/prot16-fault-on-16bit-stack.json)",
+        applies: |c, kvm, interp, _| {
+            let m = c.mode;
+            let upper = |o: &Outcome| (reg(o, "rsp") >> 16) & 0xffff;
+            // Also a frame that wrapped SP through 0 (SP near the top of the 64 KiB segment).
+            let wrapped = kvm.stop == "shutdown" && reg(interp, "rsp") & 0xffff >= 0xff00;
+            matches!(m, FuzzMode::Real | FuzzMode::Prot16)
+                && (interp.stop.starts_with("exception") || interp.stop == "shutdown")
+                && ((upper(interp) != 0 && (kvm.stop == "shutdown" || upper(kvm) != upper(interp))) || wrapped)
+        },
+    },
+    OutcomeLimit {
+        name: "push-sp-1-real-mode",
+        reason: "a push (PUSH, or an exception frame) with SP = 1 in real mode: the processor shuts down (SDM Vol. 2B PUSH, Description: #SS, then #SS while delivering it, #DF, a third #SS, shutdown); kvm_pvm's emulator wraps SP and writes past the segment (fixtures/corpus/regressions/push-sp1-real-mode-shutdown.json)",
+        applies: |c, kvm, interp, _| {
+            c.mode == FuzzMode::Real
+                && interp.stop == "shutdown"
+                && kvm.stop != "shutdown"
+                && reg(interp, "rsp") & 0xffff == 1
+        },
+    },
+    OutcomeLimit {
+        name: "real-mode-ivt-limit",
+        reason: "kvm_pvm ignores the IDTR limit in real mode; a vector beyond it is #GP, and with the #GP and #DF vectors beyond it too the processor shuts down (SDM Vol. 2A INT n, REAL-ADDRESS-MODE; QEMU agrees; fixtures/corpus/regressions/ivt-limit-after-garbage-lidt.json)",
+        applies: |c, kvm, interp, _| {
+            c.mode == FuzzMode::Real && interp.stop == "shutdown" && kvm.stop != "shutdown" && reg(interp, "idtr.limit") < 0x3ff
+        },
+    },
+    OutcomeLimit {
+        name: "event-delivery-through-mmio",
+        reason: "kvm_pvm shuts the guest down when delivering an event needs MMIO (an IDT/IVT moved there by a garbage LIDT, or an exception frame pushed to a stack there); the software CPU reads and writes such structures through the bus (HOST_SPECIFIC: descriptor tables in MMIO)",
+        applies: |_, kvm, interp, _| {
+            let beyond = |o: &Outcome, t: &str| {
+                reg(o, &format!("{t}.base")).saturating_add(reg(o, &format!("{t}.limit"))) >= super::layout::RAM_SIZE
+            };
+            let tables = beyond(interp, "idtr") || beyond(interp, "gdtr") || beyond(kvm, "idtr") || beyond(kvm, "gdtr");
+            let frame_to_mmio = {
+                let n = kvm.exits.iter().zip(&interp.exits).take_while(|(x, y)| x == y).count();
+                interp.exits.get(n).is_some_and(|e| e.starts_with("mmio-write"))
+            };
+            (kvm.stop == "shutdown" || interp.stop == "shutdown") && (tables || (kvm.stop == "shutdown" && frame_to_mmio))
+        },
+    },
+    OutcomeLimit {
+        name: "rep-ins-order",
+        reason: "KVM's emulator performs the port reads of a REP INS to MMIO before the MMIO writes (the same exits in another order); each iteration reads then writes (SDM Vol. 2A INS)",
+        applies: |_, kvm, interp, d| {
+            let mut a: Vec<&String> = kvm.exits.iter().filter(|e| !e.starts_with("mmio-read")).collect();
+            let mut b: Vec<&String> = interp.exits.iter().filter(|e| !e.starts_with("mmio-read")).collect();
+            a.sort();
+            b.sort();
+            d.rows.iter().all(|r| r.field.starts_with("exit")) && a == b
+        },
+    },
+    OutcomeLimit {
+        name: "rep-string-modifying-itself",
+        reason: "a REP string instruction that overwrites its own code: whether the rest of its iterations see the change is model-specific (SDM Vol. 3A §11.6); KVM's emulator finishes the instruction, the software CPU re-fetches",
+        applies: |c, kvm, interp, _| {
+            let Some(code) = super::case::parse_bytes(&c.code) else { return false };
+            let start = super::layout::CODE_ADDR;
+            let end = start + code.len() as u64;
+            let touches = |o: &Outcome| {
+                o.memory.keys().filter_map(|k| parse_hex(k)).any(|a| a + 8 > start && a < end)
+            };
+            let rep = Decoder::with_ip(c.mode.bitness(), &code, 0, DecoderOptions::NONE)
+                .into_iter()
+                .any(|i| i.is_string_instruction() && (i.has_rep_prefix() || i.has_repne_prefix()));
+            rep && (touches(kvm) || touches(interp))
+        },
+    },
+    OutcomeLimit {
+        name: "rep-cmps-scas-fault-flags",
+        reason: "a REPE/REPNE CMPS or SCAS that faults after some iterations: kvm_pvm's emulator leaves the flags as before the instruction; the completed iterations' flags stand (SDM Vol. 2B REP: registers reflect the point of the exception)",
+        applies: |c, kvm, interp, d| {
+            let Some(code) = super::case::parse_bytes(&c.code) else { return false };
+            let cmps = Decoder::with_ip(c.mode.bitness(), &code, 0, DecoderOptions::NONE).into_iter().any(|i| {
+                (i.has_rep_prefix() || i.has_repne_prefix())
+                    && matches!(i.mnemonic(), Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq
+                        | Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq)
+            });
+            cmps && kvm.stop == interp.stop
+                && kvm.stop.starts_with("exception")
+                && d.rows.iter().all(|r| r.field == "rflags" || r.field.starts_with("mem["))
+        },
+    },
+    OutcomeLimit {
+        name: "ins-port-read-before-fault",
+        reason: "an INS whose destination faults (e.g. a null ES): kvm_pvm's emulator performs the port read before it checks the destination; the software CPU checks ES:(E)DI first. SDM Vol. 2A INS does not order the input against the destination's segment check, so this host does not decide it",
+        applies: |_, kvm, interp, d| {
+            kvm.stop == interp.stop
+                && kvm.stop.starts_with("exception")
+                && d.rows.iter().all(|r| r.field.starts_with("exit"))
+                && kvm.exits.len() == interp.exits.len() + 1
+                && kvm.exits.last().is_some_and(|e| e.starts_with("in "))
+        },
+    },
+    OutcomeLimit {
+        name: "ring3-eflags-if-nt",
+        reason: "at CPL 3 kvm_pvm virtualises EFLAGS: PUSHF stores IF = 1 while the guest runs with IF = 0 (kvm_pvm runs ring 3 with interrupts on), and POPF drops NT; SDM Vol. 2B PUSHF stores EFLAGS as it is, and POPF at CPL 3 writes NT (only IOPL, IF (CPL > IOPL), VIP, VIF, VM and RF are kept)",
+        applies: |c, _, _, d| {
+            let bits = [rflags::IF, rflags::NT];
+            c.mode.cpl() == 3
+                && !d.rows.is_empty()
+                && d.rows.iter().all(|r| {
+                    let (Some(x), Some(y)) = (parse_hex(&r.left), parse_hex(&r.right)) else { return false };
+                    let lanes = |m: u64| (0..4).any(|k| x ^ y == m << (16 * k));
+                    (r.field.starts_with("mem[") && bits.iter().any(|&b| lanes(b)))
+                        || (r.field == "rflags" && bits.contains(&(x ^ y)))
+                })
+        },
+    },
+    OutcomeLimit {
+        name: "ltr-lldt-error-code",
+        reason: "kvm_pvm reports #GP(0) where LTR or LLDT of an LDT selector (or one beyond the GDT) is #GP(selector) (SDM Vol. 2A LLDT, Vol. 2B LTR, Protected Mode Exceptions)",
+        applies: |c, kvm, interp, _| {
+            let Some(code) = super::case::parse_bytes(&c.code) else { return false };
+            let has = Decoder::with_ip(c.mode.bitness(), &code, 0, DecoderOptions::NONE)
+                .into_iter()
+                .any(|i| matches!(i.mnemonic(), Mnemonic::Ltr | Mnemonic::Lldt));
+            let at = |o: &Outcome| o.stop.rsplit(" at ").next().map(str::to_string);
+            has && kvm.stop.starts_with("exception #GP error 0x0 ")
+                && interp.stop.starts_with("exception #GP error ")
+                && !interp.stop.starts_with("exception #GP error 0x0 ")
+                && at(kvm) == at(interp)
+        },
+    },
+    OutcomeLimit {
+        name: "single-step-trap",
+        reason: "kvm_pvm does not deliver the single-step #DB after a POPF sets TF (HOST_SPECIFIC: the generator never sets TF, but a POPF from a stack in MMIO pops the recorder's pattern); SDM Vol. 3A §18.3.1.4",
+        applies: |_, kvm, interp, _| interp.stop.starts_with("exception #DB") && !kvm.stop.starts_with("exception #DB"),
+    },
+    OutcomeLimit {
+        name: "eflags-ac",
+        reason: "kvm_pvm does not keep EFLAGS.AC set by the guest (a POPF of a value with AC, e.g. a stack in MMIO, where reads return a pattern); SDM Vol. 2B POPF: AC is written at any CPL (see HOST_SPECIFIC: the generator itself never sets AC)",
+        applies: |_, kvm, interp, d| {
+            d.rows.iter().all(|r| r.field == "rflags")
+                && reg(kvm, "rflags") ^ reg(interp, "rflags") == rflags::AC
+                && reg(kvm, "rflags") & rflags::AC == 0
+        },
+    },
+];
+
+/// The first outcome limit that explains a divergence between `kvm` and `interp`, if any.
+pub fn outcome_limit(
+    case: &Case,
+    kvm: &Outcome,
+    interp: &Outcome,
+    diff: &StateDiff,
+    limits: &[OutcomeLimit],
+) -> Option<OutcomeLimit> {
+    limits.iter().find(|l| (l.applies)(case, kvm, interp, diff)).copied()
+}
 
 fn is_soft_int(i: &Instruction) -> bool {
     matches!(i.mnemonic(), Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into | Mnemonic::Int1)
@@ -286,12 +506,41 @@ pub fn kvm_is_pvm() -> bool {
 }
 
 /// The first known host limit `case`'s code runs into, if any (the whole code is decoded).
+///
+/// The code is decoded from its start and from every target of a relative branch in it, so an
+/// instruction reached by jumping into the middle of another (a 16-bit branch in 64-bit code
+/// on an AMD part, say) is seen too.
 pub fn host_limit(case: &Case, code: &[u8], limits: &[HostLimit]) -> Option<HostLimit> {
+    if limits.is_empty() {
+        return None;
+    }
     let ip = super::gen::code_ip(case.mode);
-    let mut dec = Decoder::with_ip(case.mode.bitness(), code, ip, DecoderOptions::NONE);
-    for ins in &mut dec {
-        if let Some(l) = limits.iter().find(|l| (l.applies)(case.mode, &ins)) {
-            return Some(*l);
+    let mut starts = vec![ip];
+    let mut seen = BTreeSet::new();
+    while let Some(start) = starts.pop() {
+        if !seen.insert(start) || start < ip || start - ip >= code.len() as u64 {
+            continue;
+        }
+        let off = (start - ip) as usize;
+        let mut dec = Decoder::with_ip(case.mode.bitness(), &code[off..], start, DecoderOptions::NONE);
+        let mut prev: Option<Instruction> = None;
+        for ins in &mut dec {
+            if let Some(l) = limits.iter().find(|l| (l.applies)(case.mode, &ins, prev.as_ref())) {
+                return Some(*l);
+            }
+            if ins.is_jcc_short_or_near()
+                || ins.is_jmp_short_or_near()
+                || ins.is_call_near()
+                || ins.is_loop()
+                || ins.is_loopcc()
+                || ins.is_jcx_short()
+            {
+                // The target, and its 16-bit truncation (an operand-size prefix on the branch).
+                let t = ins.near_branch_target();
+                starts.push(t);
+                starts.push(t & 0xffff);
+            }
+            prev = Some(ins);
         }
     }
     None

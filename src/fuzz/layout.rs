@@ -118,6 +118,14 @@ pub fn start(mode: FuzzMode, p: &Parsed) -> Result<CpuState, FuzzError> {
             }
         }
     }
+    // The LDTR is marked invalid, as after `lldt` of a null selector (what an operating system
+    // leaves; SDM Vol. 2A LLDT): a TI = 1 selector is then #GP(selector). The reset state's LDTR
+    // (selector 0, base 0, limit 0xFFFF, present; SDM Vol. 3A Table 10-1) is not what fuzzed
+    // programs should depend on.
+    // Real mode keeps the reset LDTR (it has no LDT, and QEMU's reference needs reset values).
+    if mode != FuzzMode::Real {
+        s.sregs.ldt = Segment { unusable: true, present: false, ..Segment::default() };
+    }
     s.regs.set_gprs(&p.gprs);
     // Every tracked MSR is set, so nothing a previous case wrote (SWAPGS, WRMSR) survives.
     for &index in &duet_core::state::TRACKED_MSRS {
@@ -127,6 +135,7 @@ pub fn start(mode: FuzzMode, p: &Parsed) -> Result<CpuState, FuzzError> {
     // Reserved bit 1 is set; TF, VM, RF, NT stay clear so the run is not single-stepped or nested.
     let keep = rflags::STATUS | rflags::DF | rflags::IF | rflags::IOPL | rflags::AC;
     s.regs.rflags = (p.rflags & keep) | rflags::FIXED;
+
     if mode != FuzzMode::Real {
         s.regs.rip = CODE_ADDR;
     }

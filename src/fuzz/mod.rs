@@ -29,6 +29,7 @@ pub mod gen;
 pub mod judge;
 pub mod layout;
 pub mod lockstep;
+pub mod profile;
 pub mod reference;
 mod table;
 

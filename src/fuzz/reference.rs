@@ -12,7 +12,6 @@ use duet_core::vm_memory::{Bytes, GuestAddress};
 use super::case::{Case, Outcome};
 use super::judge::Reference;
 use super::layout::{self, CODE_ADDR, DATA_ADDR, RAM_SIZE};
-use crate::backends::shared_cpuid_profile;
 
 /// duet-qemu as a [`Reference`].
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +41,8 @@ impl Reference for QemuReference {
         guest.load(CODE_ADDR, p.code.clone());
         guest.load(DATA_ADDR, p.data.clone());
         guest.state = state;
-        let run = duet_qemu::run(&guest, &shared_cpuid_profile(), self.timeout).map_err(|e| e.to_string())?;
+        let profile = super::exec::profile_of(case.cpuid.as_ref()).map_err(|e| e.to_string())?;
+        let run = duet_qemu::run(&guest, &profile, self.timeout).map_err(|e| e.to_string())?;
         let mut now = vec![0u8; RAM_SIZE as usize];
         run.memory.read_slice(&mut now, GuestAddress(0)).map_err(|e| e.to_string())?;
         let base = layout::base_image(case.mode).map_err(|e| e.to_string())?;

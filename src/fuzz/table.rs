@@ -4,6 +4,8 @@ use std::sync::OnceLock;
 
 use iced_x86::{Code, CodeSize, Encoder, Instruction, Mnemonic, OpCodeOperandKind as K, OpKind, Register};
 
+use duet_core::cpuid::CpuidProfile;
+
 use super::case::FuzzMode;
 use super::gen::{decode_one, legacy, supported_kind, InsnSpec, Item};
 use super::layout::DATA_ADDR;
@@ -38,6 +40,58 @@ const EXCLUDED: &[Mnemonic] = &[
 /// Forms whose result the SDM leaves undefined for counts the generator cannot bound
 /// (a 16-bit SHLD/SHRD by CL greater than 16); the immediate forms get a count of at most 16.
 const UNDEFINED_FORMS: &[Code] = &[Code::Shld_rm16_r16_CL, Code::Shrd_rm16_r16_CL];
+
+/// Whether `m` needs a CPUID feature that `p` does not enumerate (the interpreter then raises #UD,
+/// or runs LZCNT/TZCNT as BSR/BSF, as the SDM says for a part without the feature).
+pub fn profile_lacks(m: Mnemonic, p: &CpuidProfile) -> bool {
+    use super::profile::has;
+    let need = match m {
+        Mnemonic::Popcnt => "popcnt",
+        Mnemonic::Lzcnt => "abm",
+        Mnemonic::Tzcnt
+        | Mnemonic::Andn
+        | Mnemonic::Bextr
+        | Mnemonic::Blsi
+        | Mnemonic::Blsmsk
+        | Mnemonic::Blsr => "bmi1",
+        Mnemonic::Bzhi
+        | Mnemonic::Mulx
+        | Mnemonic::Pdep
+        | Mnemonic::Pext
+        | Mnemonic::Rorx
+        | Mnemonic::Sarx
+        | Mnemonic::Shlx
+        | Mnemonic::Shrx => "bmi2",
+        Mnemonic::Adcx | Mnemonic::Adox => "adx",
+        Mnemonic::Movbe => "movbe",
+        Mnemonic::Cmpxchg16b => "cx16",
+        Mnemonic::Rdtscp => "rdtscp",
+        Mnemonic::Rdfsbase | Mnemonic::Rdgsbase | Mnemonic::Wrfsbase | Mnemonic::Wrgsbase => "fsgsbase",
+        Mnemonic::Xgetbv | Mnemonic::Xsetbv => {
+            return !p.has_leaf1_ecx(duet_core::cpuid::leaf1_ecx::XSAVE);
+        }
+        _ => return false,
+    };
+    !has(p, need)
+}
+
+/// Whether `code` belongs in the table of `mode`.
+///
+/// Two host-specific exclusions (see `judge::HOST_SPECIFIC`): in ring 3 no instruction whose
+/// CPUID feature the shared profile lacks — ring-3 code may run natively on the host CPU, which
+/// executes it whatever CPUID the guest sees (ring 0 keeps them: the #UD, or LZCNT/TZCNT as
+/// BSR/BSF, is tested there) — and in 64-bit code no near branch with an operand-size prefix
+/// (Intel ignores the prefix, AMD truncates RIP to 16 bits: vendor-specific).
+fn eligible_in(code: Code, mode: FuzzMode, profile: &CpuidProfile) -> bool {
+    let bits = mode.bitness();
+    if !eligible(code, bits) {
+        return false;
+    }
+    if mode.cpl() == 3 && profile_lacks(code.mnemonic(), profile) {
+        return false;
+    }
+    !(bits == 64 && code.op_code().op_kinds().iter().any(|k| matches!(k, K::br16_1 | K::br16_2)))
+}
 
 /// Whether `code` belongs in the table of code size `bits`.
 fn eligible(code: Code, bits: u32) -> bool {
@@ -74,15 +128,22 @@ fn eligible(code: Code, bits: u32) -> bool {
     kinds.iter().all(|&k| supported_kind(k))
 }
 
-/// The table of instruction forms for `mode`'s code size, in iced `Code` order.
+/// The table of instruction forms for `mode`, in iced `Code` order. It depends on the mode and,
+/// in ring 3, on this process's shared CPUID profile (`crate::backends::shared_cpuid_profile`).
 pub fn table(mode: FuzzMode) -> &'static [Code] {
-    static TABLES: [OnceLock<Vec<Code>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let (i, bits) = match mode.bitness() {
-        16 => (0, 16),
-        32 => (1, 32),
-        _ => (2, 64),
-    };
-    TABLES[i].get_or_init(|| Code::values().filter(|&c| eligible(c, bits)).collect())
+    static TABLES: [OnceLock<Vec<Code>>; 6] = [
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+    ];
+    let i = FuzzMode::ALL.iter().position(|&m| m == mode).unwrap_or(0);
+    TABLES[i].get_or_init(|| {
+        let profile = crate::backends::shared_cpuid_profile();
+        Code::values().filter(|&c| eligible_in(c, mode, &profile)).collect()
+    })
 }
 
 /// GPR `i` of the width `size` (1, 2, 4, 8 bytes) in code of `bits`.
@@ -219,6 +280,11 @@ pub fn instruction(mode: FuzzMode, code: Code, s: &InsnSpec, slot: usize, n: usi
             | K::r64_reg
             | K::r64_rm
             | K::r64_opcode => reg(&mut ins, gpr(bits, size, v)),
+            // MOV CS, m16 is #UD; AMD parts read the memory operand first (a #PF can win), Intel
+            // parts do not: vendor-specific, so only the register form loads CS.
+            K::seg_reg if i == 0 && s.ops.get(1).is_some_and(|o| o % 4 != 0) && v % 6 == 1 => {
+                reg(&mut ins, Register::DS)
+            }
             K::seg_reg => reg(&mut ins, reg_at(Register::ES, (v % 6) as usize)),
             K::es => reg(&mut ins, Register::ES),
             K::cs => reg(&mut ins, Register::CS),

@@ -225,6 +225,9 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
             let run = exec.run(&case, &p, &state)?;
             let stop = run.outcome.stop.clone();
             case.expected = Some(duet::fuzz::Expected { source: source.clone(), outcome: run.outcome });
+            // The result holds for the profile it was recorded under: name it in the file.
+            let profile = duet::fuzz::exec::profile_of(case.cpuid.as_ref())?;
+            case.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&profile));
             case.save(path)?;
             println!("{file}: recorded the {source} result ({stop})");
         }
