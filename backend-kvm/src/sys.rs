@@ -3,7 +3,8 @@
 //!
 //! # How a deadline ends KVM_RUN
 //!
-//! A [`Kicker`] is a one-shot POSIX timer that sends [`kick_signal`] to the thread running the
+//! A [`Kicker`] is a one-shot POSIX timer (repeating only where KVM lacks
+//! KVM_CAP_IMMEDIATE_EXIT, Linux before 4.11) that sends [`kick_signal`] to the thread running the
 //! vCPU. It is armed once per deadline (not per KVM_RUN), so an exit costs no system call but
 //! KVM_RUN itself. The signal's handler sets `kvm_run.immediate_exit` of the vCPU that is inside
 //! [`Vm::run`] on that thread (a thread-local pointer, set only for the span of that call), so a
@@ -498,15 +499,17 @@ impl Kicker {
         self.thread == ThreadTag::current()
     }
 
-    /// Fires once, at `deadline` or later (never earlier: the relative time is taken before
-    /// the kernel reads its clock), replacing any earlier arming.
-    pub fn arm(&self, deadline: Instant) -> Result<(), KvmError> {
+    /// Fires at `deadline` or later (never earlier: the relative time is taken before the
+    /// kernel reads its clock), then every `repeat` if given, replacing any earlier arming.
+    pub fn arm(&self, deadline: Instant, repeat: Option<Duration>) -> Result<(), KvmError> {
         // A zero it_value would disarm: fire after at least a nanosecond.
         let after = deadline.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1));
-        let value =
-            libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos().into() };
-        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        self.settime(libc::itimerspec { it_interval: zero, it_value: value }, "timer_settime (arm)")
+        let ts = |d: Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos().into(),
+        };
+        let interval = ts(repeat.unwrap_or_default());
+        self.settime(libc::itimerspec { it_interval: interval, it_value: ts(after) }, "timer_settime (arm)")
     }
 
     /// Stops the timer.
@@ -539,5 +542,35 @@ impl Drop for Kicker {
     fn drop(&mut self) {
         // SAFETY: `self.timer` is a live timer id owned by this value and deleted only here.
         unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::thread::JoinHandleExt;
+
+    use super::*;
+
+    #[test]
+    fn a_kick_restarts_a_blocking_call_instead_of_failing_it() {
+        install_kick_handler().unwrap();
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let t = std::thread::spawn(move || {
+            unblock_signal(kick_signal()).unwrap();
+            let mut b = [0u8; 1];
+            reader.read(&mut b).map(|n| (n, b[0])).map_err(|e| e.kind())
+        });
+        // Let the thread block in read(2) (if it is not there yet, the kick interrupts nothing
+        // and the test passes trivially: it cannot fail for timing reasons).
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: the thread is alive until joined below (it waits for the byte written after
+        // this), and the kick handler is installed.
+        assert_eq!(unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) }, 0);
+        std::thread::sleep(Duration::from_millis(20));
+        // (Fails with EPIPE when the read already failed and dropped its end: the join says.)
+        let _ = writer.write_all(b"k");
+        // Without SA_RESTART the read fails with EINTR (std's read does not retry).
+        assert_eq!(t.join().unwrap(), Ok((1, b'k')));
     }
 }

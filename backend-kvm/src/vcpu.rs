@@ -15,6 +15,9 @@ use kvm_ioctls::VcpuExit as KvmExit;
 use crate::error::KvmError;
 use crate::{convert, insn, sys};
 
+/// Without KVM_CAP_IMMEDIATE_EXIT (Linux before 4.11) a kick that lands just before KVM_RUN is
+/// lost, so there the timer repeats at this interval until the deadline is reported.
+const KICK_REPEAT_WITHOUT_IMMEDIATE_EXIT: Duration = Duration::from_millis(10);
 /// How long KVM gets to complete one instruction when the deadline has passed.
 pub const PROGRESS_PROBE: Duration = Duration::from_millis(50);
 /// DR6.BS: the #DB was caused by single-step (SDM Vol. 3A §19.2.3).
@@ -177,7 +180,7 @@ impl KvmVcpu {
         // A deadline already past needs no timer: `enter` sees it before entering.
         if self.armed != Some(t) && Instant::now() < t {
             if let Some(k) = &self.kicker {
-                k.arm(t)?;
+                k.arm(t, (!self.immediate_exit).then_some(KICK_REPEAT_WITHOUT_IMMEDIATE_EXIT))?;
             }
             self.armed = Some(t);
         }
