@@ -7,6 +7,7 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::form;
 use crate::cpu::{mask, Cpu, Flow};
+use crate::mmu::Kind;
 
 /// Operand size in bytes of an instruction with implicit operands (from iced-x86's opcode table).
 pub(crate) fn opsize(ins: &Instruction, cpu: &Cpu) -> u32 {
@@ -30,6 +31,27 @@ impl Cpu {
         let sp = self.sp().wrapping_sub(u64::from(bytes)) & mask(self.stack_bytes());
         self.write_mem(Register::SS, sp, bytes, v)?;
         self.set_sp(sp);
+        Ok(())
+    }
+
+    /// Checks that `count` pushes of `bytes` each, from the current SP down, can all be written —
+    /// the stack segment's limit (#SS(0)) and every page they touch (#PF) — before any is made,
+    /// so a multi-push instruction that faults leaves memory and SP as they were (SDM Vol. 2B
+    /// PUSHA, Protected Mode Exceptions: "#SS(0) If the starting or ending stack address is
+    /// outside the stack segment limit"; Vol. 2A ENTER likewise for the new stack pointer).
+    pub(crate) fn check_pushes(&mut self, count: u64, bytes: u32) -> Flow {
+        let sb = self.stack_bytes();
+        let wrap = if self.long_mode() { u64::MAX } else { 0xffff_ffff };
+        let mut sp = self.sp();
+        for _ in 0..count {
+            sp = sp.wrapping_sub(u64::from(bytes)) & mask(sb);
+            let lin = self.seg_linear(Register::SS, sp, bytes, true)?;
+            self.translate(lin, Kind::Write, false)?;
+            let last = lin.wrapping_add(u64::from(bytes) - 1) & wrap;
+            if last >> 12 != lin >> 12 {
+                self.translate(last, Kind::Write, false)?;
+            }
+        }
         Ok(())
     }
 
@@ -146,6 +168,8 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             // SDM Vol. 2B PUSHA: AX, CX, DX, BX, the original SP, BP, SI, DI.
             let size = if m_is(ins, Mnemonic::Pushad) { 4 } else { 2 };
             let sp = cpu.gpr_sized(4, size);
+            // The whole frame is checked first: a fault leaves no word written and SP unchanged.
+            cpu.check_pushes(8, size)?;
             for r in 0..8 {
                 let v = if r == 4 { sp } else { cpu.gpr_sized(r, size) };
                 cpu.push(v, size)?;
@@ -186,21 +210,32 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             let alloc = ins.immediate(0) & 0xffff;
             let sb = cpu.stack_bytes();
             let bp = cpu.gpr_sized(5, size);
+            // Everything that can fault comes first — the caller's frame pointers are read, the
+            // pushes and the new stack top checked — so a fault writes nothing and leaves rSP and
+            // rBP (SDM Vol. 2A ENTER, Exceptions: #SS(0) for a new stack pointer outside the
+            // limit, #PF also "if a write using the final value of the stack pointer … would
+            // cause a page fault").
+            let pushes = if level > 0 { 1 + level } else { 1 };
+            let mut copies = Vec::new();
+            let mut walk = cpu.gpr_sized(5, sb);
+            for _ in 1..level {
+                walk = walk.wrapping_sub(u64::from(size)) & mask(sb);
+                copies.push(cpu.read_mem(Register::SS, walk, size)?);
+            }
+            cpu.check_pushes(pushes, size)?;
+            let frame = cpu.sp().wrapping_sub(u64::from(size)) & mask(sb);
+            let new_sp = cpu.sp().wrapping_sub(pushes * u64::from(size)).wrapping_sub(alloc) & mask(sb);
+            if alloc != 0 {
+                // The new stack top must be a valid, writable stack address.
+                let lin = cpu.seg_linear(Register::SS, new_sp, 1, true)?;
+                cpu.translate(lin, Kind::Write, false)?;
+            }
             cpu.push(bp, size)?;
-            let frame = cpu.sp();
             if level > 0 {
-                let mut walk = cpu.gpr_sized(5, sb);
-                for _ in 1..level {
-                    walk = walk.wrapping_sub(u64::from(size)) & mask(sb);
-                    let v = cpu.read_mem(Register::SS, walk, size)?;
+                for v in copies {
                     cpu.push(v, size)?;
                 }
                 cpu.push(frame, size)?;
-            }
-            let new_sp = cpu.sp().wrapping_sub(alloc) & mask(sb);
-            if alloc != 0 {
-                // The new stack top must be a valid stack address (#SS(0) otherwise).
-                cpu.seg_linear(Register::SS, new_sp, 1, true)?;
             }
             cpu.set_gpr_sized(5, size, frame);
             cpu.set_sp(new_sp);
