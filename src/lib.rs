@@ -41,7 +41,7 @@ pub mod opinions;
 pub mod run;
 pub mod testing;
 
-pub use backends::{auto, shared_cpuid_profile, BackendKind};
+pub use backends::{auto, fastest, shared_cpuid_profile, BackendKind};
 pub use duet_core::{
     Availability, Backend, CpuState, CpuidProfile, Guest, Machine, RunOutcome, StateDiff, StopReason, Vcpu,
     VcpuExit,

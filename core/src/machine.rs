@@ -245,32 +245,39 @@ impl<V: Vcpu> Machine<V> {
         Ok(())
     }
 
-    /// Runs until a terminal event, dispatching every exit to the devices.
-    pub fn run(&mut self, opts: &RunOptions) -> Result<RunOutcome, MachineError> {
-        let start = Instant::now();
-        self.clear_exception_report();
-        self.vcpu.set_deadline(Some(start + opts.timeout));
-        let stop = loop {
+    /// The run loop proper: runs the vCPU and dispatches its exits until one stops the run.
+    fn run_to_stop(&mut self) -> Result<StopReason, MachineError> {
+        loop {
             self.deliver_interrupts()?;
             let exit = self.vcpu.run()?;
             self.exits += 1;
             match handle_exit(&self.pio, &self.mmio, exit) {
                 ExitAction::Continue => {}
-                ExitAction::Stop(reason) => break reason,
+                ExitAction::Stop(reason) => return Ok(reason),
                 ExitAction::Halt => {
                     let regs = self.vcpu.regs()?;
                     // SDM Vol. 2A HLT: only an interrupt (with IF = 1), NMI, SMI or reset resumes.
                     if regs.rflags & rflags::IF != 0 && self.interrupts.peek().is_some() {
                         continue;
                     }
-                    break match self.exception_report() {
+                    return Ok(match self.exception_report() {
                         Some(r) => StopReason::Exception(r),
                         None => StopReason::Halted,
-                    };
+                    });
                 }
             }
-        };
+        }
+    }
+
+    /// Runs until a terminal event, dispatching every exit to the devices.
+    pub fn run(&mut self, opts: &RunOptions) -> Result<RunOutcome, MachineError> {
+        let start = Instant::now();
+        self.clear_exception_report();
+        self.vcpu.set_deadline(Some(start + opts.timeout));
+        let stop = self.run_to_stop();
+        // Cleared on every way out, errors included, so no later run inherits this deadline.
         self.vcpu.set_deadline(None);
+        let stop = stop?;
         let state = self.vcpu.state()?;
         Ok(RunOutcome {
             backend: self.vcpu.backend_name(),
@@ -290,6 +297,7 @@ mod tests {
 
     use super::*;
     use crate::bus::BusDevice;
+    use crate::state::{Regs, SystemRegs};
 
     struct Latch(Vec<u8>);
     impl BusDevice for Latch {
@@ -358,5 +366,59 @@ mod tests {
             handle_exit(&pio, &mmio, VcpuExit::DeadlineReached),
             ExitAction::Stop(StopReason::Deadline)
         );
+    }
+    /// A vCPU whose every run fails, recording the deadlines it is given.
+    #[derive(Default)]
+    struct FailingVcpu(Vec<Option<Instant>>);
+    impl Vcpu for FailingVcpu {
+        fn backend_name(&self) -> &'static str {
+            "failing"
+        }
+        fn regs(&mut self) -> Result<Regs, VcpuError> {
+            Ok(Regs::default())
+        }
+        fn set_regs(&mut self, _: &Regs) -> Result<(), VcpuError> {
+            Ok(())
+        }
+        fn sregs(&mut self) -> Result<SystemRegs, VcpuError> {
+            Ok(SystemRegs::default())
+        }
+        fn set_sregs(&mut self, _: &SystemRegs) -> Result<(), VcpuError> {
+            Ok(())
+        }
+        fn state(&mut self) -> Result<CpuState, VcpuError> {
+            Ok(CpuState::default())
+        }
+        fn set_state(&mut self, _: &CpuState) -> Result<(), VcpuError> {
+            Ok(())
+        }
+        fn run(&mut self) -> Result<VcpuExit<'_>, VcpuError> {
+            Err(VcpuError::InvalidState("this vCPU cannot run".into()))
+        }
+        fn ready_for_interrupt(&mut self) -> bool {
+            false
+        }
+        fn inject_interrupt(&mut self, _: u8) -> Result<(), VcpuError> {
+            Ok(())
+        }
+        fn request_interrupt_window(&mut self, _: bool) {}
+        fn set_single_step(&mut self, _: bool) -> Result<(), VcpuError> {
+            Ok(())
+        }
+        fn set_deadline(&mut self, deadline: Option<Instant>) {
+            self.0.push(deadline);
+        }
+    }
+
+    #[test]
+    fn a_failed_run_leaves_no_deadline_armed() {
+        let memory =
+            Arc::new(crate::GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("1 page of RAM"));
+        let mut m = Machine::with_vcpu(memory, FailingVcpu::default());
+        let err = m.run(&RunOptions { timeout: Duration::from_secs(5) });
+        assert!(err.is_err(), "a vCPU whose run fails makes the machine's run fail");
+        let deadlines = &m.vcpu.0;
+        assert!(deadlines.first().is_some_and(|d| d.is_some()), "the run set a deadline: {deadlines:?}");
+        assert_eq!(deadlines.last(), Some(&None), "and cleared it on the way out: {deadlines:?}");
     }
 }
