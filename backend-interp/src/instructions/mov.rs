@@ -151,6 +151,11 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             };
             let size = cpu.op_bytes(ins, 0);
             let (seg, ea) = cpu.mem_addr(ins, 1);
+            // The far pointer is one operand of size + 2 bytes: all of it must lie within the
+            // segment (SDM Vol. 2A LDS/LES/LFS/LGS/LSS, Exceptions: #GP(0)/#SS(0) if a memory
+            // operand effective address is outside the segment limit), so a pointer at offset
+            // 0xFFFE of a 64 KiB segment faults rather than reading its selector from offset 0.
+            cpu.seg_linear(seg, ea, size + 2, false)?;
             let off = cpu.read_mem(seg, ea, size)?;
             let am = crate::cpu::mask(crate::operand::addr_bytes(ins, cpu.bitness()));
             let sel = cpu.read_mem(seg, ea.wrapping_add(u64::from(size)) & am, 2)? as u16;
