@@ -94,7 +94,9 @@ impl Checker {
             return Ok(Verdict::Unsupported { what });
         }
         let Some(kvm_exec) = self.kvm.as_mut() else { return Ok(Verdict::InterpOnly) };
-        if let Some(l) = judge::host_limit(case, &p.code, self.limits) {
+        if let Some(l) = judge::host_limit(case, &p.code, self.limits)
+            .or_else(|| judge::host_limit(case, &p.code, judge::HOST_SPECIFIC_LIMITS))
+        {
             return Ok(self.ask_reference(
                 case,
                 &interp,
