@@ -431,7 +431,9 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
     OutcomeLimit {
         name: "ring3-eflags-if-nt-ac",
         reason: "at CPL 3 kvm_pvm virtualises EFLAGS: PUSHF stores IF = 1 while the guest runs with IF = 0 (kvm_pvm runs ring 3 with interrupts on), and POPF drops NT and AC; SDM Vol. 2B PUSHF stores EFLAGS as it is, and POPF at CPL 3 writes NT (only IOPL, IF (CPL > IOPL), VIP, VIF, VM and RF are kept)",
-        applies: |c, _, _, d| c.mode.cpl() == 3 && only_flag_bits(d, &[rflags::IF, rflags::NT, rflags::AC]),
+        applies: |c, kvm, interp, d| {
+            c.mode.cpl() == 3 && only_flag_bits(d, &[rflags::IF, rflags::NT, rflags::AC], undefined(kvm, interp))
+        },
     },
     OutcomeLimit {
         name: "ltr-lldt-error-code",
@@ -476,9 +478,18 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
         },
     },
     OutcomeLimit {
+        name: "alignment-check-without-cr0-am",
+        reason: "kvm_pvm runs guest code with the host's CR0.AM = 1, so EFLAGS.AC at CPL 3 raises #AC for a misaligned access although the guest's CR0.AM = 0 (SDM Vol. 3A §6.15, Interrupt 17: alignment checking needs CR0.AM = 1, EFLAGS.AC = 1 and CPL 3)",
+        applies: |_, kvm, _, _| kvm.stop.starts_with("exception #AC") && reg(kvm, "cr0") & (1 << 18) == 0,
+    },
+    OutcomeLimit {
         name: "eflags-ac",
         reason: "kvm_pvm does not keep EFLAGS.AC set by the guest (a POPF of a value with AC, e.g. a stack in MMIO, where reads return a pattern): RFLAGS and the exception frame's EFLAGS lack it; SDM Vol. 2B POPF: AC is written at any CPL (see HOST_SPECIFIC: the generator itself never sets AC)",
-        applies: |_, kvm, interp, d| only_flag_bits(d, &[rflags::AC]) && reg(kvm, "rflags") & rflags::AC == 0 && reg(interp, "rflags") & rflags::AC != 0,
+        applies: |_, kvm, interp, d| {
+            only_flag_bits(d, &[rflags::AC], undefined(kvm, interp))
+                && reg(kvm, "rflags") & rflags::AC == 0
+                && reg(interp, "rflags") & rflags::AC != 0
+        },
     },
     OutcomeLimit {
         name: "paging-structures-written",
@@ -506,14 +517,23 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
 
 /// Whether every row of `d` is RFLAGS or a memory word (a pushed FLAGS image) differing in exactly
 /// one of `bits`.
-fn only_flag_bits(d: &StateDiff, bits: &[u64]) -> bool {
+///
+/// Status flags either side reports undefined (`undef`) may differ alongside.
+fn only_flag_bits(d: &StateDiff, bits: &[u64], undef: u64) -> bool {
+    let allowed = bits.iter().fold(0, |a, b| a | b) | (undef & rflags::STATUS);
     !d.rows.is_empty()
         && d.rows.iter().all(|r| {
             let (Some(x), Some(y)) = (parse_hex(&r.left), parse_hex(&r.right)) else { return false };
-            let lanes = |m: u64| (0..4).any(|k| x ^ y == m << (16 * k));
-            (r.field.starts_with("mem[") && bits.iter().any(|&b| lanes(b)))
-                || (r.field == "rflags" && bits.contains(&(x ^ y)))
+            let diff = x ^ y;
+            let lane = |k: u64| {
+                diff & !(allowed << (16 * k)) == 0 && bits.iter().any(|&b| diff & (b << (16 * k)) != 0)
+            };
+            (r.field.starts_with("mem[") && (0..4).any(lane)) || (r.field == "rflags" && lane(0))
         })
+}
+
+fn undefined(kvm: &Outcome, interp: &Outcome) -> u64 {
+    parse_hex(&kvm.rflags_undefined).unwrap_or(0) | parse_hex(&interp.rflags_undefined).unwrap_or(0)
 }
 
 /// The first outcome limit that explains a divergence between `kvm` and `interp`, if any.

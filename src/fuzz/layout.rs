@@ -44,6 +44,20 @@ pub fn base_guest(mode: FuzzMode) -> Result<Guest, FuzzError> {
         .map_err(|e| FuzzError::Setup(e.to_string()))?;
     g.ram_size = RAM_SIZE;
     g.loads.retain(|l| l.addr != CODE_ADDR);
+    // Every present paging-structure entry starts with its accessed bit set. Otherwise whether a
+    // case sees A = 0 or 1 when it reads a table depends on whether the previous case's
+    // translations are still cached (SDM Vol. 3A §4.8, §4.10.2: A is set when an entry is used
+    // for a walk, and a TLB hit needs none) — machines are reused between cases. Dirty bits are
+    // left clear: setting them is part of what is compared.
+    if mode.fixture_mode() == duet_fixtures::Mode::Long {
+        for l in g.loads.iter_mut().filter(|l| l.addr == duet_core::layout::PAGE_TABLES_ADDR) {
+            for e in l.bytes.chunks_mut(8) {
+                if e[0] & 1 != 0 {
+                    e[0] |= 0x20;
+                }
+            }
+        }
+    }
     Ok(g)
 }
 
