@@ -421,7 +421,7 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
         reason: "an INS whose destination faults (e.g. a null ES): kvm_pvm's emulator performs the port read before it checks the destination; the software CPU checks ES:(E)DI first. SDM Vol. 2A INS does not order the input against the destination's segment check, so this host does not decide it",
         applies: |_, kvm, interp, d| {
             kvm.stop == interp.stop
-                && kvm.stop.starts_with("exception")
+                && (kvm.stop.starts_with("exception") || kvm.stop == "shutdown")
                 && d.rows.iter().all(|r| r.field.starts_with("exit"))
                 && kvm.exits.len() > interp.exits.len()
                 && kvm.exits.starts_with(&interp.exits)
@@ -481,6 +481,33 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
         name: "alignment-check-without-cr0-am",
         reason: "kvm_pvm runs guest code with the host's CR0.AM = 1, so EFLAGS.AC at CPL 3 raises #AC for a misaligned access although the guest's CR0.AM = 0 (SDM Vol. 3A §6.15, Interrupt 17: alignment checking needs CR0.AM = 1, EFLAGS.AC = 1 and CPL 3)",
         applies: |_, kvm, _, _| kvm.stop.starts_with("exception #AC") && reg(kvm, "cr0") & (1 << 18) == 0,
+    },
+    OutcomeLimit {
+        name: "pusha-partial-frame",
+        reason: "a PUSHA whose frame leaves the stack segment: the SDM raises #SS(0) when the starting or ending stack address is outside the limit (Vol. 2B PUSHA, Exceptions; real mode: SP = 7, 9, 11, 13, 15), before writing; kvm_pvm's emulator writes the first words, then faults (fixtures/corpus/regressions/pusha-faults-before-writing.json)",
+        applies: |c, kvm, interp, d| {
+            let pusha = super::case::parse_bytes(&c.code).is_some_and(|code| {
+                Decoder::with_ip(c.mode.bitness(), &code, 0, DecoderOptions::NONE)
+                    .into_iter()
+                    .any(|i| matches!(i.mnemonic(), Mnemonic::Pusha | Mnemonic::Pushad))
+            });
+            pusha && kvm.stop == interp.stop && kvm.stop.starts_with("exception #SS") && d.rows.iter().all(|r| r.field.starts_with("mem["))
+        },
+    },
+    OutcomeLimit {
+        name: "popa-from-mmio",
+        reason: "POPA/POPAD whose frame lies (partly) in MMIO: kvm_pvm's emulator reads the words from the wrong addresses (each further from the last) and leaves ESP beyond the frame; the frame is 8 consecutive words or dwords (SDM Vol. 2B POPA)",
+        applies: |c, kvm, interp, _| {
+            let popa = super::case::parse_bytes(&c.code).is_some_and(|code| {
+                Decoder::with_ip(c.mode.bitness(), &code, 0, DecoderOptions::NONE)
+                    .into_iter()
+                    .any(|i| matches!(i.mnemonic(), Mnemonic::Popa | Mnemonic::Popad))
+            });
+            let reads = |o: &Outcome| -> Vec<String> {
+                o.exits.iter().filter(|e| e.starts_with("mmio-read")).cloned().collect()
+            };
+            popa && !reads(kvm).is_empty() && reads(kvm) != reads(interp)
+        },
     },
     OutcomeLimit {
         name: "eflags-ac",
@@ -695,6 +722,55 @@ mod tests {
         assert!(undefined_flags_image(0x7bf0, af << 32, af));
         assert!(!undefined_flags_image(0x7bf0, rflags::CF << 32, af));
         assert!(!undefined_flags_image(0xa000, af, af));
+    }
+
+    fn case(mode: FuzzMode, code: &[u8]) -> Case {
+        Case {
+            format: super::super::case::CASE_FORMAT,
+            mode,
+            note: String::new(),
+            regs: Default::default(),
+            rflags: "0x2".into(),
+            segments: Default::default(),
+            code: super::super::case::hex_bytes(code),
+            disasm: Vec::new(),
+            data: String::new(),
+            cpuid: None,
+            expected: None,
+        }
+    }
+
+    #[test]
+    fn host_limits_see_instructions_reached_by_a_branch_into_another() {
+        // jmp +1 lands on 0F A2 (CPUID), which a linear decode sees as part of MOV EAX, imm32.
+        let hidden = [0xeb, 0x01, 0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4];
+        let c = case(FuzzMode::Long64, &hidden);
+        assert_eq!(host_limit(&c, &hidden, KVM_PVM_LIMITS).map(|l| l.name), Some("cpuid-host-leaves"));
+        let plain = [0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4];
+        assert!(host_limit(&case(FuzzMode::Long64, &plain), &plain, KVM_PVM_LIMITS).is_none());
+        assert!(host_limit(&c, &hidden, &[]).is_none(), "no limits on a bare-metal host");
+    }
+
+    #[test]
+    fn outcome_limits_match_only_their_own_difference() {
+        let mut kvm = Outcome { stop: "debug-exit 0x0".into(), ..Outcome::default() };
+        kvm.state.insert("rflags".into(), format!("{:#x}", 0x202));
+        let mut interp = kvm.clone();
+        interp.state.insert("rflags".into(), format!("{:#x}", 0x202 | rflags::AC));
+        let c = case(FuzzMode::Long64, &[0xe6, 0xf4]);
+        let zero = |_| 0;
+        let d = compare(("kvm", &kvm), ("interp", &interp), &zero);
+        let name = |k: &Outcome, i: &Outcome, d: &StateDiff| {
+            outcome_limit(&c, k, i, d, KVM_PVM_OUTCOME_LIMITS).map(|l| l.name)
+        };
+        assert_eq!(name(&kvm, &interp, &d), Some("eflags-ac"));
+        // AC plus a defined flag is not explained by the AC limit.
+        interp.state.insert("rflags".into(), format!("{:#x}", 0x202 | rflags::AC | rflags::CF));
+        let d = compare(("kvm", &kvm), ("interp", &interp), &zero);
+        assert_eq!(name(&kvm, &interp, &d), None);
+        // Unless that flag is undefined: the difference is then masked away entirely.
+        interp.rflags_undefined = format!("{:#x}", rflags::CF);
+        assert_eq!(compare(("kvm", &kvm), ("interp", &interp), &zero).rows.len(), 1);
     }
 
     #[test]
