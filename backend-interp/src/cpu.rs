@@ -210,6 +210,8 @@ pub(crate) struct Cpu {
     pub io: IoStage,
     /// Instructions retired.
     pub retired: u64,
+    /// Steps executed: instructions retired plus the iterations of REP string instructions.
+    pub steps: u64,
     /// TSC = retired + tsc_offset (WRMSR to the TSC moves the offset).
     pub tsc_offset: u64,
     /// Interrupt shadow: instructions left (STI, MOV SS, POP SS set 2: this one and the next).
@@ -259,6 +261,7 @@ impl Cpu {
             code_lines: CodeLines::default(),
             io: IoStage::default(),
             retired: 0,
+            steps: 0,
             tsc_offset: 0,
             shadow: 0,
             post: None,

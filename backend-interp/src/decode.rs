@@ -1,24 +1,34 @@
-//! Instruction fetch and the decode cache: decoded instructions keyed by physical address, each
-//! with its handler and flag masks resolved at decode time, dropped when the guest writes their
-//! bytes (self-modifying code).
+//! Instruction fetch and the decode cache: straight-line blocks of decoded instructions keyed
+//! by physical address and code size, each instruction with its handler and flag masks resolved
+//! at decode time, dropped when the guest writes their bytes (self-modifying code).
 //!
-//! The cache is direct-mapped on the physical address, so a lookup is one index and one tag
-//! compare. Each page has a bitmap of the 64-byte lines that hold cached code: a guest write
-//! checks that bitmap first and only when it touches a line with code drops the entries whose
+//! A block runs from its first instruction up to and including the first one that may branch or
+//! change what the step loop works out once per block (mode, CS, paging, RFLAGS.TF/IF/RF, the
+//! interrupt shadow, debug registers, a halt or port exit); it never crosses its page and holds
+//! at most `MAX_BLOCK` instructions. Lookup is one direct-mapped index probe and one key compare
+//! per block. Each page has a bitmap of the 64-byte lines that hold cached code: a guest write
+//! checks that bitmap first and only when it touches a line with code drops the blocks whose
 //! bytes it overlaps. Stack and data writes near code (real-mode guests keep the stack just
-//! below their code) therefore cost one bitmap test and keep the code cached.
+//! below their code) therefore cost one bitmap test and keep the code cached. Creating and
+//! clearing the cache allocates and walks nothing up front (the index comes with the first block).
+
+use std::collections::HashMap;
 
 use duet_core::vm_memory::{Bytes, GuestAddress};
-use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind};
 
 use crate::cpu::{gp, unsupported, Cpu, Flow};
 use crate::instructions::{Handler, Operands};
 use crate::mmu::Kind;
 
-/// Cache slots (a power of two): 16 KiB of consecutive code never collides with itself.
-const SLOTS: usize = 1 << 14;
-/// Tag of an empty slot (no physical address shifts to it).
-const EMPTY: u64 = u64::MAX;
+/// Index slots (a power of two).
+const INDEX: usize = 1 << 14;
+/// Instructions in one block at most.
+const MAX_BLOCK: usize = 64;
+/// Blocks kept (live or dropped) before the whole cache is cleared.
+const MAX_BLOCKS: usize = 1 << 15;
+/// Bytes read ahead to decode one block.
+const WINDOW: usize = 512;
 /// Pages above this are not cached (it bounds the line bitmap to 8 MiB: RAM below 4 GiB).
 const MAX_PAGES: u64 = 1 << 20;
 
@@ -44,6 +54,13 @@ pub(crate) struct Decoded {
     /// A fast register form: it changes no state when it fails, so the step loop keeps no
     /// copy of the registers to restore.
     pub fast: bool,
+    /// Falls through to the next instruction and changes nothing a block fixes at its start:
+    /// a block goes on after it.
+    pub straight: bool,
+    /// Length in bytes.
+    pub len: u8,
+    /// Mask of RIP after it: all ones when decoded as 64-bit code, else 32 bits.
+    pub ip_mask: u64,
 }
 
 impl Decoded {
@@ -61,16 +78,145 @@ impl Decoded {
             iret: matches!(m, Iret | Iretd | Iretq),
             vex: ins.encoding() != iced_x86::EncodingKind::Legacy,
             fast,
+            straight: straight(&ins),
+            len: ins.len() as u8,
+            ip_mask: if ins.code_size() == iced_x86::CodeSize::Code64 { u64::MAX } else { 0xffff_ffff },
             ins,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    /// `pa << 8 | bitness`, or `EMPTY`.
-    tag: u64,
-    d: Decoded,
+/// Whether `ins` neither branches nor changes the mode, CS, paging, the debug registers,
+/// RFLAGS.TF/IF/VM/IOPL, the interrupt shadow or the halt state, and asks for no exit after it
+/// retires: data movement and arithmetic on general registers and memory only (any of them may
+/// still fault, which ends the block on the fault path).
+fn straight(ins: &Instruction) -> bool {
+    use Mnemonic::*;
+    let plain = matches!(
+        ins.mnemonic(),
+        Mov | Movzx
+            | Movsx
+            | Movsxd
+            | Lea
+            | Xchg
+            | Cbw
+            | Cwde
+            | Cdqe
+            | Cwd
+            | Cdq
+            | Cqo
+            | Bswap
+            | Cmpxchg
+            | Xadd
+            | Xlatb
+            | Cmova
+            | Cmovae
+            | Cmovb
+            | Cmovbe
+            | Cmove
+            | Cmovg
+            | Cmovge
+            | Cmovl
+            | Cmovle
+            | Cmovne
+            | Cmovno
+            | Cmovnp
+            | Cmovns
+            | Cmovo
+            | Cmovp
+            | Cmovs
+            | Seta
+            | Setae
+            | Setb
+            | Setbe
+            | Sete
+            | Setg
+            | Setge
+            | Setl
+            | Setle
+            | Setne
+            | Setno
+            | Setnp
+            | Setns
+            | Seto
+            | Setp
+            | Sets
+            | Add
+            | Adc
+            | Sub
+            | Sbb
+            | Cmp
+            | And
+            | Or
+            | Xor
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Mul
+            | Imul
+            | Div
+            | Idiv
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Bsf
+            | Bsr
+            | Push
+            | Pop
+            | Nop
+            | Clc
+            | Stc
+            | Cmc
+            | Cld
+            | Std
+            | Lahf
+            | Sahf
+            | Popcnt
+            | Lzcnt
+            | Tzcnt
+            | Movbe
+    );
+    plain
+        && ins.encoding() == iced_x86::EncodingKind::Legacy
+        && (0..ins.op_count()).all(|i| {
+            ins.op_kind(i) != OpKind::Register || {
+                let r = ins.op_register(i);
+                !r.is_segment_register() && !r.is_cr() && !r.is_dr() && !r.is_tr()
+            }
+        })
+}
+
+/// A straight-line run of decoded instructions starting at one physical address.
+#[derive(Debug)]
+pub(crate) struct Block {
+    /// `pa << 8 | bitness`.
+    key: u64,
+    /// Still valid: no guest write has touched its bytes since it was decoded.
+    live: bool,
+    /// Bytes its instructions cover.
+    pub bytes: u64,
+    /// The instructions, in order; empty when the first one cannot be cached (it crosses the
+    /// page or is invalid): the step loop then decodes it on its own.
+    pub ins: Vec<Decoded>,
+}
+
+impl Block {
+    fn start(&self) -> u64 {
+        self.key >> 8
+    }
 }
 
 /// Which bytes of guest RAM hold cached code, and the writes that hit them since the step
@@ -135,20 +281,33 @@ impl CodeLines {
     }
 }
 
-/// Decoded instructions by (physical address, bitness), direct-mapped. It lives beside the CPU
-/// (in the vCPU), so the step loop runs an instruction straight from its slot; guest writes
-/// reach it through [`CodeLines`] after each step.
+/// Decoded blocks by (physical address, bitness). It lives beside the CPU (in the vCPU), so
+/// the step loop runs instructions straight from their block; guest writes reach it through
+/// [`CodeLines`] after each instruction.
 #[derive(Debug)]
 pub(crate) struct DecodeCache {
-    slots: Vec<Slot>,
-    /// The last instruction that could not be cached (it crosses a page, or is invalid).
+    /// Direct-mapped on the start address: block number + 1, or 0. Entries are hints, checked
+    /// against the block's key, so stale ones are harmless; allocated with the first block.
+    index: Vec<u32>,
+    /// Every block decoded since the last clear, dropped ones included.
+    blocks: Vec<Block>,
+    /// Physical page → the blocks that start in it, for dropping on writes.
+    by_page: HashMap<u64, Vec<u32>>,
+    /// The last instruction decoded outside any block (it crosses a page, or is invalid).
     uncached: Decoded,
+    /// The block returned for pages that are not cached.
+    empty: Block,
 }
 
 impl Default for DecodeCache {
     fn default() -> Self {
-        let d = Decoded::new(Instruction::default());
-        DecodeCache { slots: vec![Slot { tag: EMPTY, d }; SLOTS], uncached: d }
+        DecodeCache {
+            index: Vec::new(),
+            blocks: Vec::new(),
+            by_page: HashMap::new(),
+            uncached: Decoded::new(Instruction::default()),
+            empty: Block { key: u64::MAX, live: false, bytes: 0, ins: Vec::new() },
+        }
     }
 }
 
@@ -160,78 +319,74 @@ fn line_mask(lo: u64, hi: u64) -> u64 {
 }
 
 impl DecodeCache {
-    fn tag(pa: u64, bitness: u32) -> u64 {
+    fn key(pa: u64, bitness: u32) -> u64 {
         (pa << 8) | u64::from(bitness)
     }
 
     fn slot(pa: u64) -> usize {
-        (pa as usize) & (SLOTS - 1)
+        ((pa ^ (pa >> 14)) as usize) & (INDEX - 1)
     }
 
-    /// The instruction decoded at `pa` for `bitness`, if cached.
+    /// The block decoded at `pa` for `bitness`, if cached and still valid.
     #[inline]
-    pub fn get(&self, pa: u64, bitness: u32) -> Option<&Decoded> {
-        let s = self.slots.get(Self::slot(pa))?;
-        (s.tag == Self::tag(pa, bitness)).then_some(&s.d)
+    pub fn block(&self, pa: u64, bitness: u32) -> Option<&Block> {
+        let id = *self.index.get(Self::slot(pa))?;
+        let b = self.blocks.get((id as usize).wrapping_sub(1))?;
+        (b.key == Self::key(pa, bitness) && b.live).then_some(b)
     }
 
-    /// Caches `d`, decoded at `pa`, when it lies wholly in that page (else keeps it aside for
-    /// this step only), marking its lines in `lines`.
-    pub fn insert(&mut self, pa: u64, bitness: u32, d: Decoded, lines: &mut CodeLines) -> &Decoded {
-        let len = d.ins.len() as u64;
-        if pa >> 12 >= MAX_PAGES || len == 0 || (pa & 0xfff) + len > 0x1000 || d.ins.is_invalid() {
-            self.uncached = d;
-            return &self.uncached;
+    /// Caches `ins`, decoded at `pa` and lying wholly in its page, as a block, marking its
+    /// lines in `lines`.
+    fn insert(&mut self, pa: u64, bitness: u32, ins: Vec<Decoded>, lines: &mut CodeLines) -> &Block {
+        if pa >> 12 >= MAX_PAGES {
+            return &self.empty;
         }
-        lines.mark(pa, len);
-        let i = Self::slot(pa);
-        match self.slots.get_mut(i) {
-            Some(s) => {
-                *s = Slot { tag: Self::tag(pa, bitness), d };
-                &s.d
-            }
-            None => {
-                self.uncached = d;
-                &self.uncached
-            }
+        if self.blocks.len() >= MAX_BLOCKS {
+            self.clear(lines);
         }
+        if self.index.is_empty() {
+            self.index = vec![0; INDEX];
+        }
+        let bytes: u64 = ins.iter().map(|d| d.ins.len() as u64).sum();
+        // An empty block covers its first byte, so that writing there drops it too.
+        lines.mark(pa, bytes.max(1));
+        let id = self.blocks.len() as u32;
+        if let Some(slot) = self.index.get_mut(Self::slot(pa)) {
+            *slot = id + 1;
+        }
+        self.by_page.entry(pa >> 12).or_default().push(id);
+        self.blocks.push(Block { key: Self::key(pa, bitness), live: true, bytes, ins });
+        self.blocks.last().unwrap_or(&self.empty)
     }
 
-    /// Applies the writes `lines` collected: drops the instructions whose bytes they overlap.
+    /// Applies the writes `lines` collected: drops the blocks whose bytes they overlap.
     pub fn apply(&mut self, lines: &mut CodeLines) {
         if std::mem::take(&mut lines.overflow) {
             lines.pending.clear();
             self.clear(lines);
             return;
         }
+        let DecodeCache { by_page, blocks, .. } = self;
         for (pa, len) in lines.pending.drain(..) {
             let end = pa.saturating_add(len.max(1));
-            let overlaps = |s: &Slot| {
-                let start = s.tag >> 8;
-                s.tag != EMPTY && start < end && start.saturating_add(s.d.ins.len() as u64) > pa
-            };
-            if len > 4096 {
-                for s in self.slots.iter_mut().filter(|s| overlaps(s)) {
-                    s.tag = EMPTY;
-                }
-                continue;
-            }
-            // An instruction is at most 15 bytes: only those starting up to 14 bytes before reach in.
-            for a in pa.saturating_sub(14)..end {
-                if let Some(s) = self.slots.get_mut(Self::slot(a)) {
-                    if s.tag >> 8 == a && overlaps(s) {
-                        s.tag = EMPTY;
+            for page in (pa >> 12)..=((end - 1) >> 12) {
+                let Some(ids) = by_page.get_mut(&page) else { continue };
+                ids.retain(|&id| match blocks.get_mut(id as usize) {
+                    Some(b) if b.live && b.start() < end && b.start() + b.bytes.max(1) > pa => {
+                        b.live = false;
+                        false
                     }
-                }
+                    Some(b) => b.live,
+                    None => false,
+                });
             }
         }
     }
 
-    /// Drops everything.
+    /// Drops everything (O(blocks decoded since the last clear); nothing when none were).
     pub fn clear(&mut self, lines: &mut CodeLines) {
-        for s in self.slots.iter_mut() {
-            s.tag = EMPTY;
-        }
+        self.blocks.clear();
+        self.by_page.clear();
         lines.lines.clear();
         lines.pending.clear();
         lines.overflow = false;
@@ -239,29 +394,73 @@ impl DecodeCache {
 }
 
 impl Cpu {
+    /// The linear address of CS:RIP after the canonical (64-bit mode) or CS-limit check on its
+    /// first byte, which come before paging (SDM Vol. 3A §5.3, §6.9 Table 6-2 priority 8).
+    #[inline(always)]
+    pub fn code_linear(&self) -> Flow<u64> {
+        let rip = self.rip;
+        if self.mode64() {
+            if !crate::cpu::canonical(rip) {
+                return Err(gp(0));
+            }
+            Ok(rip)
+        } else if rip & 0xffff_ffff > u64::from(self.sregs.cs.limit) {
+            Err(gp(0))
+        } else {
+            Ok(self.sregs.cs.base.wrapping_add(rip & 0xffff_ffff) & 0xffff_ffff)
+        }
+    }
+
+    /// The cached block at physical `pa` for `bitness`, decoded and cached now on a miss.
+    #[inline(always)]
+    pub fn block_at<'c>(&mut self, pa: u64, bitness: u32, code: &'c mut DecodeCache) -> &'c Block {
+        if code.block(pa, bitness).is_some() {
+            // Looked up twice on a hit: the borrow checker cannot yet see that the miss arm's
+            // borrow is a different one (NLL problem case 3).
+            return code.block(pa, bitness).unwrap_or(&code.empty);
+        }
+        self.build_block(pa, bitness, code)
+    }
+
+    /// Decodes the block at physical `pa` (up to its page end) and caches it.
+    #[inline(never)]
+    fn build_block<'c>(&mut self, pa: u64, bitness: u32, code: &'c mut DecodeCache) -> &'c Block {
+        let mut buf = [0u8; WINDOW];
+        let room = ((0x1000 - (pa & 0xfff)) as usize).min(WINDOW);
+        // RAM regions are whole pages, so a window that is not all RAM starts outside RAM (the
+        // single-instruction path names the error).
+        let n = if self.ram_read(pa, &mut buf[..room]) { room } else { 0 };
+        let mut out = Vec::new();
+        let mut dec = Decoder::with_ip(bitness, buf.get(..n).unwrap_or(&[]), 0, DecoderOptions::NONE);
+        while dec.can_decode() && out.len() < MAX_BLOCK {
+            // Each instruction decoded at IP 0: branch targets and RIP-relative displacements
+            // are relative to the instruction's start.
+            dec.set_ip(0);
+            let mut ins = Instruction::default();
+            dec.decode_out(&mut ins);
+            // Invalid, or running past the window (the page): the block ends before it.
+            if ins.is_invalid() {
+                break;
+            }
+            let d = Decoded::new(ins);
+            out.push(d);
+            if !d.straight {
+                break;
+            }
+        }
+        code.insert(pa, bitness, out, &mut self.code_lines)
+    }
+
     /// Fetches and decodes the instruction at CS:RIP (decoded with IP 0: branch targets and
     /// RIP-relative displacements are relative to the instruction's start).
     #[inline(always)]
     pub fn fetch<'c>(&mut self, code: &'c mut DecodeCache) -> Flow<&'c Decoded> {
         let bitness = self.bitness();
         let rip = self.rip;
-        let lin = if self.mode64() {
-            if !crate::cpu::canonical(rip) {
-                return Err(gp(0));
-            }
-            rip
-        } else if rip & 0xffff_ffff > u64::from(self.sregs.cs.limit) {
-            // Segmentation comes before paging: a RIP beyond the CS limit is #GP(0) even where its
-            // page is not present (SDM Vol. 3A §5.3, §6.9 Table 6-2 priority 8).
-            return Err(gp(0));
-        } else {
-            self.sregs.cs.base.wrapping_add(rip & 0xffff_ffff) & 0xffff_ffff
-        };
+        let lin = self.code_linear()?;
         let pa = self.translate(lin, Kind::Exec, false)?;
-        // Looked up twice on a hit: the borrow checker cannot yet see that the miss arm's borrow
-        // is a different one (NLL problem case 3).
-        let d = if code.get(pa, bitness).is_some() {
-            code.get(pa, bitness).ok_or_else(|| unsupported("decode cache"))?
+        let d = if !self.block_at(pa, bitness, code).ins.is_empty() {
+            code.block(pa, bitness).and_then(|b| b.ins.first()).ok_or_else(|| unsupported("decode cache"))?
         } else {
             self.decode_at(lin, pa, bitness, code)?
         };
@@ -276,7 +475,9 @@ impl Cpu {
         Ok(d)
     }
 
-    /// Reads up to 15 bytes at `lin`/`pa`, decodes them and caches the result when it fits the page.
+    /// Reads up to 15 bytes at `lin`/`pa` and decodes them, for this step only (the instruction
+    /// crosses into the next page, is invalid, or lies where nothing is cached).
+    #[inline(never)]
     fn decode_at<'c>(
         &mut self,
         lin: u64,
@@ -308,26 +509,21 @@ impl Cpu {
             let mut dec = Decoder::with_ip(bitness, &buf, 0, DecoderOptions::NONE);
             dec.decode_out(&mut ins);
         }
-        let d = Decoded::new(ins);
-        if ins.len() <= first {
-            Ok(code.insert(pa, bitness, d, &mut self.code_lines))
-        } else {
-            // Crossing into the next page: decoded for this step only.
-            code.uncached = d;
-            Ok(&code.uncached)
-        }
+        code.uncached = Decoded::new(ins);
+        Ok(&code.uncached)
     }
 
-    /// The raw bytes of the instruction at CS:RIP, for `Unsupported` reports (best effort).
+    /// The raw bytes of the instruction at CS:RIP, for `Unsupported` reports (best effort): read
+    /// without side effects (no accessed bits set, no TLB fill).
     pub fn bytes_at_rip(&mut self, len: usize) -> Vec<u8> {
         let lin =
             if self.mode64() { self.rip } else { self.sregs.cs.base.wrapping_add(self.rip) & 0xffff_ffff };
         let mut out = Vec::new();
         for i in 0..len.min(15) as u64 {
             let l = lin.wrapping_add(i);
-            let Ok(pa) = self.translate(l, Kind::Exec, false) else { break };
+            let Some(pa) = self.peek_translate(l) else { break };
             let mut b = [0u8];
-            if self.mem.read_slice(&mut b, GuestAddress(pa)).is_err() {
+            if !self.ram_read(pa, &mut b) {
                 break;
             }
             out.push(b[0]);
@@ -348,57 +544,83 @@ mod tests {
         Decoded::new(Decoder::with_ip(16, &b, 0, DecoderOptions::NONE).decode())
     }
 
-    #[test]
-    fn cache_keys_on_address_and_bitness() {
-        let (mut c, mut l) = (DecodeCache::default(), CodeLines::default());
-        c.insert(0x1010, 16, nop(1), &mut l);
-        assert!(c.get(0x1010, 16).is_some());
-        assert!(c.get(0x1010, 32).is_none());
-        // Same slot, another page: a miss, not a wrong hit.
-        assert!(c.get(0x1010 + SLOTS as u64, 16).is_none());
-        // An instruction crossing its page is not cached.
-        c.insert(0x1fff, 16, nop(2), &mut l);
-        assert!(c.get(0x1fff, 16).is_none());
+    fn put(c: &mut DecodeCache, l: &mut CodeLines, pa: u64, bitness: u32, len: usize) {
+        c.insert(pa, bitness, vec![nop(len)], l);
     }
 
     #[test]
-    fn writes_drop_exactly_the_instructions_they_overlap() {
+    fn cache_keys_on_address_and_bitness() {
+        let (mut c, mut l) = (DecodeCache::default(), CodeLines::default());
+        put(&mut c, &mut l, 0x1010, 16, 1);
+        assert!(c.block(0x1010, 16).is_some());
+        assert!(c.block(0x1010, 32).is_none());
+        // Same index slot, another address: a miss, not a wrong hit.
+        assert!(c.block(0x1010 ^ (INDEX as u64) ^ ((INDEX as u64) << 14), 16).is_none());
+        // Clearing is a miss afterwards, and a new block reusing the number is found by its key.
+        c.clear(&mut l);
+        assert!(c.block(0x1010, 16).is_none());
+        put(&mut c, &mut l, 0x2020, 16, 1);
+        assert!(c.block(0x1010, 16).is_none() && c.block(0x2020, 16).is_some());
+    }
+
+    #[test]
+    fn straight_line_instructions_continue_a_block_and_the_rest_end_it() {
+        let d = |bytes: &[u8]| Decoded::new(Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE).decode());
+        assert!(d(&[0x01, 0xd8]).straight); // add eax, ebx
+        assert!(d(&[0x8b, 0x03]).straight); // mov eax, [ebx]
+        assert!(!d(&[0x75, 0x00]).straight); // jnz
+        assert!(!d(&[0x8e, 0xd8]).straight); // mov ds, ax
+        assert!(!d(&[0x0f, 0x22, 0xd8]).straight); // mov cr3, eax
+        assert!(!d(&[0x9d]).straight); // popf
+        assert!(!d(&[0xfb]).straight); // sti
+        assert!(!d(&[0x1f]).straight); // pop ds
+        assert!(!d(&[0xf3, 0xa4]).straight); // rep movsb
+        assert!(!d(&[0xf4]).straight); // hlt
+    }
+
+    #[test]
+    fn writes_drop_exactly_the_blocks_they_overlap() {
         let (mut c, mut l) = (DecodeCache::default(), CodeLines::default());
         let write = |c: &mut DecodeCache, l: &mut CodeLines, pa, len| {
             l.wrote(pa, len);
             c.apply(l);
         };
-        c.insert(0x1010, 16, nop(3), &mut l); // 0x1010..=0x1012
-        c.insert(0x1013, 16, nop(1), &mut l);
-        c.insert(0x1ff0, 32, nop(2), &mut l);
-        c.insert(0x2000, 16, nop(1), &mut l);
+        put(&mut c, &mut l, 0x1010, 16, 3); // 0x1010..=0x1012
+        put(&mut c, &mut l, 0x1013, 16, 1);
+        put(&mut c, &mut l, 0x1ff0, 32, 2);
+        put(&mut c, &mut l, 0x2000, 16, 1);
         // A write to a line without code (a real-mode stack under its code) is not even queued.
         l.wrote(0x1fa0, 16);
         assert!(!l.has_pending());
         // A write just below the code, in its line, keeps everything.
         write(&mut c, &mut l, 0x1000, 16);
-        assert!(c.get(0x1010, 16).is_some() && c.get(0x1013, 16).is_some());
-        // A write into the middle of an instruction drops it and only it.
+        assert!(c.block(0x1010, 16).is_some() && c.block(0x1013, 16).is_some());
+        // A write into the middle of an instruction drops its block and only it.
         write(&mut c, &mut l, 0x1012, 1);
-        assert!(c.get(0x1010, 16).is_none());
-        assert!(c.get(0x1013, 16).is_some() && c.get(0x1ff0, 32).is_some());
+        assert!(c.block(0x1010, 16).is_none());
+        assert!(c.block(0x1013, 16).is_some() && c.block(0x1ff0, 32).is_some());
         // A write straddling a page boundary drops on both sides.
         write(&mut c, &mut l, 0x1fff, 2);
-        assert!(c.get(0x2000, 16).is_none());
-        assert!(c.get(0x1ff0, 32).is_some());
+        assert!(c.block(0x2000, 16).is_none());
+        assert!(c.block(0x1ff0, 32).is_some());
         write(&mut c, &mut l, 0x1ff1, 1);
-        assert!(c.get(0x1ff0, 32).is_none());
+        assert!(c.block(0x1ff0, 32).is_none());
         // A large write drops everything it covers.
-        c.insert(0x1010, 16, nop(3), &mut l);
+        put(&mut c, &mut l, 0x1010, 16, 3);
         write(&mut c, &mut l, 0, 0x10000);
-        assert!(c.get(0x1010, 16).is_none() && c.get(0x1013, 16).is_none());
+        assert!(c.block(0x1010, 16).is_none() && c.block(0x1013, 16).is_none());
+        // An empty block (its instruction is not cached) is dropped by a write to its first byte.
+        c.insert(0x3000, 16, Vec::new(), &mut l);
+        assert!(c.block(0x3000, 16).is_some());
+        write(&mut c, &mut l, 0x3000, 1);
+        assert!(c.block(0x3000, 16).is_none());
         // Too many writes in one step drop the whole cache.
-        c.insert(0x1013, 16, nop(1), &mut l);
+        put(&mut c, &mut l, 0x1013, 16, 1);
         for _ in 0..=MAX_PENDING {
             l.wrote(0x1010, 1);
         }
         c.apply(&mut l);
-        assert!(c.get(0x1013, 16).is_none() && !l.has_pending());
+        assert!(c.block(0x1013, 16).is_none() && !l.has_pending());
     }
 
     #[test]

@@ -44,14 +44,18 @@ pub(crate) struct IoStage {
 
 impl IoStage {
     /// Starts (or restarts) executing an instruction.
+    #[inline]
     pub fn begin(&mut self) {
         self.cursor = 0;
         self.writes_mark = self.writes.len();
     }
 
     /// The instruction retired or raised an exception: its staged reads are used up.
+    #[inline]
     pub fn finish(&mut self) {
-        self.reads.clear();
+        if !self.reads.is_empty() {
+            self.reads.clear();
+        }
         self.cursor = 0;
         self.port_in = None;
     }

@@ -11,11 +11,12 @@ use duet_core::{
 use iced_x86::{Formatter, Instruction, IntelFormatter};
 
 use crate::cpu::{ud, Abort, Cpu, Post};
-use crate::decode::DecodeCache;
+use crate::decode::{DecodeCache, Decoded};
 use crate::error::InterpError;
 use crate::exception::{Event, Source};
 use crate::instructions::run;
 use crate::memory::Awaiting;
+use crate::mmu::Kind;
 
 /// Instructions between two looks at the wall clock.
 const DEADLINE_CHECK_INTERVAL: u32 = 4096;
@@ -33,6 +34,100 @@ enum Exit {
     Window,
     Deadline,
     Unsupported(InstructionInfo),
+}
+
+/// How one instruction ended, before the vCPU turns it into an exit.
+enum Outcome {
+    /// It retired and asks for nothing.
+    Retired,
+    /// HLT retired.
+    Hlt,
+    /// OUT/OUTS retired; the value is in the scratch buffer.
+    IoOut { port: u16, size: u8 },
+    /// It retired and queued MMIO writes.
+    Writes,
+    /// It did not retire: the abort, the instruction (if decoded), and whether the registers
+    /// must be restored from the copy taken before it.
+    Fault(Abort, Option<Instruction>, bool),
+}
+
+/// Runs decoded `d` at CS:RIP (fetched and checked): RIP, RF, the flag bookkeeping, the
+/// instruction and step counts, the interrupt shadow and what it asks of the run loop. `tf`:
+/// RFLAGS.TF when it began, which arms the single-step trap in `pending_db`. `BLOCK`: inside a
+/// block, whose start reset the per-instruction I/O and REP state once (`begin_block`): the
+/// instructions before a block's last neither stage I/O data nor iterate, and any that queues
+/// an MMIO write or needs a read ends the block.
+#[inline(always)]
+fn exec_one<const BLOCK: bool>(
+    cpu: &mut Cpu,
+    saved: &mut ([u64; 16], u64, u64),
+    pending_db: &mut bool,
+    d: &Decoded,
+    tf: bool,
+) -> Outcome {
+    if !BLOCK {
+        begin_instruction(cpu);
+    }
+    cpu.next_rip = cpu.rip.wrapping_add(u64::from(d.len)) & d.ip_mask;
+    // Registers to restore if the instruction faults or must be re-executed (the fast forms
+    // change none before they fail).
+    let restore = !d.fast;
+    if restore {
+        *saved = (cpu.gpr, cpu.rip, cpu.rflags);
+    }
+    let result = run(cpu, d);
+    let effect = if cpu.flag_effect.is_some() { cpu.flag_effect.take() } else { None };
+    if let Err(a) = result {
+        return Outcome::Fault(a, Some(d.ins), restore);
+    }
+    // Per iced-x86 (unless this execution said otherwise): what this instruction wrote is
+    // defined unless it is undefined.
+    let (written, undefined) = effect.unwrap_or((d.written, d.undefined));
+    cpu.undefined = (cpu.undefined & !written) | undefined;
+    // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it, except
+    // after INT n/INT3/INTO, whose delivery clears TF first. (A block starts only with TF clear.)
+    if !BLOCK {
+        *pending_db = tf && !d.software_int;
+    }
+    // RF is cleared at the start of every instruction; only IRET loads it (SDM Vol. 3A
+    // §18.3.1.1).
+    if !d.iret {
+        cpu.rflags &= !duet_core::state::rflags::RF;
+    }
+    cpu.rip = cpu.next_rip;
+    // A REP string instruction retires once, with its last iteration, as hardware's
+    // instructions-retired count has it; the iterations before are steps, not instructions
+    // (and so do not advance the TSC either).
+    if !cpu.rep_pending {
+        cpu.retired = cpu.retired.wrapping_add(1);
+    }
+    cpu.steps = cpu.steps.wrapping_add(1);
+    if !BLOCK {
+        cpu.io.finish();
+    }
+    cpu.shadow = cpu.shadow.saturating_sub(1);
+    match cpu.post.take() {
+        Some(Post::Hlt) => {
+            cpu.halted = true;
+            Outcome::Hlt
+        }
+        Some(Post::IoOut { port, size, value }) => {
+            let n = usize::from(size).min(4);
+            cpu.io.scratch[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+            Outcome::IoOut { port, size }
+        }
+        None if cpu.io.writes.is_empty() => Outcome::Retired,
+        None => Outcome::Writes,
+    }
+}
+
+/// Resets what one instruction may leave behind in the I/O stage, the REP state and the exit
+/// request: before each instruction outside a block, once at a block's start.
+#[inline(always)]
+fn begin_instruction(cpu: &mut Cpu) {
+    cpu.rep_pending = false;
+    cpu.io.begin();
+    cpu.post = None;
 }
 
 /// One software vCPU over shared guest memory.
@@ -80,6 +175,12 @@ impl InterpVcpu {
         self.code.clear(&mut self.cpu.code_lines);
     }
 
+    /// Steps executed since creation: instructions retired plus the iterations of REP string
+    /// instructions before their last (which retires the instruction).
+    pub fn steps(&self) -> u64 {
+        self.cpu.steps
+    }
+
     fn ready(&self) -> bool {
         self.cpu.flag(duet_core::state::rflags::IF) && self.cpu.shadow == 0 && self.injected.is_none()
     }
@@ -105,6 +206,8 @@ impl InterpVcpu {
     }
 
     /// Executes one instruction (or delivers one exception); `Some` when `run` must return.
+    /// Every check is made per instruction: the path for single-step, TF, breakpoints, the
+    /// interrupt shadow, resumed I/O and anything a block cannot hold.
     #[inline(always)]
     fn step(&mut self) -> Option<Exit> {
         let cpu = &mut self.cpu;
@@ -128,83 +231,87 @@ impl InterpVcpu {
             };
         }
         let tf = cpu.flag(duet_core::state::rflags::TF);
-        cpu.rep_pending = false;
-        cpu.io.begin();
-        cpu.post = None;
-        let fetched = cpu.fetch(&mut self.code);
-        // Registers to restore if the instruction faults or must be re-executed (fetching changes
-        // none; the fast forms change none before they fail).
-        let restore = match &fetched {
-            Ok(d) if !d.fast => {
-                self.saved = (cpu.gpr, cpu.rip, cpu.rflags);
-                true
-            }
-            _ => false,
-        };
-        let (result, d) = match fetched {
+        begin_instruction(cpu);
+        let outcome = match cpu.fetch(&mut self.code) {
             // More than 15 bytes is #GP(0) (SDM Vol. 2A §2.3.11); any other undecodable form is #UD.
-            Ok(d) if d.ins.is_invalid() && d.ins.len() >= 15 => (Err(crate::cpu::gp(0)), Some(d)),
-            Ok(d) if d.ins.is_invalid() => (Err(ud()), Some(d)),
-            Ok(d) => {
-                // Decoded for the current code size (the cache is keyed by it): 64 means 64-bit mode.
-                let lim =
-                    if d.ins.code_size() == iced_x86::CodeSize::Code64 { u64::MAX } else { 0xffff_ffff };
-                cpu.next_rip = cpu.rip.wrapping_add(d.ins.len() as u64) & lim;
-                (run(cpu, d), Some(d))
+            Ok(d) if d.ins.is_invalid() && d.ins.len() >= 15 => {
+                Outcome::Fault(crate::cpu::gp(0), Some(d.ins), false)
             }
-            Err(e) => (Err(e), None),
+            Ok(d) if d.ins.is_invalid() => Outcome::Fault(ud(), Some(d.ins), false),
+            Ok(d) => exec_one::<false>(cpu, &mut self.saved, &mut self.pending_db, d, tf),
+            Err(e) => Outcome::Fault(e, None, false),
         };
-        let effect = cpu.flag_effect.take();
-        match result {
-            Ok(()) => {
-                if let Some(d) = d {
-                    // Per iced-x86 (unless this execution said otherwise): what this instruction
-                    // wrote is defined unless it is undefined.
-                    let (written, undefined) = effect.unwrap_or((d.written, d.undefined));
-                    cpu.undefined = (cpu.undefined & !written) | undefined;
-                }
-                // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it,
-                // except after INT n/INT3/INTO, whose delivery clears TF first.
-                let software_int = d.is_some_and(|d| d.software_int);
-                self.pending_db = tf && !software_int;
-                // RF is cleared at the start of every instruction; only IRET loads it (SDM Vol. 3A
-                // §18.3.1.1).
-                let iret = d.is_some_and(|d| d.iret);
-                if !iret {
-                    cpu.rflags &= !duet_core::state::rflags::RF;
-                }
-                cpu.rip = cpu.next_rip;
-                // A REP string instruction retires once, with its last iteration, as hardware's
-                // instructions-retired count has it; the iterations before are steps, not
-                // instructions (and so do not advance the TSC either).
-                if !cpu.rep_pending {
-                    cpu.retired = cpu.retired.wrapping_add(1);
-                }
-                cpu.io.finish();
-                cpu.shadow = cpu.shadow.saturating_sub(1);
-                let exit = match cpu.post.take() {
-                    Some(Post::Hlt) => {
-                        cpu.halted = true;
-                        return Some(Exit::Hlt);
-                    }
-                    Some(Post::IoOut { port, size, value }) => {
-                        let n = usize::from(size).min(4);
-                        cpu.io.scratch[..n].copy_from_slice(&value.to_le_bytes()[..n]);
-                        Some(Exit::IoOut { port, size })
-                    }
-                    None => self.next_write(),
-                };
-                if exit.is_some() {
-                    self.step_report = self.single_step;
-                    return exit;
-                }
-                self.single_step.then_some(Exit::Step)
+        self.settle(outcome)
+    }
+
+    /// Runs the cached block at CS:RIP, instruction after instruction, with the mode, code
+    /// translation, CS limit and cache lookup worked out once for the block; `Some` when `run`
+    /// must return. The caller has checked what a block cannot hold (single-step, TF,
+    /// breakpoints, the interrupt shadow); `count` grows by the instructions run. Anything
+    /// irregular at the block's start goes to `step`, which makes every check and raises.
+    #[inline(always)]
+    fn run_block(&mut self, count: &mut u32) -> Option<Exit> {
+        let cpu = &mut self.cpu;
+        if cpu.code_lines.has_pending() {
+            self.code.apply(&mut cpu.code_lines);
+        }
+        let bitness = cpu.bitness();
+        let Ok(lin) = cpu.code_linear() else { return self.step() };
+        let Ok(pa) = cpu.translate(lin, Kind::Exec, false) else { return self.step() };
+        let block = cpu.block_at(pa, bitness, &mut self.code);
+        // CS limit on the block's last byte outside 64-bit mode (SDM Vol. 3A §5.3): a block
+        // that runs past it is left to `step`, which checks each instruction.
+        let past_limit = bitness != 64
+            && (cpu.rip & 0xffff_ffff).wrapping_add(block.bytes.saturating_sub(1))
+                > u64::from(cpu.sregs.cs.limit);
+        if block.ins.is_empty() || past_limit {
+            return self.step();
+        }
+        // Nothing is staged between instructions here: resuming an MMIO read or IN goes through
+        // `step`, and a queued MMIO write returns to the run loop, which hands them all out
+        // before it runs on.
+        begin_instruction(cpu);
+        let mut outcome = Outcome::Retired;
+        for d in &block.ins {
+            *count = count.wrapping_add(1);
+            outcome = exec_one::<true>(cpu, &mut self.saved, &mut self.pending_db, d, false);
+            // A write to cached code (perhaps later in this block) ends the block here.
+            if !matches!(outcome, Outcome::Retired) || cpu.code_lines.has_pending() {
+                break;
             }
-            Err(Abort::Exception(e)) => {
-                let ins = d.map(|d| d.ins);
-                if restore {
-                    (cpu.gpr, cpu.rip, cpu.rflags) = self.saved;
-                }
+        }
+        self.cpu.io.finish();
+        self.settle(outcome)
+    }
+
+    /// What `run` does after an instruction ran (or failed to): the exit it returns, if any.
+    #[inline(always)]
+    fn settle(&mut self, outcome: Outcome) -> Option<Exit> {
+        let exit = match outcome {
+            Outcome::Retired => None,
+            Outcome::Hlt => return Some(Exit::Hlt),
+            Outcome::IoOut { port, size } => Some(Exit::IoOut { port, size }),
+            Outcome::Writes => self.next_write(),
+            Outcome::Fault(a, ins, restore) => return self.fail(a, ins, restore),
+        };
+        if exit.is_some() {
+            self.step_report = self.single_step;
+            return exit;
+        }
+        self.single_step.then_some(Exit::Step)
+    }
+
+    /// An instruction failed with `a`: undo what it did and deliver its exception, or name the
+    /// exit. MMIO writes it queued are dropped: a faulting instruction writes nothing.
+    #[inline(never)]
+    fn fail(&mut self, a: Abort, ins: Option<Instruction>, restore: bool) -> Option<Exit> {
+        let cpu = &mut self.cpu;
+        if restore {
+            (cpu.gpr, cpu.rip, cpu.rflags) = self.saved;
+        }
+        match a {
+            Abort::Exception(e) => {
+                cpu.io.rollback_writes();
                 cpu.io.finish();
                 match cpu.raise_exception(e) {
                     Ok(()) => self.single_step.then_some(Exit::Step),
@@ -212,13 +319,7 @@ impl InterpVcpu {
                     Err(other) => Some(self.abort_exit(other, ins.as_ref())),
                 }
             }
-            Err(other) => {
-                let ins = d.map(|d| d.ins);
-                if restore {
-                    (cpu.gpr, cpu.rip, cpu.rflags) = self.saved;
-                }
-                Some(self.abort_exit(other, ins.as_ref()))
-            }
+            other => Some(self.abort_exit(other, ins.as_ref())),
         }
     }
 
@@ -236,11 +337,15 @@ impl InterpVcpu {
                 io.awaiting = Some(Awaiting::Port { size });
                 Exit::IoIn { port, size }
             }
-            Abort::Shutdown => Exit::Shutdown,
+            Abort::Shutdown => {
+                io.rollback_writes();
+                Exit::Shutdown
+            }
             Abort::Exception(e) => {
                 Exit::Unsupported(self.info(ins, &format!("exception {} during delivery", e.vector)))
             }
             Abort::Unsupported(reason) => {
+                io.rollback_writes();
                 io.finish();
                 Exit::Unsupported(self.info(ins, &reason))
             }
@@ -308,11 +413,25 @@ impl InterpVcpu {
             if self.window && self.ready() {
                 return Exit::Window;
             }
-            count = count.wrapping_add(1);
-            if count % DEADLINE_CHECK_INTERVAL == 0 && self.deadline.is_some_and(|d| Instant::now() >= d) {
-                return Exit::Deadline;
+            if count >= DEADLINE_CHECK_INTERVAL {
+                count = 0;
+                if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Exit::Deadline;
+                }
             }
-            match self.step() {
+            // A block runs only where nothing must be looked at between its instructions.
+            let cpu = &self.cpu;
+            let per_instruction = self.single_step
+                || cpu.shadow != 0
+                || cpu.flag(duet_core::state::rflags::TF)
+                || cpu.dr[5] & 0xff != 0;
+            let next = if per_instruction {
+                count = count.wrapping_add(1);
+                self.step()
+            } else {
+                self.run_block(&mut count)
+            };
+            match next {
                 Some(Exit::Shutdown) => return self.shut_down(),
                 Some(e) => return e,
                 None => {}

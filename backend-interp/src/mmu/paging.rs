@@ -159,6 +159,20 @@ impl Cpu {
         Ok((e.pfn << 12) | (lin & 0xfff))
     }
 
+    /// The physical address of linear `lin` as the current paging structures map it, for
+    /// reports: no accessed or dirty bit is set and the TLB is not filled; `None` where the
+    /// walk would fault.
+    pub fn peek_translate(&mut self, lin: u64) -> Option<u64> {
+        if !self.paging() {
+            return Some(lin & 0xffff_ffff);
+        }
+        if let Some(e) = self.tlb.get(lin >> 12) {
+            return Some((e.pfn << 12) | (lin & 0xfff));
+        }
+        let e = self.walk_as(lin, Kind::Read, false, false).ok()?;
+        Some((e.pfn << 12) | (lin & 0xfff))
+    }
+
     /// The page-fault error code bits for `kind`/`user`, plus I/D where the SDM reports it.
     fn pf_bits(&self, kind: Kind, user: bool) -> u32 {
         let mut code = 0;
@@ -196,6 +210,11 @@ impl Cpu {
 
     /// Walks the paging structures for `lin`, setting accessed (and, for writes, dirty) bits.
     fn walk(&mut self, lin: u64, kind: Kind, user: bool) -> Flow<Entry> {
+        self.walk_as(lin, kind, user, true)
+    }
+
+    /// `walk`; with `commit` false it only reads (no accessed or dirty bit is written).
+    fn walk_as(&mut self, lin: u64, kind: Kind, user: bool, commit: bool) -> Flow<Entry> {
         let cr4 = self.sregs.cr4;
         let nxe = self.sregs.efer & ctrl::EFER_NXE != 0;
         let m = self.maxphyaddr;
@@ -296,7 +315,7 @@ impl Cpu {
                     return Err(fault(self, code | pf::P));
                 }
                 // SDM Vol. 3A §4.8: set A in every entry used, D in the one that maps the page on a write.
-                for (k, &(pa, val, w)) in touched.iter().take(n).enumerate() {
+                for (k, &(pa, val, w)) in touched.iter().take(if commit { n } else { 0 }).enumerate() {
                     let mut nv = val | 0x20;
                     if k + 1 == n && kind == Kind::Write {
                         nv |= 0x40;
