@@ -8,6 +8,7 @@ use duet_core::{CpuidProfile, FxArea, GuestMemory, Segment, SystemRegs};
 use iced_x86::Register;
 
 use crate::decode::CodeLines;
+use crate::hostmem::HostPages;
 use crate::memory::IoStage;
 use crate::mmu::paging::Tlb;
 
@@ -198,6 +199,8 @@ pub(crate) struct Cpu {
     pub msrs: BTreeMap<u32, u64>,
     /// Guest memory.
     pub mem: Arc<GuestMemory>,
+    /// Host addresses of guest RAM pages (the fast path of every RAM access).
+    pub host: HostPages,
     /// The CPUID table CPUID answers from.
     pub cpuid: CpuidProfile,
     /// Physical address width from CPUID 0x8000_0008.
@@ -254,6 +257,7 @@ impl Cpu {
             sregs: reset.sregs,
             fpu: reset.fpu,
             msrs: BTreeMap::new(),
+            host: HostPages::new(mem.clone()),
             mem,
             cpuid,
             maxphyaddr,

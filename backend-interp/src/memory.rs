@@ -93,6 +93,15 @@ impl Cpu {
     /// the range lies in one region (the common case), else vm-memory's general path.
     #[inline]
     pub fn ram_read(&self, pa: u64, buf: &mut [u8]) -> bool {
+        if self.host.read(pa, buf) {
+            return true;
+        }
+        self.ram_read_slow(pa, buf)
+    }
+
+    /// `ram_read` past the page cache: ranges crossing a page, MMIO, partial pages.
+    #[inline(never)]
+    fn ram_read_slow(&self, pa: u64, buf: &mut [u8]) -> bool {
         if let Some(r) = self.mem.find_region(GuestAddress(pa)) {
             let off = pa - r.start_addr().0;
             if off.saturating_add(buf.len() as u64) <= r.len() {
@@ -105,6 +114,15 @@ impl Cpu {
     /// Writes RAM at `pa`; `false` where any byte is not RAM (as `ram_read`).
     #[inline]
     pub fn ram_write(&self, pa: u64, data: &[u8]) -> bool {
+        if self.host.write(pa, data) {
+            return true;
+        }
+        self.ram_write_slow(pa, data)
+    }
+
+    /// `ram_write` past the page cache.
+    #[inline(never)]
+    fn ram_write_slow(&self, pa: u64, data: &[u8]) -> bool {
         if let Some(r) = self.mem.find_region(GuestAddress(pa)) {
             let off = pa - r.start_addr().0;
             if off.saturating_add(data.len() as u64) <= r.len() {
