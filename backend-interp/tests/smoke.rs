@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use duet_core::{CpuState, GuestMemory};
+use duet_core::{CpuState, CpuidProfile, GuestMemory, Machine, RunOptions, Vcpu};
+use duet_interp::InterpVcpu;
 
 struct XorShift(u64);
 
@@ -29,7 +30,9 @@ fn smoke(name: &str, setup: fn(&GuestMemory) -> CpuState, seed: u64) {
     let mem = memory(&[]);
     let mut rng = XorShift(seed);
     let start = Instant::now();
-    let mut deadlines = 0;
+    let mut deadlines = 0u64;
+    // Steps run by the sequences the deadline stopped.
+    let mut deadline_steps = 0u64;
     let n = sequences();
     for i in 0..n {
         let mut state = setup(&mem);
@@ -49,13 +52,29 @@ fn smoke(name: &str, setup: fn(&GuestMemory) -> CpuState, seed: u64) {
         poke(&mem, CODE, &bytes);
         // Falling off the end lands on HLT.
         poke(&mem, CODE + 15, &[0xf4; 64]);
-        let (out, _) = run_with(mem.clone(), &state, Duration::from_millis(10), |_| {});
+        let mut vcpu = InterpVcpu::new(mem.clone(), &CpuidProfile::baseline());
+        vcpu.set_state(&state).unwrap();
+        let mut machine = Machine::with_vcpu(mem.clone(), vcpu);
+        let out = machine.run(&RunOptions { timeout: Duration::from_millis(10) }).unwrap();
+        let steps = machine.vcpu().steps();
+        assert!(out.exits > 0, "{name} #{i}: {bytes:02x?} ended without an exit");
+        assert!(
+            steps >= out.instructions.unwrap_or(0),
+            "{name} #{i}: {bytes:02x?} retired more instructions than it stepped"
+        );
         if out.stop == duet_core::StopReason::Deadline {
             deadlines += 1;
+            deadline_steps += steps;
         }
-        assert!(out.exits > 0, "{name} #{i}: {bytes:02x?} ended without an exit");
     }
     eprintln!("{name}: {n} sequences in {:?}, {deadlines} hit the deadline", start.elapsed());
+    // The runs the deadline stopped were running (loops), not stalled: thousands of steps each
+    // (the run loop looks at the clock every 4096 steps, or after an exit). Taken over all of
+    // them, so that one run starved of the CPU by a loaded host cannot fail the test.
+    assert!(
+        deadline_steps >= 64 * deadlines,
+        "{name}: {deadlines} runs hit the deadline after {deadline_steps} steps in all"
+    );
 }
 
 #[test]
