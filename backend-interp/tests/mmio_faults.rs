@@ -11,8 +11,11 @@ use std::time::Duration;
 use common::*;
 use duet_core::{BusDevice, WriteOutcome};
 
+/// MMIO writes as (offset, data), in order.
+type Writes = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
 /// Records every MMIO write it receives.
-struct Recorder(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+struct Recorder(Writes);
 
 impl BusDevice for Recorder {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
@@ -36,7 +39,7 @@ fn mmio_faulting_instruction_leaves_no_write_exit() {
     const FRAME: u64 = 0x8000_0000_0000_1008;
     s.regs.rsp = MMIO_STACK;
     s.regs.rbp = FRAME;
-    let writes = Arc::new(Mutex::new(Vec::new()));
+    let writes: Writes = Arc::default();
     let recorder = Arc::new(Mutex::new(Recorder(writes.clone())));
     let (out, _) = run_with(mem, &s, Duration::from_secs(5), |m| {
         m.mmio.insert(MMIO_STACK - 0x1000, 0x1000, recorder).unwrap();
