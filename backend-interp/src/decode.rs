@@ -51,7 +51,7 @@ pub(crate) struct Decoded {
     pub iret: bool,
     /// Not legacy-encoded (VEX/EVEX/XOP): #UD in real-address and virtual-8086 mode.
     pub vex: bool,
-    /// A fast register form: it changes no state when it fails, so the step loop keeps no
+    /// A fast form, or one that writes no register before it can fail: the step loop keeps no
     /// copy of the registers to restore.
     pub fast: bool,
     /// Falls through to the next instruction and changes nothing a block fixes at its start:

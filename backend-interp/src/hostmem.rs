@@ -19,13 +19,33 @@ const SLOTS: usize = 64;
 /// Page size.
 const PAGE: u64 = 0x1000;
 
+/// What a cached-page access did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Done: the bytes were RAM.
+    Done,
+    /// Nothing done: no byte of the page is RAM (MMIO).
+    NotRam,
+    /// Nothing done: the range crosses a page, or the page is only partly RAM.
+    Slow,
+}
+
+/// A cached page: RAM at a host address, or no RAM at all.
+#[derive(Clone, Copy, Debug)]
+enum Page {
+    Ram(*mut u8),
+    Mmio,
+    Mixed,
+}
+
 /// Host addresses of recently used guest RAM pages.
 pub(crate) struct HostPages {
     /// The memory the cached addresses point into; holding it keeps the mappings alive.
     mem: Arc<GuestMemory>,
     /// Per slot: the cached page number + 1, or 0.
     tags: [Cell<u64>; SLOTS],
-    /// Per slot: the host address of the cached page's first byte.
+    /// Per slot: the host address of the cached page's first byte; null for a page with no
+    /// RAM (the regions never change, so that is cached too).
     base: [Cell<*mut u8>; SLOTS],
 }
 
@@ -49,65 +69,101 @@ impl HostPages {
         }
     }
 
-    /// The host address of the first byte of the RAM page holding `pa`, or `None` where that
-    /// page is not wholly RAM (MMIO, or a region that ends inside the page).
+    /// The page holding `pa`.
     #[inline(always)]
-    fn page(&self, pa: u64) -> Option<*mut u8> {
+    fn page(&self, pa: u64) -> Page {
         let pfn = pa / PAGE;
         let i = (pfn as usize) & (SLOTS - 1);
-        let (tag, base) = (self.tags.get(i)?, self.base.get(i)?);
+        let (Some(tag), Some(base)) = (self.tags.get(i), self.base.get(i)) else { return Page::Mixed };
         if tag.get() == pfn + 1 {
-            return Some(base.get());
+            let p = base.get();
+            return if p.is_null() { Page::Mmio } else { Page::Ram(p) };
         }
         self.fill(pfn, tag, base)
     }
 
     #[inline(never)]
-    fn fill(&self, pfn: u64, tag: &Cell<u64>, base: &Cell<*mut u8>) -> Option<*mut u8> {
-        let start = pfn.checked_mul(PAGE)?;
-        let r = self.mem.find_region(GuestAddress(start))?;
-        let off = start - r.start_addr().0;
-        if off.checked_add(PAGE)? > r.len() {
-            return None;
+    fn fill(&self, pfn: u64, tag: &Cell<u64>, base: &Cell<*mut u8>) -> Page {
+        let Some(start) = pfn.checked_mul(PAGE) else { return Page::Mixed };
+        let end = start.saturating_add(PAGE);
+        if let Some(r) = self.mem.find_region(GuestAddress(start)) {
+            let off = start - r.start_addr().0;
+            if off.saturating_add(PAGE) <= r.len() {
+                if let Ok(p) = r.get_host_address(MemoryRegionAddress(off)) {
+                    tag.set(pfn + 1);
+                    base.set(p);
+                    return Page::Ram(p);
+                }
+            }
+            return Page::Mixed;
         }
-        let p = r.get_host_address(MemoryRegionAddress(off)).ok()?;
+        if self.mem.iter().any(|r| r.start_addr().0 < end && r.start_addr().0.saturating_add(r.len()) > start)
+        {
+            return Page::Mixed;
+        }
         tag.set(pfn + 1);
-        base.set(p);
-        Some(p)
+        base.set(std::ptr::null_mut());
+        Page::Mmio
     }
 
-    /// Reads `buf.len()` bytes of RAM at `pa` when they lie in one cached-or-cacheable page;
-    /// `false` (nothing read) otherwise, for the caller's general path.
+    /// Reads `buf.len()` bytes of RAM at `pa` when they lie in one page that is all RAM.
     #[inline(always)]
-    pub fn read(&self, pa: u64, buf: &mut [u8]) -> bool {
+    pub fn read(&self, pa: u64, buf: &mut [u8]) -> Access {
         let off = (pa % PAGE) as usize;
         if off + buf.len() > PAGE as usize {
-            return false;
+            return Access::Slow;
         }
-        let Some(p) = self.page(pa) else { return false };
+        let p = match self.page(pa) {
+            Page::Ram(p) => p,
+            Page::Mmio => return Access::NotRam,
+            Page::Mixed => return Access::Slow,
+        };
         // SAFETY: `p` is the host address of a whole guest page inside a live mapping (module
         // doc), and `off + buf.len()` is at most the page size, so the source range is inside
         // that mapping; `buf` is a distinct host buffer. Guest RAM is plain bytes (any value is
         // valid) and nothing else writes it while this vCPU runs: a `Machine` runs its vCPU and
         // its devices on one thread, as vm-memory's `get_host_address` requires of its users.
-        unsafe { std::ptr::copy_nonoverlapping(p.add(off), buf.as_mut_ptr(), buf.len()) };
-        true
+        unsafe { copy(p.add(off), buf.as_mut_ptr(), buf.len()) };
+        Access::Done
     }
 
-    /// Writes `data` to RAM at `pa` when it lies in one cached-or-cacheable page; `false`
-    /// (nothing written) otherwise, for the caller's general path.
+    /// Writes `data` to RAM at `pa` when it lies in one page that is all RAM.
     #[inline(always)]
-    pub fn write(&self, pa: u64, data: &[u8]) -> bool {
+    pub fn write(&self, pa: u64, data: &[u8]) -> Access {
         let off = (pa % PAGE) as usize;
         if off + data.len() > PAGE as usize {
-            return false;
+            return Access::Slow;
         }
-        let Some(p) = self.page(pa) else { return false };
+        let p = match self.page(pa) {
+            Page::Ram(p) => p,
+            Page::Mmio => return Access::NotRam,
+            Page::Mixed => return Access::Slow,
+        };
         // SAFETY: as in `read`: the destination range lies inside one page of a live, writable
         // (MAP_SHARED read/write) guest RAM mapping, `data` is a distinct host buffer, and no
         // other access to guest RAM runs concurrently with this vCPU.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(off), data.len()) };
-        true
+        unsafe { copy(data.as_ptr(), p.add(off), data.len()) };
+        Access::Done
+    }
+}
+
+/// `copy_nonoverlapping` with the common operand widths as fixed-size copies (a load and a
+/// store instead of a call to `memcpy`).
+///
+/// # Safety
+/// As `std::ptr::copy_nonoverlapping(src, dst, len)`.
+#[inline(always)]
+unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller guarantees `len` readable bytes at `src`, `len` writable bytes at
+    // `dst`, and no overlap; each arm copies exactly `len` bytes, unaligned.
+    unsafe {
+        match len {
+            1 => *dst = *src,
+            2 => dst.cast::<[u8; 2]>().write_unaligned(src.cast::<[u8; 2]>().read_unaligned()),
+            4 => dst.cast::<[u8; 4]>().write_unaligned(src.cast::<[u8; 4]>().read_unaligned()),
+            8 => dst.cast::<[u8; 8]>().write_unaligned(src.cast::<[u8; 8]>().read_unaligned()),
+            _ => std::ptr::copy_nonoverlapping(src, dst, len),
+        }
     }
 }
 
@@ -121,25 +177,28 @@ mod tests {
     fn reads_and_writes_reach_guest_ram_and_stop_at_its_end() {
         let mem = duet_core::Guest::new("unit", 0x3000).build_memory().unwrap_or_else(|e| panic!("{e}"));
         let h = HostPages::new(mem.clone());
-        assert!(h.write(0x1ffc, &[1, 2, 3, 4]));
+        assert_eq!(h.write(0x1ffc, &[1, 2, 3, 4]), Access::Done);
         let mut b = [0u8; 4];
         mem.read_slice(&mut b, GuestAddress(0x1ffc)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b, [1, 2, 3, 4]);
         mem.write_slice(&[9, 8], GuestAddress(0x2000)).unwrap_or_else(|e| panic!("{e}"));
         let mut c = [0u8; 2];
-        assert!(h.read(0x2000, &mut c));
+        assert_eq!(h.read(0x2000, &mut c), Access::Done);
         assert_eq!(c, [9, 8]);
-        // Crossing a page, or past RAM: the general path's business.
-        assert!(!h.read(0x1fff, &mut c));
-        assert!(!h.read(0x3000, &mut c));
-        assert!(!h.write(0x3000, &c));
+        // Crossing a page is the general path's business; past RAM is MMIO (twice: now cached).
+        assert_eq!(h.read(0x1fff, &mut c), Access::Slow);
+        assert_eq!(h.read(0x3000, &mut c), Access::NotRam);
+        assert_eq!(h.write(0x3000, &c), Access::NotRam);
+        // A page only partly RAM is the general path's too.
+        let odd = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1800)]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(HostPages::new(Arc::new(odd)).read(0x1900, &mut c), Access::Slow);
         // A page and another SLOTS pages on share a slot without mixing.
         let big = duet_core::Guest::new("unit", 0x80000).build_memory().unwrap_or_else(|e| panic!("{e}"));
         let h = HostPages::new(big.clone());
         let far = 0x2000 + SLOTS as u64 * PAGE;
-        assert!(h.write(0x2000, &[1]) && h.write(far, &[2]));
+        assert_eq!((h.write(0x2000, &[1]), h.write(far, &[2])), (Access::Done, Access::Done));
         let mut one = [0u8];
-        assert!(h.read(0x2000, &mut one) && one == [1]);
-        assert!(h.read(far, &mut one) && one == [2]);
+        assert!(h.read(0x2000, &mut one) == Access::Done && one == [1]);
+        assert!(h.read(far, &mut one) == Access::Done && one == [2]);
     }
 }

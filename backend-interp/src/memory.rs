@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use duet_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::cpu::{Abort, Cpu, Flow};
+use crate::hostmem::Access;
 
 /// What the last exit left for the run loop to fill in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,8 +27,9 @@ pub(crate) enum Awaiting {
 /// Data of MMIO and port accesses that cross an exit: the instruction is re-executed with it.
 #[derive(Debug, Default)]
 pub(crate) struct IoStage {
-    /// MMIO reads the run loop completed for the current instruction, in program order.
-    reads: Vec<(u64, Vec<u8>)>,
+    /// MMIO reads the run loop completed for the current instruction, in program order:
+    /// (address, length, data) — no allocation per read.
+    reads: Vec<(u64, usize, [u8; 16])>,
     /// Next entry of `reads` a re-executed access consumes.
     cursor: usize,
     /// The value the run loop supplied for the current IN/INS.
@@ -74,8 +76,7 @@ impl IoStage {
     pub fn complete(&mut self) {
         match self.awaiting.take() {
             Some(Awaiting::Mmio { addr, len }) => {
-                let data = self.scratch.get(..len).unwrap_or(&[]).to_vec();
-                self.reads.push((addr, data));
+                self.reads.push((addr, len.min(16), self.scratch));
             }
             Some(Awaiting::Port { size }) => {
                 let mut b = [0u8; 4];
@@ -93,10 +94,11 @@ impl Cpu {
     /// the range lies in one region (the common case), else vm-memory's general path.
     #[inline]
     pub fn ram_read(&self, pa: u64, buf: &mut [u8]) -> bool {
-        if self.host.read(pa, buf) {
-            return true;
+        match self.host.read(pa, buf) {
+            Access::Done => true,
+            Access::NotRam => false,
+            Access::Slow => self.ram_read_slow(pa, buf),
         }
-        self.ram_read_slow(pa, buf)
     }
 
     /// `ram_read` past the page cache: ranges crossing a page, MMIO, partial pages.
@@ -114,10 +116,11 @@ impl Cpu {
     /// Writes RAM at `pa`; `false` where any byte is not RAM (as `ram_read`).
     #[inline]
     pub fn ram_write(&self, pa: u64, data: &[u8]) -> bool {
-        if self.host.write(pa, data) {
-            return true;
+        match self.host.write(pa, data) {
+            Access::Done => true,
+            Access::NotRam => false,
+            Access::Slow => self.ram_write_slow(pa, data),
         }
-        self.ram_write_slow(pa, data)
     }
 
     /// `ram_write` past the page cache.
@@ -143,8 +146,8 @@ impl Cpu {
         }
         let io = &mut self.io;
         match io.reads.get(io.cursor) {
-            Some((addr, data)) if *addr == pa && data.len() == buf.len() => {
-                buf.copy_from_slice(data);
+            Some((addr, len, data)) if *addr == pa && *len == buf.len() => {
+                buf.copy_from_slice(data.get(..*len).unwrap_or(&[]));
                 io.cursor += 1;
                 Ok(())
             }

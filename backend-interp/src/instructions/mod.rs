@@ -152,7 +152,36 @@ pub(crate) fn handler(m: Mnemonic) -> Handler {
 pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands, bool) {
     match fast_form(ins).or_else(|| memory_form(ins)) {
         Some((h, ops)) => (h, ops, true),
-        None => (handler(ins.mnemonic()), Operands::default(), false),
+        None => (handler(ins.mnemonic()), Operands::default(), fails_clean(ins)),
+    }
+}
+
+/// Forms the group handlers run that, like the fast ones, write no register, RIP or RFLAGS
+/// before they can fail (every check and memory access comes first), so the step loop needs
+/// no copy of the registers for them: near CALL and RET (`control::exec`: target checked,
+/// return address pushed or read, then SP and RIP), PUSH of a GPR or an immediate and POP into
+/// a GPR (`stack::exec`: the stack access, then SP, then the register).
+fn fails_clean(ins: &Instruction) -> bool {
+    use Mnemonic::*;
+    if ins.encoding() != iced_x86::EncodingKind::Legacy {
+        return false;
+    }
+    let gpr0 = ins.op_count() >= 1
+        && ins.op_kind(0) == OpKind::Register
+        && crate::cpu::gpr_slot(ins.op_register(0)).is_some();
+    let imm0 = ins.op_count() == 1 && imm_op(ins, 0).is_some();
+    match ins.mnemonic() {
+        Push => ins.op_count() == 1 && (gpr0 || imm0),
+        Pop => ins.op_count() == 1 && gpr0,
+        Call => {
+            ins.op_count() == 1
+                && (matches!(
+                    ins.op_kind(0),
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                ) || gpr0)
+        }
+        Ret => true,
+        _ => false,
     }
 }
 
