@@ -84,6 +84,15 @@ fn exec_one<const BLOCK: bool>(
     // defined unless it is undefined.
     let (written, undefined) = effect.unwrap_or((d.written, d.undefined));
     cpu.undefined = (cpu.undefined & !written) | undefined;
+    if BLOCK && d.straight {
+        // Inside a block, before its last instruction: no IRET, no REP iteration, no interrupt
+        // shadow (a block starts without one and nothing straight sets it), no exit request.
+        cpu.rflags &= !duet_core::state::rflags::RF;
+        cpu.rip = cpu.next_rip;
+        cpu.retired = cpu.retired.wrapping_add(1);
+        cpu.steps = cpu.steps.wrapping_add(1);
+        return if cpu.io.writes.is_empty() { Outcome::Retired } else { Outcome::Writes };
+    }
     // SDM Vol. 3A §18.3.1.4: TF set at the start of an instruction traps after it, except
     // after INT n/INT3/INTO, whose delivery clears TF first. (A block starts only with TF clear.)
     if !BLOCK {
