@@ -29,26 +29,26 @@ impl BusDevice for Recorder {
 
 #[test]
 fn mmio_faulting_instruction_leaves_no_write_exit() {
-    // enter 0, 2 (C8 00 00 02) in 64-bit mode: pushes RBP onto the stack, which is MMIO here,
-    // then reads the caller's frame pointer at RBP − 8, which is not canonical: #SS(0)
-    // (SDM Vol. 2A ENTER) before ENTER completes.
-    let mem = memory(&[0xc8, 0x00, 0x00, 0x02, 0xf4]);
-    let mut s = long64(&mem);
-    // 8 MiB: identity-mapped by the fixture's page tables, past its 4 MiB of RAM.
+    // Real mode, the stack in MMIO (SS base past RAM), SP = 6. CALL FAR with a 32-bit operand
+    // (66 9A) pushes CS as 4 bytes at SS:2, then EIP at SS:0xFFFE, whose last byte lies past
+    // the 64 KiB limit: #SS(0) (SDM Vol. 2A CALL, real-address mode) after the first push.
+    let mem = memory(&[0x66, 0x9a, 0x10, 0x00, 0x00, 0x00, 0x34, 0x12]);
+    let mut s = real_mode(&mem);
     const MMIO_STACK: u64 = 0x80_0000;
-    const FRAME: u64 = 0x8000_0000_0000_1008;
-    s.regs.rsp = MMIO_STACK;
-    s.regs.rbp = FRAME;
+    s.sregs.ss.base = MMIO_STACK;
+    s.regs.rsp = 6;
     let writes: Writes = Arc::default();
     let recorder = Arc::new(Mutex::new(Recorder(writes.clone())));
     let (out, _) = run_with(mem, &s, Duration::from_secs(5), |m| {
-        m.mmio.insert(MMIO_STACK - 0x1000, 0x1000, recorder).unwrap();
+        m.mmio.insert(MMIO_STACK, 0x1_0000, recorder).unwrap();
     });
-    // #SS(0) was delivered: its stub ran and halted, with the exception frame on the MMIO stack.
-    assert_eq!(stub_vector(&out.state), Some(12), "{:?}", out.stop);
+    // #SS was delivered through the IVT (FLAGS, CS, IP pushed at SS:4, 2, 0) to its stub,
+    // `push 12; hlt`, which halted.
+    assert_eq!(out.state.regs.rip, STUBS + 12 * 8 + 4, "{:?}", out.stop);
     let w = writes.lock().unwrap();
-    assert!(!w.is_empty(), "the exception frame goes to the MMIO stack");
-    // ENTER's push of RBP never reached the bus.
-    let pushed_rbp = FRAME.to_le_bytes();
-    assert!(w.iter().all(|(_, d)| d.as_slice() != pushed_rbp), "writes: {w:x?}");
+    assert_eq!(
+        w.iter().map(|(off, d)| (*off, d.len())).collect::<Vec<_>>(),
+        [(4, 2), (2, 2), (0, 2), (0xfffe, 2)],
+        "the exception frame and the stub's push, nothing else: {w:x?}"
+    );
 }
