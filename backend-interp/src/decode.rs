@@ -624,6 +624,30 @@ mod tests {
     }
 
     #[test]
+    fn bytes_at_rip_reads_without_setting_accessed_bits() {
+        use duet_core::state::ctrl;
+        use duet_core::vm_memory::{Bytes, GuestAddress};
+        let mut cpu = crate::cpu::test_cpu();
+        // 4-level paging, the first 2 MiB identity-mapped by one large page; no entry has A set.
+        let entries = [(0x1000u64, 0x2003u64), (0x2000, 0x3003), (0x3000, 0x83)];
+        for (at, v) in entries {
+            cpu.mem.write_slice(&v.to_le_bytes(), GuestAddress(at)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        cpu.mem.write_slice(&[0x0f, 0x0b], GuestAddress(0x8000)).unwrap_or_else(|e| panic!("{e}"));
+        cpu.sregs.cr3 = 0x1000;
+        cpu.sregs.cr4 |= ctrl::CR4_PAE;
+        cpu.sregs.efer |= ctrl::EFER_LME | ctrl::EFER_LMA;
+        cpu.sregs.cr0 |= ctrl::CR0_PE | ctrl::CR0_PG;
+        cpu.sregs.cs = duet_core::Segment::from_descriptor(0x08, 0x00af_9b00_0000_ffff);
+        cpu.rip = 0x8000;
+        assert_eq!(cpu.bytes_at_rip(2), [0x0f, 0x0b]);
+        // SDM Vol. 3A §4.8 sets A only on accesses the program makes; a report is none.
+        for (at, v) in entries {
+            assert_eq!(cpu.phys_read_u64(at), v, "entry at {at:#x}");
+        }
+    }
+
+    #[test]
     fn line_masks_cover_the_offsets() {
         assert_eq!(line_mask(0, 0), 1);
         assert_eq!(line_mask(0x3f, 0x40), 0b11);
