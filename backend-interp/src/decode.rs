@@ -297,6 +297,8 @@ pub(crate) struct DecodeCache {
     uncached: Decoded,
     /// The block returned for pages that are not cached.
     empty: Block,
+    /// Build blocks of one instruction (the last block was cut short by an exit or a fault).
+    pub short: bool,
 }
 
 impl Default for DecodeCache {
@@ -307,6 +309,7 @@ impl Default for DecodeCache {
             by_page: HashMap::new(),
             uncached: Decoded::new(Instruction::default()),
             empty: Block { key: u64::MAX, live: false, bytes: 0, ins: Vec::new() },
+            short: false,
         }
     }
 }
@@ -431,8 +434,9 @@ impl Cpu {
         // single-instruction path names the error).
         let n = if self.ram_read(pa, &mut buf[..room]) { room } else { 0 };
         let mut out = Vec::new();
+        let max = if code.short { 1 } else { MAX_BLOCK };
         let mut dec = Decoder::with_ip(bitness, buf.get(..n).unwrap_or(&[]), 0, DecoderOptions::NONE);
-        while dec.can_decode() && out.len() < MAX_BLOCK {
+        while dec.can_decode() && out.len() < max {
             // Each instruction decoded at IP 0: branch targets and RIP-relative displacements
             // are relative to the instruction's start.
             dec.set_ip(0);

@@ -281,14 +281,21 @@ impl InterpVcpu {
         // before it runs on.
         begin_instruction(cpu);
         let mut outcome = Outcome::Retired;
+        let mut cut = false;
         for d in &block.ins {
             *count = count.wrapping_add(1);
             outcome = exec_one::<true>(cpu, &mut self.saved, &mut self.pending_db, d, false);
             // A write to cached code (perhaps later in this block) ends the block here.
             if !matches!(outcome, Outcome::Retired) || cpu.code_lines.has_pending() {
+                cut = d.straight;
                 break;
             }
         }
+        // A straight-line instruction that exits (MMIO) or faults leaves the next block to start
+        // where no block starts yet; code that does so instruction after instruction would
+        // decode a whole block per instruction. Until a block runs to its end again, new blocks
+        // hold one instruction.
+        self.code.short = cut;
         self.cpu.io.finish();
         self.settle(outcome)
     }
