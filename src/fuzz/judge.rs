@@ -99,11 +99,12 @@ fn frame_flags(o: &Outcome, addr: u64, diff: u64, undef: u64) -> bool {
     let sp = if cr0 & 1 == 0 { rsp & 0xffff } else { rsp };
     let slot = ss.wrapping_add(sp).wrapping_add(width);
     let m = undef & rflags::STATUS;
-    if m == 0 || slot < addr || slot >= addr + 8 {
+    if m == 0 || slot >= addr + 8 || slot + 8 <= addr {
         return false;
     }
-    let shift = (slot - addr) * 8;
-    diff & !(m << shift) == 0
+    // The slot may straddle two 8-byte words when the stack pointer is misaligned.
+    let mask = if slot >= addr { m << ((slot - addr) * 8) } else { m >> ((addr - slot) * 8) };
+    diff & !mask == 0
 }
 
 /// A known limit of this host's hardware backend: cases it matches are not decided by KVM here.
@@ -309,7 +310,8 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
             let m = c.mode;
             let upper = |o: &Outcome| (reg(o, "rsp") >> 16) & 0xffff;
             // Also a frame that wrapped SP through 0 (SP near the top of the 64 KiB segment).
-            let wrapped = kvm.stop == "shutdown" && reg(interp, "rsp") & 0xffff >= 0xff00;
+            let top = |o: &Outcome| o.memory.keys().filter_map(|k| parse_hex(k)).any(|a| (0xff00..0x1_0000).contains(&a));
+            let wrapped = kvm.stop == "shutdown" && (reg(interp, "rsp") & 0xffff >= 0xff00 || top(interp));
             matches!(m, FuzzMode::Real | FuzzMode::Prot16)
                 && (interp.stop.starts_with("exception") || interp.stop == "shutdown")
                 && (upper(interp) != 0 || upper(kvm) != 0 || wrapped)
@@ -715,6 +717,20 @@ impl Reference for NoReference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn undefined_flags_of_a_frame_straddling_two_words_are_masked_in_both() {
+        // A 32-bit frame at ESP = 0x6fffb: EFLAGS at 0x6ffff..0x70002, split over two words.
+        let mut o = Outcome { stop: "exception #GP error 0x0 at 0x8003".into(), ..Outcome::default() };
+        for (k, v) in [("rsp", 0x6fffb_u64), ("cr0", 0x11), ("efer", 0)] {
+            o.state.insert(k.into(), format!("{v:#x}"));
+        }
+        let undef = rflags::AF | rflags::OF;
+        assert!(frame_flags(&o, 0x6fff8, rflags::AF << 56, undef), "AF in the last byte of the lower word");
+        assert!(frame_flags(&o, 0x70000, rflags::OF >> 8, undef), "OF in the first byte of the upper word");
+        assert!(!frame_flags(&o, 0x70000, rflags::CF << 8, undef), "a defined flag is not masked");
+        assert!(!frame_flags(&o, 0x70008, rflags::OF >> 8, undef), "a word the slot does not reach");
+    }
 
     #[test]
     fn pushed_undefined_flags_are_masked_only_near_a_stack() {
