@@ -81,7 +81,7 @@ pub fn profile_lacks(m: Mnemonic, p: &CpuidProfile) -> bool {
 /// CPUID feature the shared profile lacks — ring-3 code may run natively on the host CPU, which
 /// executes it whatever CPUID the guest sees (ring 0 keeps them: the #UD, or LZCNT/TZCNT as
 /// BSR/BSF, is tested there) — and in 64-bit code no near branch with an operand-size prefix
-/// (Intel ignores the prefix, AMD truncates RIP to 16 bits: vendor-specific).
+/// (Intel ignores the prefix, AMD truncates RIP to 16 bits: vendor-specific), nor in 32-bit code.
 fn eligible_in(code: Code, mode: FuzzMode, profile: &CpuidProfile) -> bool {
     let bits = mode.bitness();
     if !eligible(code, bits) {
@@ -90,7 +90,9 @@ fn eligible_in(code: Code, mode: FuzzMode, profile: &CpuidProfile) -> bool {
     if mode.cpl() == 3 && profile_lacks(code.mnemonic(), profile) {
         return false;
     }
-    !(bits == 64 && code.op_code().op_kinds().iter().any(|k| matches!(k, K::br16_1 | K::br16_2)))
+    // 16-bit branches outside 16-bit code truncate (E/R)IP to 16 bits: in 64-bit code that is
+    // vendor-specific, in 32-bit code it sends the program to a target the generator did not place.
+    !(bits != 16 && code.op_code().op_kinds().iter().any(|k| matches!(k, K::br16_1 | K::br16_2)))
 }
 
 /// Whether `code` belongs in the table of code size `bits`.
