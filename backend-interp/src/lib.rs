@@ -53,6 +53,7 @@ mod memory;
 mod mmu;
 mod operand;
 mod vcpu;
+mod wide;
 
 use std::sync::Arc;
 
