@@ -312,6 +312,20 @@ fn fix_flags(mode: FuzzMode, slots: &mut [Vec<Item>]) {
                 | Mnemonic::Into
                 | Mnemonic::Int1
                 | Mnemonic::Syscall => STATUS,
+                // At CPL 3 with IOPL 0 port I/O raises #GP, whose frame holds FLAGS: the program's
+                // final `out 0xf4` there must not push undefined flags.
+                Mnemonic::In
+                | Mnemonic::Out
+                | Mnemonic::Insb
+                | Mnemonic::Insw
+                | Mnemonic::Insd
+                | Mnemonic::Outsb
+                | Mnemonic::Outsw
+                | Mnemonic::Outsd
+                    if mode.cpl() == 3 =>
+                {
+                    STATUS
+                }
                 _ => ins.rflags_read() & STATUS,
             };
             if reads & undef != 0 {

@@ -512,6 +512,25 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
         },
     },
     OutcomeLimit {
+        name: "int-n-protected-reached",
+        reason: "as host limit `int-n-protected`, for an INT n/INT3/INTO the program reached by jumping into the middle of another instruction (both runs stop at it): kvm_pvm raises #UD or #GP where the gate decides (SDM Vol. 2A INT n)",
+        applies: |c, kvm, interp, _| {
+            let at = |o: &Outcome| o.stop.rsplit(" at ").next().and_then(parse_hex);
+            let Some(code) = super::case::parse_bytes(&c.code) else { return false };
+            let ip = super::gen::code_ip(c.mode);
+            let (Some(a), Some(b)) = (at(kvm), at(interp)) else { return false };
+            a == b
+                && a >= ip
+                && c.mode != FuzzMode::Real
+                && code.get((a - ip) as usize..).is_some_and(|rest| {
+                    Decoder::with_ip(c.mode.bitness(), rest, a, DecoderOptions::NONE)
+                        .into_iter()
+                        .next()
+                        .is_some_and(|i| is_soft_int(&i))
+                })
+        },
+    },
+    OutcomeLimit {
         name: "eflags-ac",
         reason: "kvm_pvm does not keep EFLAGS.AC set by the guest (a POPF of a value with AC, e.g. a stack in MMIO, where reads return a pattern): RFLAGS and the exception frame's EFLAGS lack it; SDM Vol. 2B POPF: AC is written at any CPL (see HOST_SPECIFIC: the generator itself never sets AC)",
         applies: |_, kvm, interp, d| {
