@@ -119,24 +119,11 @@ const CALIBRATION_TIMEOUT: Duration = Duration::from_secs(2);
 /// The calibration guest: long mode, `iters` × (add, xor, sub, shl, or, and, dec, jnz) on
 /// 32-bit registers, then the debug exit.
 pub fn calibration_guest(iters: u32) -> Result<Guest, duet_fixtures::FixtureError> {
-    use iced_x86::code_asm::{eax, ebx, ecx};
     duet_fixtures::GuestBuilder::new(duet_fixtures::Mode::Long)
         .name("calibration")
         .ram_size(2 << 20)
         .code(move |a| {
-            let mut top = a.create_label();
-            a.mov(ecx, iters)?;
-            a.mov(eax, 1)?;
-            a.mov(ebx, 0x1234_5678)?;
-            a.set_label(&mut top)?;
-            a.add(eax, ebx)?;
-            a.xor(ebx, eax)?;
-            a.sub(eax, ecx)?;
-            a.shl(ebx, 3)?;
-            a.or(eax, 0x11)?;
-            a.and(ebx, eax)?;
-            a.dec(ecx)?;
-            a.jnz(top)?;
+            duet_fixtures::asm::alu_loop(a, iters)?;
             duet_fixtures::asm::exit(a, 0)
         })
         .build()

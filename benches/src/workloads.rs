@@ -159,24 +159,7 @@ fn done(a: &mut CodeAssembler) -> Result<(), FixtureError> {
     duet::fixtures::asm::exit(a, 0)
 }
 
-/// `iters` × (add, xor, sub, shl, or, and, dec, jnz) on 32-bit registers: the ALU loop shared
-/// by `interp_speed` and the peer comparison, so both measure the same instructions.
-pub fn alu_loop(a: &mut CodeAssembler, iters: u32) -> Result<(), FixtureError> {
-    let mut top = a.create_label();
-    a.mov(ecx, iters)?;
-    a.mov(eax, 1)?;
-    a.mov(ebx, 0x1234_5678)?;
-    a.set_label(&mut top)?;
-    a.add(eax, ebx)?;
-    a.xor(ebx, eax)?;
-    a.sub(eax, ecx)?;
-    a.shl(ebx, 3)?;
-    a.or(eax, 0x11)?;
-    a.and(ebx, eax)?;
-    a.dec(ecx)?;
-    a.jnz(top)?;
-    Ok(())
-}
+pub use duet::fixtures::asm::alu_loop;
 
 /// The ALU loop: add, xor, sub, shl, or, and, then `dec ecx; jnz`.
 pub fn alu(div: u32) -> Result<SpeedWorkload, FixtureError> {

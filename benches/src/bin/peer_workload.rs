@@ -111,7 +111,7 @@ fn report(a: &mut CodeAssembler) -> Result<(), FixtureError> {
     Ok(())
 }
 
-/// The shared ALU loop (`duet_benches::workloads::alu_loop`), then AL = 0.
+/// The shared ALU loop (`duet_fixtures::asm::alu_loop`), then AL = 0.
 fn alu(a: &mut CodeAssembler, iters: u32) -> Result<(), FixtureError> {
     duet_benches::workloads::alu_loop(a, iters)?;
     a.xor(al, al)?;
