@@ -178,7 +178,8 @@ pub fn compare_runs(p: &Parsed, case: &Case, left: (&str, &Outcome), right: (&st
         let a = addr as usize;
         img.get(a..a + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     };
-    judge::compare(left, right, &word)
+    let images_undef = judge::static_undefined(case.mode, &p.code);
+    judge::compare_with(left, right, &word, images_undef)
 }
 
 /// Checks the interpreter against the result recorded in `case`: the diff (empty when equal).
