@@ -71,10 +71,26 @@ impl MemRef {
             base,
             index: gpr(ins.memory_index())?,
             scale: ins.memory_index_scale().trailing_zeros() as u8,
-            seg: ins.memory_segment(),
+            seg: memory_segment(ins),
             disp: ins.memory_displacement64(),
             amask: mask(addr_bytes(ins, bitness)),
         })
+    }
+}
+
+/// The segment register a memory operand of `ins` goes through. In 64-bit mode ES, CS, SS and
+/// DS override prefixes are ignored (SDM Vol. 1 §3.3.7.1), so the default segment stands: SS
+/// for an RSP or RBP base, else DS (SDM Vol. 1 §3.7.4). Their bases are all 0 there, but the
+/// segment decides the fault of a non-canonical address: #SS(0) through SS, else #GP(0)
+/// (SDM Vol. 3A §6.15).
+pub(crate) fn memory_segment(ins: &Instruction) -> Register {
+    let seg = ins.memory_segment();
+    if ins.code_size() != iced_x86::CodeSize::Code64 || matches!(seg, Register::FS | Register::GS) {
+        return seg;
+    }
+    match ins.memory_base() {
+        Register::RSP | Register::RBP | Register::ESP | Register::EBP => Register::SS,
+        _ => Register::DS,
     }
 }
 
@@ -112,16 +128,16 @@ impl Cpu {
     pub fn mem_addr(&self, ins: &Instruction, op: u32) -> (Register, u64) {
         let kind = ins.op_kind(op);
         let (seg, off) = match kind {
-            OpKind::MemorySegSI => (ins.memory_segment(), self.gpr[6] & 0xffff),
-            OpKind::MemorySegESI => (ins.memory_segment(), self.gpr[6] & 0xffff_ffff),
-            OpKind::MemorySegRSI => (ins.memory_segment(), self.gpr[6]),
-            OpKind::MemorySegDI => (ins.memory_segment(), self.gpr[7] & 0xffff),
-            OpKind::MemorySegEDI => (ins.memory_segment(), self.gpr[7] & 0xffff_ffff),
-            OpKind::MemorySegRDI => (ins.memory_segment(), self.gpr[7]),
+            OpKind::MemorySegSI => (memory_segment(ins), self.gpr[6] & 0xffff),
+            OpKind::MemorySegESI => (memory_segment(ins), self.gpr[6] & 0xffff_ffff),
+            OpKind::MemorySegRSI => (memory_segment(ins), self.gpr[6]),
+            OpKind::MemorySegDI => (memory_segment(ins), self.gpr[7] & 0xffff),
+            OpKind::MemorySegEDI => (memory_segment(ins), self.gpr[7] & 0xffff_ffff),
+            OpKind::MemorySegRDI => (memory_segment(ins), self.gpr[7]),
             OpKind::MemoryESDI => (Register::ES, self.gpr[7] & 0xffff),
             OpKind::MemoryESEDI => (Register::ES, self.gpr[7] & 0xffff_ffff),
             OpKind::MemoryESRDI => (Register::ES, self.gpr[7]),
-            _ => (ins.memory_segment(), self.ea(ins)),
+            _ => (memory_segment(ins), self.ea(ins)),
         };
         (seg, off)
     }
@@ -252,5 +268,20 @@ mod tests {
         c.gpr[1] = 0x8; // ECX
                         // mov edx, [eax+ecx*4+4] (8B 54 88 04) in 32-bit code: 0xfffffff0 + 0x20 + 4 wraps.
         assert_eq!(c.ea(&decode(32, &[0x8b, 0x54, 0x88, 0x04])), 0x14);
+    }
+    #[test]
+    fn segment_overrides_other_than_fs_gs_are_ignored_in_64_bit_mode() {
+        // SDM Vol. 1 §3.3.7.1: in 64-bit mode ES/CS/SS/DS prefixes are ignored; the default is
+        // SS for an RSP/RBP base and DS otherwise (Vol. 1 §3.7.4).
+        let seg = |bits, bytes: &[u8]| memory_segment(&decode(bits, bytes));
+        assert_eq!(seg(64, &[0x26, 0xd0, 0x45, 0x0f]), Register::SS); // rol byte [es:rbp+0Fh],1
+        assert_eq!(seg(64, &[0x3e, 0x8b, 0x04, 0x24]), Register::SS); // mov eax, [ds:rsp]
+        assert_eq!(seg(64, &[0x36, 0x8b, 0x03]), Register::DS); // mov eax, [ss:rbx]
+        assert_eq!(seg(64, &[0x36, 0xac]), Register::DS); // lodsb with SS prefix
+        assert_eq!(seg(64, &[0x64, 0x8b, 0x45, 0x00]), Register::FS); // mov eax, [fs:rbp]
+        assert_eq!(seg(64, &[0x65, 0xac]), Register::GS); // lodsb with GS prefix
+        // Outside 64-bit mode every override counts.
+        assert_eq!(seg(32, &[0x26, 0x8b, 0x45, 0x00]), Register::ES); // mov eax, [es:ebp]
+        assert_eq!(seg(16, &[0x36, 0x8b, 0x07]), Register::SS); // mov ax, [ss:bx]
     }
 }
