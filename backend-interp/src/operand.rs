@@ -280,6 +280,7 @@ mod tests {
         assert_eq!(seg(64, &[0x36, 0xac]), Register::DS); // lodsb with SS prefix
         assert_eq!(seg(64, &[0x64, 0x8b, 0x45, 0x00]), Register::FS); // mov eax, [fs:rbp]
         assert_eq!(seg(64, &[0x65, 0xac]), Register::GS); // lodsb with GS prefix
+
         // Outside 64-bit mode every override counts.
         assert_eq!(seg(32, &[0x26, 0x8b, 0x45, 0x00]), Register::ES); // mov eax, [es:ebp]
         assert_eq!(seg(16, &[0x36, 0x8b, 0x07]), Register::SS); // mov ax, [ss:bx]
