@@ -78,14 +78,18 @@ impl MemRef {
     }
 }
 
-/// The segment register a memory operand of `ins` goes through. In 64-bit mode ES, CS, SS and
+/// The segment register a memory operand of `ins` goes through. In 64-bit mode the ES, CS and
 /// DS override prefixes are ignored (SDM Vol. 1 §3.3.7.1), so the default segment stands: SS
 /// for an RSP or RBP base, else DS (SDM Vol. 1 §3.7.4). Their bases are all 0 there, but the
-/// segment decides the fault of a non-canonical address: #SS(0) through SS, else #GP(0)
-/// (SDM Vol. 3A §6.15).
+/// segment decides the fault of a non-canonical address: #SS(0) for "a memory reference that
+/// uses SS", else #GP(0) (SDM Vol. 3A §6.15). An SS override still makes the reference use SS:
+/// the silicon raises #SS for `ss: adc al, [r9+1Dh]` with a non-canonical R9 (this AMD host,
+/// ring-3 code run natively; fixtures/corpus/regressions/ss-prefix-noncanonical-is-ss-fault.json).
 pub(crate) fn memory_segment(ins: &Instruction) -> Register {
     let seg = ins.memory_segment();
-    if ins.code_size() != iced_x86::CodeSize::Code64 || matches!(seg, Register::FS | Register::GS) {
+    if ins.code_size() != iced_x86::CodeSize::Code64
+        || matches!(seg, Register::FS | Register::GS | Register::SS)
+    {
         return seg;
     }
     match ins.memory_base() {
@@ -271,13 +275,15 @@ mod tests {
     }
     #[test]
     fn segment_overrides_other_than_fs_gs_are_ignored_in_64_bit_mode() {
-        // SDM Vol. 1 §3.3.7.1: in 64-bit mode ES/CS/SS/DS prefixes are ignored; the default is
-        // SS for an RSP/RBP base and DS otherwise (Vol. 1 §3.7.4).
+        // SDM Vol. 1 §3.3.7.1: in 64-bit mode ES/CS/DS prefixes are ignored; the default is SS
+        // for an RSP/RBP base and DS otherwise (Vol. 1 §3.7.4). An SS prefix still means SS (the
+        // silicon's #SS for a non-canonical address through it; see `memory_segment`).
         let seg = |bits, bytes: &[u8]| memory_segment(&decode(bits, bytes));
         assert_eq!(seg(64, &[0x26, 0xd0, 0x45, 0x0f]), Register::SS); // rol byte [es:rbp+0Fh],1
         assert_eq!(seg(64, &[0x3e, 0x8b, 0x04, 0x24]), Register::SS); // mov eax, [ds:rsp]
-        assert_eq!(seg(64, &[0x36, 0x8b, 0x03]), Register::DS); // mov eax, [ss:rbx]
-        assert_eq!(seg(64, &[0x36, 0xac]), Register::DS); // lodsb with SS prefix
+        assert_eq!(seg(64, &[0x36, 0x8b, 0x03]), Register::SS); // mov eax, [ss:rbx]
+        assert_eq!(seg(64, &[0x2e, 0x8b, 0x03]), Register::DS); // mov eax, [cs:rbx]
+        assert_eq!(seg(64, &[0x26, 0xac]), Register::DS); // lodsb with ES prefix
         assert_eq!(seg(64, &[0x64, 0x8b, 0x45, 0x00]), Register::FS); // mov eax, [fs:rbp]
         assert_eq!(seg(64, &[0x65, 0xac]), Register::GS); // lodsb with GS prefix
 
