@@ -132,6 +132,12 @@ pub fn parse(text: &str) -> Result<Dump, QemuError> {
         f.segment("GS")?,
     );
     sr.ldt = f.segment("LDT")?;
+    // LLDT with a null selector makes LDTR invalid (SDM Vol. 2A LLDT); QEMU then zeroes its base
+    // and limit but keeps the flags, so "present" alone does not tell. The RESET LDTR, also
+    // selector 0, has limit 0xFFFF (SDM Vol. 3A Table 10-1) and stays usable.
+    if sr.ldt.selector & !3 == 0 && sr.ldt.limit == 0 {
+        sr.ldt.unusable = true;
+    }
     sr.tr = f.segment("TR")?;
     sr.gdt = DescriptorTable { base: f.hex("GDT", 0)?, limit: f.hex("GDT", 1)? as u16 };
     sr.idt = DescriptorTable { base: f.hex("IDT", 0)?, limit: f.hex("IDT", 1)? as u16 };
@@ -248,5 +254,15 @@ XMM00=1111111111111111 2222222222222222 XMM01=0000000000000000 0000000000000000\
         assert_eq!(s.fpu.0[4], 0x80);
         assert_eq!(&s.fpu.0[48..58], &[0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f]);
         assert_eq!(s.fpu.xmm(0), 0x1111_1111_1111_1111_2222_2222_2222_2222);
+    }
+    #[test]
+    fn a_null_ldtr_loaded_by_lldt_is_unusable_but_the_reset_one_is_not() {
+        // QEMU's LLDT of a null selector leaves base 0, limit 0 and the old flags (0x8200); the
+        // SDM makes LDTR invalid then (Vol. 2A LLDT). RESET's LDTR has limit 0xFFFF and is valid.
+        let after_lldt0 =
+            RESET.replace("LDT=0000 00000000 0000ffff 00008200", "LDT=0000 00000000 00000000 00008200");
+        assert_ne!(after_lldt0, RESET, "the sample holds the RESET LDT line");
+        assert!(parse(&after_lldt0).unwrap().state.sregs.ldt.unusable);
+        assert!(!parse(RESET).unwrap().state.sregs.ldt.unusable);
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use duet_core::diff::DiffRow;
 use duet_core::state::rflags;
 use duet_core::StateDiff;
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, Register};
 
 use super::case::{parse_hex, Case, FuzzMode, Outcome};
 use super::layout::STACK_TOPS;
@@ -575,6 +575,27 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
                         .into_iter()
                         .next()
                         .is_some_and(|i| is_soft_int(&i))
+                })
+        },
+    },
+    OutcomeLimit {
+        name: "ignored-segment-prefix-ring0",
+        reason: "in 64-bit mode ES, CS and DS overrides are ignored (SDM Vol. 1 §3.3.7.1), so a non-canonical RSP/RBP-based reference still uses SS and is #SS(0) (SDM Vol. 3A §6.15), as the silicon does in ring 3 here (fixtures/corpus/regressions/es-prefix-noncanonical-rbp-is-ss-fault.json); in ring 0 kvm_pvm's instruction emulator applies the ignored prefix and raises #GP(0)",
+        applies: |c, kvm, interp, _| {
+            let at = |o: &Outcome| o.stop.rsplit(" at ").next().and_then(parse_hex);
+            let Some(code) = super::case::parse_bytes(&c.code) else { return false };
+            let ip = super::gen::code_ip(c.mode);
+            let (Some(a), Some(b)) = (at(kvm), at(interp)) else { return false };
+            c.mode == FuzzMode::Long64
+                && a == b
+                && a >= ip
+                && kvm.stop.starts_with("exception #GP")
+                && interp.stop.starts_with("exception #SS")
+                && code.get((a - ip) as usize..).is_some_and(|rest| {
+                    Decoder::with_ip(64, rest, a, DecoderOptions::NONE).into_iter().next().is_some_and(|i| {
+                        matches!(i.segment_prefix(), Register::ES | Register::CS | Register::DS)
+                            && matches!(i.memory_base(), Register::RSP | Register::RBP | Register::ESP | Register::EBP)
+                    })
                 })
         },
     },

@@ -132,7 +132,8 @@ impl Plan<'_> {
     }
 
     /// For TR/LDTR: `None` when the register holds its RESET value (left as QEMU resets it),
-    /// else the linear address of the descriptor's access byte and its value to restore after loading.
+    /// else the linear address of the descriptor's access byte and its value to restore after
+    /// loading (unused for LDTR, which LLDT leaves alone; `(0, 0)` for a null LDTR).
     pub(super) fn check_system(
         &self,
         name: &str,
@@ -141,6 +142,11 @@ impl Plan<'_> {
     ) -> Result<Option<(u64, u8)>, QemuError> {
         if seg == reset {
             return Ok(None);
+        }
+        if name == "ldtr" && seg.selector & !3 == 0 && seg.unusable {
+            // A null LDTR (as after `lldt 0`): LLDT with a null selector marks it invalid
+            // (SDM Vol. 2A LLDT); there is no descriptor, so nothing to restore.
+            return Ok(Some((0, 0)));
         }
         let d = self.descriptor(name, seg.selector)?;
         let busy = if name == "tr" { 1u64 << 41 } else { 0 };
