@@ -57,6 +57,9 @@ pub(crate) struct Decoded {
     /// Falls through to the next instruction and changes nothing a block fixes at its start:
     /// a block goes on after it.
     pub straight: bool,
+    /// A near branch (JMP, Jcc, CALL, RET, LOOPcc, JrCXZ): it changes nothing a block fixes at
+    /// its start but RIP, so the block loop may go on at its target's block (block chaining).
+    pub chain: bool,
     /// Length in bytes.
     pub len: u8,
     /// Mask of RIP after it: all ones when decoded as 64-bit code, else 32 bits.
@@ -79,6 +82,7 @@ impl Decoded {
             vex: ins.encoding() != iced_x86::EncodingKind::Legacy,
             fast,
             straight: straight(&ins),
+            chain: near_branch(&ins),
             len: ins.len() as u8,
             ip_mask: if ins.code_size() == iced_x86::CodeSize::Code64 { u64::MAX } else { 0xffff_ffff },
             ins,
@@ -197,6 +201,21 @@ fn straight(ins: &Instruction) -> bool {
                 !r.is_segment_register() && !r.is_cr() && !r.is_dr() && !r.is_tr()
             }
         })
+}
+
+/// Whether `ins` is a near branch: it changes RIP (and for CALL/RET the stack) but not CS, the
+/// mode, RFLAGS or anything else a block fixes at its start.
+fn near_branch(ins: &Instruction) -> bool {
+    ins.encoding() == iced_x86::EncodingKind::Legacy
+        && (ins.is_jcc_short_or_near()
+            || ins.is_jmp_short_or_near()
+            || ins.is_jmp_near_indirect()
+            || ins.is_call_near()
+            || ins.is_call_near_indirect()
+            || ins.is_loop()
+            || ins.is_loopcc()
+            || ins.is_jcx_short()
+            || ins.mnemonic() == Mnemonic::Ret)
 }
 
 /// A straight-line run of decoded instructions starting at one physical address.

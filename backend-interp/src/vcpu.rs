@@ -139,6 +139,17 @@ fn begin_instruction(cpu: &mut Cpu) {
     cpu.post = None;
 }
 
+/// Whether `block`, found at CS:RIP, can run as a block: it holds instructions, and outside
+/// 64-bit mode its last byte lies within the CS limit (SDM Vol. 3A §5.3; else `step` checks
+/// each instruction).
+#[inline(always)]
+fn runnable(cpu: &Cpu, block: &crate::decode::Block, bitness: u32) -> bool {
+    let past_limit = bitness != 64
+        && (cpu.rip & 0xffff_ffff).wrapping_add(block.bytes.saturating_sub(1))
+            > u64::from(cpu.sregs.cs.limit);
+    !block.ins.is_empty() && !past_limit
+}
+
 /// One software vCPU over shared guest memory.
 pub struct InterpVcpu {
     cpu: Cpu,
@@ -258,6 +269,12 @@ impl InterpVcpu {
     /// must return. The caller has checked what a block cannot hold (single-step, TF,
     /// breakpoints, the interrupt shadow); `count` grows by the instructions run. Anything
     /// irregular at the block's start goes to `step`, which makes every check and raises.
+    ///
+    /// A block that ends in a near branch whose target lies in the same linear code page goes
+    /// on at the target's block (block chaining): a near branch changes nothing the caller
+    /// checked (mode, CS, paging, TF, IF, the interrupt shadow, the debug registers), the page
+    /// keeps its translation, and the deadline count and guest writes to code are looked at
+    /// here as the caller would. Anything else returns to the caller.
     #[inline(always)]
     fn run_block(&mut self, count: &mut u32) -> Option<Exit> {
         let cpu = &mut self.cpu;
@@ -267,13 +284,8 @@ impl InterpVcpu {
         let bitness = cpu.bitness();
         let Ok(lin) = cpu.code_linear() else { return self.step() };
         let Ok(pa) = cpu.translate(lin, Kind::Exec, false) else { return self.step() };
-        let block = cpu.block_at(pa, bitness, &mut self.code);
-        // CS limit on the block's last byte outside 64-bit mode (SDM Vol. 3A §5.3): a block
-        // that runs past it is left to `step`, which checks each instruction.
-        let past_limit = bitness != 64
-            && (cpu.rip & 0xffff_ffff).wrapping_add(block.bytes.saturating_sub(1))
-                > u64::from(cpu.sregs.cs.limit);
-        if block.ins.is_empty() || past_limit {
+        let mut block = cpu.block_at(pa, bitness, &mut self.code);
+        if !runnable(cpu, block, bitness) {
             return self.step();
         }
         // Nothing is staged between instructions here: resuming an MMIO read or IN goes through
@@ -282,12 +294,37 @@ impl InterpVcpu {
         begin_instruction(cpu);
         let mut outcome = Outcome::Retired;
         let mut cut = false;
-        for d in &block.ins {
-            *count = count.wrapping_add(1);
-            outcome = exec_one::<true>(cpu, &mut self.saved, &mut self.pending_db, d, false);
-            // A write to cached code (perhaps later in this block) ends the block here.
-            if !matches!(outcome, Outcome::Retired) || cpu.code_lines.has_pending() {
-                cut = d.straight;
+        loop {
+            let mut chain = false;
+            for d in &block.ins {
+                *count = count.wrapping_add(1);
+                outcome = exec_one::<true>(cpu, &mut self.saved, &mut self.pending_db, d, false);
+                // A write to cached code (perhaps later in this block) ends the block here.
+                if !matches!(outcome, Outcome::Retired) || cpu.code_lines.has_pending() {
+                    cut = d.straight;
+                    break;
+                }
+                chain = d.chain;
+            }
+            // Chain only after a near branch that retired with nothing to hand out, inside the
+            // deadline interval, to a target in this linear page (same physical page).
+            if !chain
+                || !matches!(outcome, Outcome::Retired)
+                || cpu.code_lines.has_pending()
+                || *count >= DEADLINE_CHECK_INTERVAL
+            {
+                break;
+            }
+            let Ok(next) = cpu.code_linear() else { break };
+            if next >> 12 != lin >> 12 {
+                break;
+            }
+            // The block before ran to its end: new blocks are whole again.
+            self.code.short = false;
+            cpu.io.finish();
+            begin_instruction(cpu);
+            block = cpu.block_at((pa & !0xfff) | (next & 0xfff), bitness, &mut self.code);
+            if !runnable(cpu, block, bitness) {
                 break;
             }
         }
