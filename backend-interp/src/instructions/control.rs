@@ -330,6 +330,29 @@ pub(crate) fn jcc_near(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
     Ok(())
 }
 
+/// Near CALL with a relative target (`ops.imm` from the instruction's start, `ops.bytes` the
+/// operand size): the same checks and order as `exec` (target, then the push, then RIP).
+pub(crate) fn call_near(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    let bytes = u32::from(d.ops.bytes);
+    let target = cpu.rip.wrapping_add(d.ops.imm) & mask(bytes);
+    cpu.check_near(target)?;
+    let ret = cpu.next_rip;
+    cpu.push(ret, bytes)?;
+    cpu.next_rip = target;
+    Ok(())
+}
+
+/// Near RET (`ops.bytes` the operand size, `ops.imm` the bytes to release): as `exec`.
+pub(crate) fn ret_near(cpu: &mut Cpu, d: &crate::decode::Decoded) -> Flow {
+    let size = u32::from(d.ops.bytes);
+    let target = cpu.peek(0, size)?;
+    cpu.check_near(target)?;
+    let sp = cpu.sp();
+    cpu.set_sp(sp.wrapping_add(u64::from(size)).wrapping_add(d.ops.imm));
+    cpu.next_rip = target;
+    Ok(())
+}
+
 /// Executes a control-transfer instruction.
 pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     let m = ins.mnemonic();

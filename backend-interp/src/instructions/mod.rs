@@ -147,7 +147,7 @@ pub(crate) fn handler(m: Mnemonic) -> Handler {
 /// The handler of `ins` and its resolved operands: a fast handler for the register and
 /// immediate forms of the common instructions (same semantics, same flag functions, no operand
 /// decoding at run time), else the group's handler.
-/// The third value says whether the handler is a fast one: those fail (only `jcc_near` can)
+/// The third value says whether the handler is a fast one: those fail (only the near branches can)
 /// before they change any state.
 pub(crate) fn resolve(ins: &Instruction) -> (Handler, Operands, bool) {
     match fast_form(ins).or_else(|| memory_form(ins)) {
@@ -282,6 +282,28 @@ fn fast_form(ins: &Instruction) -> Option<(Handler, Operands)> {
             };
             let ops = Operands { bytes, imm: ins.near_branch_target(), ..Operands::default() };
             return Some((control::jcc_near, ops));
+        }
+        Call => {
+            let bytes = match ins.op_kind(0) {
+                OpKind::NearBranch16 => 2,
+                OpKind::NearBranch32 => 4,
+                OpKind::NearBranch64 => 8,
+                _ => return None,
+            };
+            let ops = Operands { bytes, imm: ins.near_branch_target(), ..Operands::default() };
+            return Some((control::call_near, ops));
+        }
+        Ret => {
+            // `stack::opsize`, with the code size the block was decoded for.
+            let bytes = match ins.code().op_code().operand_size() {
+                16 => 2,
+                32 => 4,
+                64 => 8,
+                _ if ins.code_size() == iced_x86::CodeSize::Code16 => 2,
+                _ => 4,
+            };
+            let imm = if ins.op_count() > 0 { ins.immediate(0) & 0xffff } else { 0 };
+            return Some((control::ret_near, Operands { bytes, imm, ..Operands::default() }));
         }
         _ => gpr_op(ins, 0)?,
     };
