@@ -196,7 +196,7 @@ pub fn realize(spec: &Spec) -> Case {
         note: String::new(),
         regs,
         // Ring-3 cases start with IF = 1: kvm_pvm runs ring 3 with interrupts on whatever the
-        // guest set, and PUSHF there shows IF = 1 (judge.rs `ring3-eflags-if-nt-ac`); at CPL 3
+        // guest set, and PUSHF there shows IF = 1 (limits.rs `ring3-eflags-if-nt-ac`); at CPL 3
         // with IOPL 0 the program cannot change IF, so nothing else depends on it.
         rflags: format!("{:#x}", flags | 2 | if mode.cpl() == 3 { 0x200 } else { 0 }),
         segments,

@@ -7,7 +7,7 @@
 //!   between cases; every port and MMIO access is logged.
 //! - [`check`] and [`judge`]: compare final registers, changed memory and the exit sequence,
 //!   masking only undefined flags; cases this host's KVM cannot decide are counted apart
-//!   ([`judge::KVM_PVM_LIMITS`]) and offered to a third opinion ([`judge::Reference`]).
+//!   ([`limits::KVM_PVM_LIMITS`]) and offered to a third opinion ([`judge::Reference`]).
 //! - [`lockstep`]: single-step both backends to the first instruction after which they differ.
 //! - [`campaign`]: seeds, shards, threads, shrinking, case files.
 //!
@@ -28,6 +28,7 @@ pub mod exec;
 pub mod gen;
 pub mod judge;
 pub mod layout;
+pub mod limits;
 pub mod lockstep;
 pub mod profile;
 pub mod reference;
