@@ -14,8 +14,11 @@ use std::sync::Arc;
 use duet_core::vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use duet_core::GuestMemory;
 
-/// Cached pages (a power of two), direct-mapped on the page number.
-const SLOTS: usize = 64;
+/// Sets of cached pages (a power of two), indexed by the page number's low bits.
+const SETS: usize = 64;
+/// Cached pages in all: two ways per set (set `i` is slots `i` and `i + SETS`), so a copy
+/// between two buffers a multiple of `SETS` pages apart keeps both pages.
+const SLOTS: usize = 2 * SETS;
 /// Page size.
 const PAGE: u64 = 0x1000;
 
@@ -69,29 +72,49 @@ impl HostPages {
         }
     }
 
-    /// The page holding `pa`.
+    /// The page holding `pa`: its slot in the first way, else in the second.
     #[inline(always)]
     fn page(&self, pa: u64) -> Page {
         let pfn = pa / PAGE;
-        let i = (pfn as usize) & (SLOTS - 1);
-        let (Some(tag), Some(base)) = (self.tags.get(i), self.base.get(i)) else { return Page::Mixed };
-        if tag.get() == pfn + 1 {
-            let p = base.get();
-            return if p.is_null() { Page::Mmio } else { Page::Ram(p) };
+        let i = (pfn as usize) & (SETS - 1);
+        let hit = |way: usize| {
+            let (tag, base) = (self.tags.get(way)?, self.base.get(way)?);
+            (tag.get() == pfn + 1).then(|| base.get())
+        };
+        match hit(i).or_else(|| hit(i + SETS)) {
+            Some(p) if p.is_null() => Page::Mmio,
+            Some(p) => Page::Ram(p),
+            None => self.fill(pfn, i),
         }
-        self.fill(pfn, tag, base)
     }
 
+    /// Looks `pfn` up in the regions and caches it in the first way of set `i`, the page there
+    /// moving to the second way (the least recently filled one drops out).
     #[inline(never)]
-    fn fill(&self, pfn: u64, tag: &Cell<u64>, base: &Cell<*mut u8>) -> Page {
+    fn fill(&self, pfn: u64, i: usize) -> Page {
+        let (Some(tag0), Some(base0), Some(tag1), Some(base1)) =
+            (self.tags.get(i), self.base.get(i), self.tags.get(i + SETS), self.base.get(i + SETS))
+        else {
+            return Page::Mixed;
+        };
+        let page = self.lookup(pfn);
+        if let Page::Ram(_) | Page::Mmio = page {
+            tag1.set(tag0.get());
+            base1.set(base0.get());
+            tag0.set(pfn + 1);
+            base0.set(if let Page::Ram(p) = page { p } else { std::ptr::null_mut() });
+        }
+        page
+    }
+
+    /// What guest page `pfn` is: all RAM (and its host address), no RAM, or partly RAM.
+    fn lookup(&self, pfn: u64) -> Page {
         let Some(start) = pfn.checked_mul(PAGE) else { return Page::Mixed };
         let end = start.saturating_add(PAGE);
         if let Some(r) = self.mem.find_region(GuestAddress(start)) {
             let off = start - r.start_addr().0;
             if off.saturating_add(PAGE) <= r.len() {
                 if let Ok(p) = r.get_host_address(MemoryRegionAddress(off)) {
-                    tag.set(pfn + 1);
-                    base.set(p);
                     return Page::Ram(p);
                 }
             }
@@ -101,8 +124,6 @@ impl HostPages {
         {
             return Page::Mixed;
         }
-        tag.set(pfn + 1);
-        base.set(std::ptr::null_mut());
         Page::Mmio
     }
 
@@ -192,13 +213,46 @@ mod tests {
         // A page only partly RAM is the general path's too.
         let odd = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1800)]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(HostPages::new(Arc::new(odd)).read(0x1900, &mut c), Access::Slow);
-        // A page and another SLOTS pages on share a slot without mixing.
+        // A page and another SETS pages on do not mix.
         let big = duet_core::Guest::new("unit", 0x80000).build_memory().unwrap_or_else(|e| panic!("{e}"));
         let h = HostPages::new(big.clone());
-        let far = 0x2000 + SLOTS as u64 * PAGE;
+        let far = 0x2000 + SETS as u64 * PAGE;
         assert_eq!((h.write(0x2000, &[1]), h.write(far, &[2])), (Access::Done, Access::Done));
         let mut one = [0u8];
         assert!(h.read(0x2000, &mut one) == Access::Done && one == [1]);
         assert!(h.read(far, &mut one) == Access::Done && one == [2]);
+    }
+
+    /// Whether page `pfn` is cached.
+    fn cached(h: &HostPages, pfn: u64) -> bool {
+        h.tags.iter().any(|t| t.get() == pfn + 1)
+    }
+
+    #[test]
+    fn two_buffers_a_power_of_two_apart_stay_cached_and_a_full_set_evicts_correctly() {
+        let mem = duet_core::Guest::new("unit", 0x40_0000).build_memory().unwrap_or_else(|e| panic!("{e}"));
+        let h = HostPages::new(mem.clone());
+        // A copy from 2 MiB to 3 MiB touches pages 0x200 + k and 0x300 + k in turn.
+        let mut b = [0u8; 8];
+        for k in 0..16u64 {
+            assert_eq!(h.read((0x200 + k) * PAGE, &mut b), Access::Done);
+            assert_eq!(h.write((0x300 + k) * PAGE, &b), Access::Done);
+        }
+        assert!((0..16u64).all(|k| cached(&h, 0x200 + k) && cached(&h, 0x300 + k)));
+        // Three pages of one set: each access still reaches its own page.
+        let set = |pfn: u64| (pfn as usize) & (SETS - 1);
+        let same: Vec<u64> = (1..0x400u64).filter(|&p| set(p) == set(0)).take(3).collect();
+        assert_eq!(same.len(), 3);
+        for (i, &p) in same.iter().enumerate() {
+            assert_eq!(h.write(p * PAGE, &[i as u8 + 1]), Access::Done);
+        }
+        for _ in 0..2 {
+            for (i, &p) in same.iter().enumerate() {
+                let mut one = [0u8];
+                assert!(h.read(p * PAGE, &mut one) == Access::Done && one == [i as u8 + 1]);
+            }
+        }
+        // The two most recently filled pages of the set are the ones kept.
+        assert!(cached(&h, same[1]) && cached(&h, same[2]) && !cached(&h, same[0]));
     }
 }
