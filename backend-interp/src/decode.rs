@@ -273,7 +273,17 @@ impl CodeLines {
     /// The guest wrote `[pa, pa + len)`: remember it if it may have changed cached code.
     #[inline]
     pub fn wrote(&mut self, pa: u64, len: usize) {
-        if self.lines.is_empty() || !self.touches_code(pa, len as u64) {
+        if self.lines.is_empty() {
+            return;
+        }
+        // Within one 64-byte line (most data writes): one bit of that page's mask.
+        let last = pa.saturating_add((len.max(1) - 1) as u64);
+        let code = if pa >> 6 == last >> 6 {
+            self.lines.get((pa >> 12) as usize).is_some_and(|&l| (l >> ((pa >> 6) & 63)) & 1 != 0)
+        } else {
+            self.touches_code(pa, len as u64)
+        };
+        if !code {
             return;
         }
         if self.pending.len() < MAX_PENDING {
