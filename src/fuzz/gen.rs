@@ -340,19 +340,7 @@ fn fix_flags(mode: FuzzMode, slots: &mut [Vec<Item>]) {
             let by_cl = ins.op_count() > 1
                 && ins.op_kind(ins.op_count() - 1) == OpKind::Register
                 && ins.op_register(ins.op_count() - 1) == Register::CL
-                && matches!(
-                    ins.mnemonic(),
-                    Mnemonic::Shl
-                        | Mnemonic::Shr
-                        | Mnemonic::Sal
-                        | Mnemonic::Sar
-                        | Mnemonic::Rol
-                        | Mnemonic::Ror
-                        | Mnemonic::Rcl
-                        | Mnemonic::Rcr
-                        | Mnemonic::Shld
-                        | Mnemonic::Shrd
-                );
+                && is_shift_or_rotate(ins.mnemonic());
             let defines = if ins.has_rep_prefix() || ins.has_repne_prefix() || by_cl {
                 0
             } else {
@@ -362,20 +350,7 @@ fn fix_flags(mode: FuzzMode, slots: &mut [Vec<Item>]) {
             // OF of a shift or rotate by an immediate count other than 1 (after masking) is
             // undefined (SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/RCR/ROL/ROR: "otherwise, it is
             // undefined"), even when an 8/16-bit RCL/RCR count reduces to 0 (iced does not say so).
-            if matches!(
-                ins.mnemonic(),
-                Mnemonic::Shl
-                    | Mnemonic::Shr
-                    | Mnemonic::Sal
-                    | Mnemonic::Sar
-                    | Mnemonic::Rol
-                    | Mnemonic::Ror
-                    | Mnemonic::Rcl
-                    | Mnemonic::Rcr
-                    | Mnemonic::Shld
-                    | Mnemonic::Shrd
-            ) && !by_cl
-            {
+            if is_shift_or_rotate(ins.mnemonic()) && !by_cl {
                 let last = ins.op_count() - 1;
                 let mask =
                     if ins.op0_register().size() == 8 || ins.memory_size().size() == 8 { 0x3f } else { 0x1f };
@@ -471,6 +446,24 @@ pub(super) fn supported_kind(k: K) -> bool {
             | K::br16_2
             | K::br32_4
             | K::br64_4
+    )
+}
+
+/// SAL/SAR/SHL/SHR, ROL/ROR/RCL/RCR and SHLD/SHRD: their OF is defined only for a count of 1
+/// (SDM Vol. 2B, each instruction's Flags Affected), and a count of 0 changes no flag.
+pub(crate) fn is_shift_or_rotate(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Shl
+            | Mnemonic::Shr
+            | Mnemonic::Sal
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
     )
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use duet_core::diff::DiffRow;
 use duet_core::state::rflags;
 use duet_core::StateDiff;
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Instruction};
 
 use super::case::{parse_hex, Case, FuzzMode, Outcome};
 use super::layout::STACK_TOPS;
@@ -129,19 +129,7 @@ pub fn static_undefined(mode: FuzzMode, code: &[u8]) -> u64 {
     let mut m = 0u32;
     for i in Decoder::with_ip(mode.bitness(), code, ip, DecoderOptions::NONE) {
         m |= i.rflags_undefined();
-        if matches!(
-            i.mnemonic(),
-            Mnemonic::Shl
-                | Mnemonic::Shr
-                | Mnemonic::Sal
-                | Mnemonic::Sar
-                | Mnemonic::Rol
-                | Mnemonic::Ror
-                | Mnemonic::Rcl
-                | Mnemonic::Rcr
-                | Mnemonic::Shld
-                | Mnemonic::Shrd
-        ) {
+        if super::gen::is_shift_or_rotate(i.mnemonic()) {
             m |= iced_x86::RflagsBits::OF;
         }
     }
