@@ -273,7 +273,8 @@ fn fast_form(ins: &Instruction) -> Option<(Handler, Operands)> {
     let m = ins.mnemonic();
     let n = ins.op_count();
     let (r0, bytes) = match m {
-        Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js => {
+        Jmp | Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js
+        | Call => {
             let bytes = match ins.op_kind(0) {
                 OpKind::NearBranch16 => 2,
                 OpKind::NearBranch32 => 4,
@@ -281,17 +282,8 @@ fn fast_form(ins: &Instruction) -> Option<(Handler, Operands)> {
                 _ => return None,
             };
             let ops = Operands { bytes, imm: ins.near_branch_target(), ..Operands::default() };
-            return Some((control::jcc_near, ops));
-        }
-        Call => {
-            let bytes = match ins.op_kind(0) {
-                OpKind::NearBranch16 => 2,
-                OpKind::NearBranch32 => 4,
-                OpKind::NearBranch64 => 8,
-                _ => return None,
-            };
-            let ops = Operands { bytes, imm: ins.near_branch_target(), ..Operands::default() };
-            return Some((control::call_near, ops));
+            let exec: Handler = if m == Call { control::call_near } else { control::jcc_near };
+            return Some((exec, ops));
         }
         Ret => {
             // `stack::opsize`, with the code size the block was decoded for.
