@@ -37,6 +37,7 @@
 pub mod backends;
 pub mod doctor;
 pub mod fuzz;
+pub mod host;
 pub mod opinions;
 pub mod run;
 pub mod testing;
@@ -46,6 +47,7 @@ pub use duet_core::{
     Availability, Backend, CpuState, CpuidProfile, Guest, Machine, RunOutcome, StateDiff, StopReason, Vcpu,
     VcpuExit,
 };
+pub use host::{Host, KvmKind};
 pub use run::{compare, run_guest, run_qemu, RunConfig, RunError, RunReport};
 
 pub use duet_core as core;

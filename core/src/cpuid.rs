@@ -85,6 +85,59 @@ pub mod ext_leaf1 {
     pub const ECX_ABM: u32 = 1 << 5;
 }
 
+/// The CPU vendor a profile presents (leaf 0), which decides every behaviour where Intel and AMD
+/// silicon differ (docs/VENDORS.md lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Vendor {
+    /// `GenuineIntel`: the Intel SDM decides.
+    Intel,
+    /// `AuthenticAMD` (or Hygon's `HygonGenuine`, an AMD design): the AMD64 APM decides.
+    Amd,
+    /// Any other vendor string: treated as Intel by the software CPU.
+    Other,
+}
+
+impl Vendor {
+    /// Both vendors whose behaviour the software CPU models, Intel first.
+    pub const MODELLED: [Vendor; 2] = [Vendor::Intel, Vendor::Amd];
+
+    /// The vendor a leaf-0 string names.
+    pub fn from_id(id: &str) -> Vendor {
+        match id {
+            "GenuineIntel" => Vendor::Intel,
+            "AuthenticAMD" | "HygonGenuine" => Vendor::Amd,
+            _ => Vendor::Other,
+        }
+    }
+
+    /// The leaf-0 string of this vendor (`Other` has none of its own: Intel's is used).
+    pub fn id(self) -> &'static str {
+        match self {
+            Vendor::Intel | Vendor::Other => "GenuineIntel",
+            Vendor::Amd => "AuthenticAMD",
+        }
+    }
+
+    /// A short lower-case name for reports and file names (`intel`, `amd`, `other`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Vendor::Intel => "intel",
+            Vendor::Amd => "amd",
+            Vendor::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Vendor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Vendor::Intel => "Intel",
+            Vendor::Amd => "AMD",
+            Vendor::Other => "other vendor",
+        })
+    }
+}
+
 /// The CPUID table a guest sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuidProfile {
@@ -241,6 +294,22 @@ impl CpuidProfile {
         let bytes: Vec<u8> = [r[1], r[3], r[2]].iter().flat_map(|w| w.to_le_bytes()).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+
+    /// The vendor whose behaviour this profile asks for.
+    pub fn vendor_kind(&self) -> Vendor {
+        Vendor::from_id(&self.vendor())
+    }
+
+    /// This profile with leaf 0 naming `vendor` instead (every feature leaf unchanged).
+    pub fn with_vendor(&self, vendor: Vendor) -> CpuidProfile {
+        let mut out = self.clone();
+        let id: &[u8; 12] = vendor.id().as_bytes().try_into().unwrap_or(b"GenuineIntel");
+        let (b, d, c) = vendor_regs(id);
+        for e in out.entries.iter_mut().filter(|e| e.function == 0) {
+            (e.ebx, e.edx, e.ecx) = (b, d, c);
+        }
+        out
+    }
 }
 
 impl Default for CpuidProfile {
@@ -271,6 +340,19 @@ mod tests {
         use leaf7_ebx::*;
         assert!([FSGSBASE, BMI1, BMI2, ADX].iter().all(|&b| p.has_leaf7_ebx(b)));
         assert!(p.has_ext_ecx(ext_leaf1::ECX_ABM) && p.has_ext_edx(ext_leaf1::EDX_RDTSCP));
+    }
+
+    #[test]
+    fn vendor_is_read_from_leaf_0_and_can_be_replaced() {
+        let p = CpuidProfile::baseline();
+        assert_eq!(p.vendor_kind(), Vendor::Intel);
+        let amd = p.with_vendor(Vendor::Amd);
+        assert_eq!(amd.vendor(), "AuthenticAMD");
+        assert_eq!(amd.vendor_kind(), Vendor::Amd);
+        assert_eq!(amd.lookup(1, 0), p.lookup(1, 0), "feature leaves are untouched");
+        assert_eq!(amd.with_vendor(Vendor::Intel), p);
+        assert_eq!(Vendor::from_id("HygonGenuine"), Vendor::Amd);
+        assert_eq!(Vendor::from_id("CentaurHauls"), Vendor::Other);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod state;
 pub mod vcpu;
 
 pub use bus::{Bus, BusDevice, BusError, InterruptLines, IrqLine, SharedDevice, WriteOutcome};
-pub use cpuid::{CpuidEntry, CpuidProfile};
+pub use cpuid::{CpuidEntry, CpuidProfile, Vendor};
 pub use diff::{DiffMask, StateDiff};
 pub use guest::{Guest, GuestError, Load};
 pub use layout::ExceptionReport;

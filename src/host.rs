@@ -1,0 +1,130 @@
+//! Which host this is: the CPU vendor and the kind of KVM, so a recorded hardware result can
+//! say where it was recorded and a replay can tell whether this host may be compared with it.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use duet_core::Vendor;
+
+/// The kind of KVM a host offers, by the kernel module that provides `/dev/kvm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KvmKind {
+    /// `kvm_pvm`: nested, emulates much of the guest in the kernel, wrong in places (DEVELOPERS.md).
+    Pvm,
+    /// `kvm_intel`: VMX, the silicon runs the guest.
+    Vmx,
+    /// `kvm_amd`: SVM, the silicon runs the guest.
+    Svm,
+    /// No KVM module is loaded (or this is not Linux).
+    None,
+}
+
+impl KvmKind {
+    /// The kernel module's name (`kvm_pvm`, `kvm_intel`, `kvm_amd`), or `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvmKind::Pvm => "kvm_pvm",
+            KvmKind::Vmx => "kvm_intel",
+            KvmKind::Svm => "kvm_amd",
+            KvmKind::None => "none",
+        }
+    }
+
+    /// Whether the silicon decides (VMX or SVM); `kvm_pvm` results need the limit lists.
+    pub fn is_hardware(self) -> bool {
+        matches!(self, KvmKind::Vmx | KvmKind::Svm)
+    }
+
+    /// The kind of KVM this host offers, from the loaded modules (`/sys/module`).
+    pub fn detect() -> KvmKind {
+        let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
+        if loaded("kvm_pvm") {
+            KvmKind::Pvm
+        } else if loaded("kvm_intel") {
+            KvmKind::Vmx
+        } else if loaded("kvm_amd") {
+            KvmKind::Svm
+        } else {
+            KvmKind::None
+        }
+    }
+}
+
+impl fmt::Display for KvmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvmKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [KvmKind::Pvm, KvmKind::Vmx, KvmKind::Svm, KvmKind::None]
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown KVM kind `{s}` (expected kvm_pvm, kvm_intel, kvm_amd or none)"))
+    }
+}
+
+/// A host as far as recorded results care: the CPU vendor and the KVM that ran the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Host {
+    /// The host CPU's vendor (`Other` on a non-x86 host).
+    pub vendor: Vendor,
+    /// The KVM module providing `/dev/kvm`.
+    pub kvm: KvmKind,
+}
+
+impl Host {
+    /// This host, detected once per process.
+    pub fn this() -> Host {
+        static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+        *HOST.get_or_init(|| Host { vendor: host_vendor(), kvm: KvmKind::detect() })
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} with {}", self.vendor.id(), self.kvm)
+    }
+}
+
+/// The host CPU's vendor, from `/proc/cpuinfo` (`vendor_id`); `Other` where there is none
+/// (an ARM host) or the file cannot be read.
+fn host_vendor() -> Vendor {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| vendor_of_cpuinfo(&text))
+        .unwrap_or(Vendor::Other)
+}
+
+/// The vendor named by the first `vendor_id` line of a `/proc/cpuinfo` text.
+fn vendor_of_cpuinfo(text: &str) -> Option<Vendor> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("vendor_id").and_then(|rest| rest.split(':').nth(1)))
+        .map(|id| Vendor::from_id(id.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuinfo_vendor_is_read_from_the_vendor_id_line() {
+        let intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n";
+        assert_eq!(vendor_of_cpuinfo(intel), Some(Vendor::Intel));
+        assert_eq!(vendor_of_cpuinfo("vendor_id\t: AuthenticAMD\n"), Some(Vendor::Amd));
+        // An aarch64 cpuinfo has no vendor_id line.
+        assert_eq!(vendor_of_cpuinfo("processor\t: 0\nCPU implementer\t: 0x41\n"), None);
+    }
+
+    #[test]
+    fn kvm_kinds_round_trip_by_module_name() {
+        for k in [KvmKind::Pvm, KvmKind::Vmx, KvmKind::Svm, KvmKind::None] {
+            assert_eq!(k.name().parse::<KvmKind>(), Ok(k));
+        }
+        assert!("kvm_arm".parse::<KvmKind>().is_err());
+        assert!(KvmKind::Vmx.is_hardware() && !KvmKind::Pvm.is_hardware());
+    }
+}
