@@ -177,7 +177,10 @@ mod tests {
         assert!(rec.kvm_comparable(amd_svm, &amd_cx16()).is_err());
         // The same host with more features (another CPU model) ran under another profile.
         let more = CaseCpuid { features: BTreeSet::from([Feature::Cx16, Feature::Popcnt]), ..amd_cx16() };
-        assert!(rec.kvm_comparable(AMD_PVM, &more).unwrap_err().contains("runs under `AuthenticAMD popcnt cx16`"));
+        assert!(rec
+            .kvm_comparable(AMD_PVM, &more)
+            .unwrap_err()
+            .contains("runs under `AuthenticAMD popcnt cx16`"));
         // A software-CPU recording is never compared with KVM.
         let soft = Recording::made_on(AMD_PVM, false, &amd_cx16().profile());
         assert!(soft.kvm_comparable(AMD_PVM, &amd_cx16()).is_err());

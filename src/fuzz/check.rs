@@ -257,3 +257,104 @@ pub fn against_reference(p: &Parsed, name: &str, reference: &Outcome, other: (&s
     o.exits.clear();
     compare_runs(p, (name, reference), (other.0, &o))
 }
+
+#[cfg(test)]
+mod tests {
+    use duet_core::layout::ExceptionReport;
+    use duet_core::Vendor;
+
+    use super::*;
+    use crate::fuzz::case::FuzzMode;
+    use crate::fuzz::limits::{AMD_PVM, INTEL_PVM};
+    use crate::fuzz::outcome::{vector, Field};
+    use crate::host::KvmKind;
+
+    const INTEL_VMX: Host = Host { vendor: Vendor::Intel, kvm: KvmKind::Vmx };
+    const AMD_SVM: Host = Host { vendor: Vendor::Amd, kvm: KvmKind::Svm };
+
+    fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
+        Parsed {
+            mode,
+            gprs: [0; 16],
+            rflags: 2,
+            segments: Default::default(),
+            code: code.to_vec(),
+            data: vec![],
+        }
+    }
+
+    fn fault(vector: u8, rip: u64) -> Outcome {
+        Outcome::stopped(StopReason::Exception(ExceptionReport { vector, error_code: 0, rip }))
+    }
+
+    fn undecided(d: &Decision) -> &str {
+        match d {
+            Decision::Undecided(why) => why,
+            other => panic!("not undecided: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_intel_only_limit_explains_the_intel_divergence_and_is_unknown_elsewhere() {
+        // SYSENTER with IA32_SYSENTER_CS = 0 in 64-bit ring 3: the SDM's #GP(0) (Vol. 2B SYSENTER)
+        // on the software CPU under an Intel profile, kvm_pvm on Intel raises #UD.
+        let p = parsed(FuzzMode::Long64Ring3, &[0x0f, 0x34, 0xe6, 0xf4]);
+        let (kvm, interp) = (fault(vector::UD, 0x8000), fault(vector::GP, 0x8000));
+        let known = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(undecided(&known).starts_with("known KVM limit `sysenter-intel-pvm`: "), "{known:?}");
+        // kvm_pvm on AMD: nobody verified the limit there; the case is undecided, not a divergence.
+        let unknown = decide(AMD_PVM, &p, &kvm, &interp);
+        assert!(
+            undecided(&unknown).starts_with(
+                "unknown host: `sysenter-intel-pvm` was verified on Intel kvm_pvm (this host is AuthenticAMD with kvm_pvm)"
+            ),
+            "{unknown:?}"
+        );
+        // Bare metal is the silicon: no limit, the difference is a divergence.
+        assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
+        // Where the runs agree, no limit is needed.
+        assert_eq!(decide(AMD_PVM, &p, &kvm, &kvm), Decision::Agree);
+    }
+
+    #[test]
+    fn an_amd_only_instruction_limit_is_unknown_on_intel_only_when_the_runs_differ() {
+        // CPUID under kvm_pvm shows the host's leaves: verified on the AMD host only.
+        let p = parsed(FuzzMode::Long64, &[0x0f, 0xa2, 0xe6, 0xf4]);
+        let kvm = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        let mut interp = kvm.clone();
+        interp.state.insert(Field::Gpr(0), 0x16);
+        let known = decide(AMD_PVM, &p, &kvm, &kvm);
+        assert!(undecided(&known).starts_with("known KVM limit `cpuid-host-leaves`"), "{known:?}");
+        assert_eq!(decide(INTEL_PVM, &p, &kvm, &kvm), Decision::Agree, "an Intel host decides what agrees");
+        let unknown = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(
+            undecided(&unknown).starts_with("unknown host: `cpuid-host-leaves` was verified on AMD kvm_pvm")
+        );
+        assert!(matches!(decide(AMD_SVM, &p, &kvm, &interp), Decision::Diverge(_)));
+    }
+
+    #[test]
+    fn a_limit_verified_on_both_vendors_is_known_on_both() {
+        // DAA under kvm_pvm: an emulation failure on Intel and AMD (DEVELOPERS.md, first table).
+        let p = parsed(FuzzMode::Prot32, &[0x27, 0xe6, 0xf4]);
+        let kvm = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        for host in [INTEL_PVM, AMD_PVM] {
+            let d = decide(host, &p, &kvm, &kvm);
+            assert!(undecided(&d).starts_with("known KVM limit `bcd-arpl-bound`"), "{host}: {d:?}");
+        }
+        assert_eq!(decide(INTEL_VMX, &p, &kvm, &kvm), Decision::Agree);
+    }
+
+    #[test]
+    fn an_amd_only_outcome_limit_is_unknown_on_an_intel_kvm_pvm_host() {
+        // #AC although CR0.AM = 0 (kvm_pvm runs ring 3 with the host's CR0.AM): found on AMD.
+        let p = parsed(FuzzMode::Long64Ring3, &[0x8b, 0x07, 0xe6, 0xf4]);
+        let (kvm, interp) = (fault(vector::AC, 0x8000), fault(vector::GP, 0x8002));
+        let known = decide(AMD_PVM, &p, &kvm, &interp);
+        assert!(undecided(&known).starts_with("known KVM limit `alignment-check-without-cr0-am`"));
+        let unknown = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(undecided(&unknown)
+            .starts_with("unknown host: `alignment-check-without-cr0-am` was verified on AMD"));
+        assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
+    }
+}
