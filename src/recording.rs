@@ -112,6 +112,43 @@ impl fmt::Display for Recording {
     }
 }
 
+/// What a test does with a snapshot of hardware results on a host ([`snapshot_replay`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotReplay {
+    /// The metadata the snapshot is (re)written with.
+    pub info: SnapshotInfo,
+    /// Whether KVM's result is checked against the snapshot; `Err` says why not.
+    pub kvm: Result<(), String>,
+    /// The profile the software CPU is checked against the snapshot under: `None` when it is the
+    /// shared profile the differential run used (that run's result is checked), else a rerun.
+    pub interp_profile: Option<CpuidProfile>,
+}
+
+/// The replay rules for a snapshot: `snapshot` is the committed file's text (`None`: there is
+/// none yet), `host` this host, `kvm_ran` whether KVM ran the test here, `shared` this host's
+/// shared profile. A new snapshot is recorded by this host (by KVM when it ran). A committed one
+/// is checked against KVM only where [`Recording::kvm_comparable`] allows, and against the
+/// software CPU under its own profile; if it is rewritten (`INSTA_UPDATE`), it keeps naming where
+/// it was recorded unless this host's KVM ran and may be compared with it.
+pub fn snapshot_replay(
+    snapshot: Option<&str>,
+    host: Host,
+    kvm_ran: bool,
+    shared: &CpuidProfile,
+) -> Result<SnapshotReplay, String> {
+    let here = Recording::made_on(host, kvm_ran, shared);
+    let committed = match snapshot {
+        Some(text) => Recording::from_snapshot(text)?,
+        None => None,
+    };
+    let recording = committed.unwrap_or_else(|| here.clone());
+    let shared_case = CaseCpuid::of(shared);
+    let kvm = recording.kvm_comparable(host, &shared_case);
+    let info = if kvm_ran && kvm.is_ok() { here.info() } else { recording.info() };
+    let interp_profile = (recording.profile != shared_case).then(|| recording.profile());
+    Ok(SnapshotReplay { info, kvm, interp_profile })
+}
+
 /// Whether this host's KVM replays the corpus case `case` against its recording: only a KVM
 /// recording made on this host (vendor and KVM kind) under the profile this host's KVM runs
 /// (`shared`), and only where no limit known on this host says KVM cannot decide the case.
@@ -186,6 +223,33 @@ mod tests {
         assert!(soft.kvm_comparable(AMD_PVM, &amd_cx16()).is_err());
         // Whatever the host, the software CPU runs under the recording's own profile.
         assert_eq!(CaseCpuid::of(&rec.profile()), amd_cx16());
+    }
+
+    #[test]
+    fn an_amd_snapshot_on_an_intel_host_checks_the_software_cpu_under_the_amd_profile_only() {
+        let amd = Recording { on: AMD_PVM, profile: amd_cx16() };
+        let text = format!(
+            "---\nsource: tests/common/mod.rs\ninfo:\n  recorded_on: {}\n  cpuid: {}\n---\nbody\n",
+            amd.info().recorded_on,
+            amd.info().cpuid
+        );
+        // On the AMD kvm_pvm host it was recorded on: KVM and the software CPU (same run) are checked.
+        let here = snapshot_replay(Some(&text), AMD_PVM, true, &amd_cx16().profile()).unwrap();
+        assert_eq!(here, SnapshotReplay { info: amd.info(), kvm: Ok(()), interp_profile: None });
+        // On an Intel kvm_pvm host: KVM is not compared with it, the software CPU reruns under AMD.
+        let intel_shared = CaseCpuid { vendor: Vendor::Intel, ..amd_cx16() }.profile();
+        let intel = snapshot_replay(Some(&text), INTEL_PVM, true, &intel_shared).unwrap();
+        assert!(intel.kvm.unwrap_err().contains("this host is GenuineIntel with kvm_pvm"));
+        assert_eq!(intel.interp_profile, Some(amd.profile()));
+        assert_eq!(intel.info, amd.info(), "a rewrite keeps naming the AMD host");
+        // No snapshot yet: this host records it, by KVM when KVM ran, else by the software CPU.
+        let new = snapshot_replay(None, INTEL_PVM, true, &intel_shared).unwrap();
+        assert_eq!(
+            (new.info.recorded_on.as_str(), new.kvm, new.interp_profile),
+            ("GenuineIntel kvm_pvm", Ok(()), None)
+        );
+        let soft = snapshot_replay(None, INTEL_PVM, false, &intel_shared).unwrap();
+        assert_eq!(soft.info.recorded_on, "GenuineIntel none");
     }
 
     #[test]
