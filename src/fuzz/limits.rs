@@ -161,19 +161,18 @@ fn best(found: impl Iterator<Item = Matched>) -> Option<Matched> {
     found.iter().find(|m| m.standing == Standing::Known).or(found.first()).copied()
 }
 
-/// The limit recognised from the program of `p` that stands on `host`, if any (known limits
-/// first; [`KVM_PVM_LIMITS`] and [`HOST_SPECIFIC_LIMITS`]).
+/// The limit recognised from the program of `p` that stands on `host`, if any: known limits
+/// first ([`KVM_PVM_LIMITS`], then [`HOST_SPECIFIC_LIMITS`]), then those whose host is unknown.
 pub fn instruction_limit(host: Host, p: &Parsed) -> Option<Matched> {
-    let standing = |s: Standing| -> Vec<HostLimit> {
-        KVM_PVM_LIMITS
-            .iter()
-            .chain(HOST_SPECIFIC_LIMITS)
-            .filter(|l| l.hosts.standing(host) == s)
-            .copied()
-            .collect()
+    let scan = |list: &[HostLimit], s: Standing| {
+        let here: Vec<HostLimit> = list.iter().filter(|l| l.hosts.standing(host) == s).copied().collect();
+        super::judge::host_limit(p, &here)
     };
-    let known = super::judge::host_limit(p, &standing(Standing::Known));
-    known.or_else(|| super::judge::host_limit(p, &standing(Standing::Unknown))).map(|l| l.matched(host))
+    [Standing::Known, Standing::Unknown]
+        .into_iter()
+        .flat_map(|s| [KVM_PVM_LIMITS, HOST_SPECIFIC_LIMITS].map(|list| (list, s)))
+        .find_map(|(list, s)| scan(list, s))
+        .map(|l| l.matched(host))
 }
 
 /// The limits recognised from the program that are known on `host` (what a campaign that avoids
