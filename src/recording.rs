@@ -13,12 +13,10 @@
 //!
 //! Every rule takes the host as an argument, so tests can ask what an Intel host would do.
 
-use std::fmt;
-
 use duet_core::{CpuidProfile, Vendor};
 
 use crate::fuzz::case::{Case, Source};
-use crate::fuzz::profile::{vendor_of_id, CaseCpuid};
+use crate::fuzz::profile::{host_vendor_name, host_vendor_of_name, CaseCpuid};
 use crate::host::{Host, KvmKind};
 
 /// Where a result was recorded and the CPUID profile it ran under.
@@ -50,7 +48,10 @@ impl Recording {
     /// and a shared profile equal to the recording's. `Err` says why not, in words.
     pub fn kvm_comparable(&self, host: Host, shared: &CaseCpuid) -> Result<(), String> {
         if self.on.kvm == KvmKind::None {
-            return Err(format!("recorded by the software CPU alone on {}", self.on.vendor.id()));
+            return Err(format!(
+                "recorded by the software CPU alone on {}",
+                host_vendor_name(self.on.vendor)
+            ));
         }
         if self.on != host {
             return Err(format!("recorded on {}, this host is {host}", self.on));
@@ -72,7 +73,7 @@ impl Recording {
     /// The snapshot metadata (`info`) that names this recording.
     pub fn info(&self) -> SnapshotInfo {
         SnapshotInfo {
-            recorded_on: format!("{} {}", self.on.vendor.id(), self.on.kvm),
+            recorded_on: format!("{} {}", host_vendor_name(self.on.vendor), self.on.kvm),
             cpuid: self.profile.to_string(),
         }
     }
@@ -103,12 +104,6 @@ impl Recording {
             (Some(on), Some(profile)) => Ok(Some(Recording { on, profile })),
             _ => Err("the snapshot's info names no `recorded_on` and `cpuid`".into()),
         }
-    }
-}
-
-impl fmt::Display for Recording {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "recorded on {} under `{}`", self.on, self.profile)
     }
 }
 
@@ -174,7 +169,7 @@ pub fn corpus_kvm_replay(case: &Case, host: Host, shared: &CaseCpuid) -> Result<
 fn parse_host(s: &str) -> Result<Host, String> {
     let (vendor, kvm) =
         s.split_once(' ').ok_or_else(|| format!("info.recorded_on: `{s}` is not `VENDOR KVM`"))?;
-    let vendor: Vendor = vendor_of_id(vendor).map_err(|e| format!("info.recorded_on: {e}"))?;
+    let vendor: Vendor = host_vendor_of_name(vendor).map_err(|e| format!("info.recorded_on: {e}"))?;
     let kvm: KvmKind = kvm.trim().parse().map_err(|e| format!("info.recorded_on: {e}"))?;
     Ok(Host { vendor, kvm })
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::outcome::Outcome;
 use super::outcome::{FieldError, OutcomeFile};
-use super::profile::vendor_of_id;
+use super::profile::{host_vendor_name, host_vendor_of_name};
 use super::FuzzError;
 use crate::host::Host;
 
@@ -237,7 +237,7 @@ impl TryFrom<ExpectedFile> for Expected {
                 ))
             }
             Some(h) => Some(Host {
-                vendor: vendor_of_id(&h.vendor).map_err(|why| bad("recorded_on.vendor", why))?,
+                vendor: host_vendor_of_name(&h.vendor).map_err(|why| bad("recorded_on.vendor", why))?,
                 kvm: h.kvm.parse().map_err(|why| bad("recorded_on.kvm", why))?,
             }),
             None => None,
@@ -253,7 +253,7 @@ impl From<Expected> for ExpectedFile {
             source: e.source.name().into(),
             recorded_on: e
                 .recorded_on
-                .map(|h| HostFile { vendor: h.vendor.id().into(), kvm: h.kvm.name().into() }),
+                .map(|h| HostFile { vendor: host_vendor_name(h.vendor).into(), kvm: h.kvm.name().into() }),
             outcome: e.outcome.into(),
         }
     }
@@ -412,5 +412,27 @@ mod tests {
         for m in FuzzMode::ALL {
             assert_eq!(m.name().parse::<FuzzMode>(), Ok(m));
         }
+    }
+
+    #[test]
+    fn a_recording_names_its_host_and_only_a_kvm_result_has_one() {
+        use duet_core::{StopReason, Vendor};
+
+        use crate::host::KvmKind;
+        let outcome = Outcome::stopped(StopReason::Shutdown);
+        for vendor in [Vendor::Intel, Vendor::Amd, Vendor::Other] {
+            let on = Host { vendor, kvm: KvmKind::Pvm };
+            let e = Expected { source: Source::Kvm, recorded_on: Some(on), outcome: outcome.clone() };
+            let text = serde_json::to_string(&e).unwrap_or_default();
+            assert_eq!(serde_json::from_str::<Expected>(&text).ok(), Some(e), "{text}");
+        }
+        let json = |source: &str| {
+            format!(
+                r#"{{"source":"{source}","recorded_on":{{"vendor":"AuthenticAMD","kvm":"kvm_pvm"}},"outcome":{{"stop":"halted","state":{{}}}}}}"#
+            )
+        };
+        assert!(serde_json::from_str::<Expected>(&json("kvm")).is_ok());
+        let e = serde_json::from_str::<Expected>(&json("sdm")).unwrap_err().to_string();
+        assert!(e.contains("field `recorded_on` is given for a sdm result"), "{e}");
     }
 }

@@ -156,10 +156,15 @@ pub use super::limits::{
 /// A short name for the kind of a divergence: KVM's stop and the classes of fields that differ
 /// (`exception #GP: mem,rflags`).
 pub fn signature(kvm_stop: &StopReason, diff: &Diff) -> String {
-    let text = stop_text(kvm_stop);
-    let stop: Vec<&str> = text.split_whitespace().take(2).collect();
+    let stop = match kvm_stop {
+        StopReason::Exception(r) => format!("exception {}", r.name()),
+        StopReason::Debug(_) => "debug".into(),
+        StopReason::Unsupported(_) => "unsupported".into(),
+        StopReason::CannotRun(_) => "cannot-run".into(),
+        other => stop_text(other),
+    };
     let classes: BTreeSet<String> = diff.rows.iter().map(Row::class).collect();
-    format!("{}: {}", stop.join(" "), classes.into_iter().collect::<Vec<_>>().join(","))
+    format!("{stop}: {}", classes.into_iter().collect::<Vec<_>>().join(","))
 }
 
 /// Whether KVM ignores unknown MSRs on this host (`/sys/module/kvm/parameters/ignore_msrs`).

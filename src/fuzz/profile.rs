@@ -153,6 +153,23 @@ pub fn vendor_of_id(id: &str) -> Result<Vendor, String> {
     }
 }
 
+/// How a recording names the vendor of the host it was made on: the leaf-0 string of Intel and
+/// AMD, `other` for any other vendor (a label to match hosts by, not a profile).
+pub fn host_vendor_name(v: Vendor) -> &'static str {
+    match v {
+        Vendor::Intel | Vendor::Amd => v.id(),
+        Vendor::Other => "other",
+    }
+}
+
+/// Reads [`host_vendor_name`] back.
+pub fn host_vendor_of_name(s: &str) -> Result<Vendor, String> {
+    match s {
+        "other" => Ok(Vendor::Other),
+        _ => vendor_of_id(s).map_err(|_| format!("vendor `{s}` is not GenuineIntel, AuthenticAMD or other")),
+    }
+}
+
 impl CaseCpuid {
     /// The vendor and optional features of `p` (a vendor other than Intel and AMD reads as Intel,
     /// as the software CPU treats it).
