@@ -223,10 +223,10 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
                 _ => &mut checker.interp,
             };
             let run = exec.run(&case, &p, &state)?;
-            let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
-            if let Err(why) = duet::fuzz::outcome::parse_stop(&stop) {
-                bail!("{file}: not recorded: the {source} run's stop {why}");
+            if matches!(run.outcome.stop, duet::StopReason::Unsupported(_) | duet::StopReason::CannotRun(_)) {
+                bail!("{file}: not recorded: the {source} run produced no result ({})", run.outcome.stop);
             }
+            let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
             case.expected = Some(match source.as_str() {
                 "kvm" => duet::fuzz::Expected::recorded_here(run.outcome),
                 _ => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
