@@ -39,6 +39,7 @@ pub mod doctor;
 pub mod fuzz;
 pub mod host;
 pub mod opinions;
+pub mod recording;
 pub mod run;
 pub mod testing;
 

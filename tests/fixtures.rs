@@ -1,9 +1,12 @@
 //! Every fixture on every available backend, checked against its expected outcome (from
 //! independent facts: the SDM, plain-Rust models, arithmetic), against the reviewed snapshot
 //! of its final state recorded on KVM, and differentially (KVM against the software CPU).
+//! A snapshot names the host and CPUID profile it was recorded under: KVM is checked against it
+//! only on such a host, the software CPU always, under that profile (`duet::recording`).
 
 use duet::fixtures::{catalogue, find, Fixture};
-use duet::{compare, run_guest, testing, BackendKind, RunConfig, RunReport};
+use duet::recording::snapshot_replay;
+use duet::{compare, run_guest, shared_cpuid_profile, testing, BackendKind, Host, RunConfig, RunReport};
 
 /// The final state as reviewed text: stop, console, registers; undefined RFLAGS bits masked.
 fn snapshot_text(report: &RunReport, undefined_rflags: u64) -> String {
@@ -37,14 +40,50 @@ fn check_fixture(fixture: &Fixture) {
     // A fixture whose console depends on the host (the CPUID vendor KVM passes through) has no
     // host-independent snapshot; its expected outcome and the differential check still apply.
     let host_independent = fixture.expected.console.is_some();
-    for (_, report) in reports.iter().filter(|_| host_independent) {
-        insta::with_settings!({ snapshot_suffix => "", prepend_module_to_snapshot => false, description => format!("final state of `{}`, recorded on KVM and reviewed", fixture.name) }, {
-            insta::assert_snapshot!(fixture.name, snapshot_text(report, undefined));
-        });
+    if host_independent {
+        check_snapshot(fixture, &guest, &reports, undefined);
     }
     if let [(_, kvm), (_, interp)] = &reports[..] {
         let diff = compare(kvm, interp);
         assert!(diff.is_empty(), "{}: KVM and the software CPU differ:\n{diff}", fixture.name);
+    }
+}
+
+/// Checks the runs against the fixture's snapshot under the replay rules of [`duet::recording`]:
+/// KVM only on the host the snapshot was recorded on, the software CPU under its profile.
+fn check_snapshot(
+    fixture: &Fixture,
+    guest: &duet::Guest,
+    reports: &[(BackendKind, RunReport)],
+    undefined: u64,
+) {
+    let name = fixture.name;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots").join(format!("{name}.snap"));
+    let committed = std::fs::read_to_string(&path).ok();
+    let kvm_ran = reports.iter().any(|(k, _)| *k == BackendKind::Kvm);
+    let replay = snapshot_replay(committed.as_deref(), Host::this(), kvm_ran, &shared_cpuid_profile())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for (kind, report) in reports {
+        let text = match (kind, &replay.interp_profile) {
+            (BackendKind::Kvm, _) => match &replay.kvm {
+                Ok(()) => snapshot_text(report, undefined),
+                Err(why) => {
+                    eprintln!("skipped: kvm vs snapshot `{name}`: {why}");
+                    continue;
+                }
+            },
+            (BackendKind::Interp, None) => snapshot_text(report, undefined),
+            (BackendKind::Interp, Some(profile)) => {
+                let config = RunConfig { cpuid: profile.clone(), ..RunConfig::default() };
+                let r = run_guest(&*kind.create(), guest, &config)
+                    .unwrap_or_else(|e| panic!("{name} on {kind}: {e}"));
+                snapshot_text(&r, r.outcome.undefined_rflags)
+            }
+        };
+        insta::with_settings!({ snapshot_suffix => "", prepend_module_to_snapshot => false, description => format!("final state of `{name}`, recorded on KVM and reviewed"), info => &replay.info }, {
+            insta::assert_snapshot!(fixture.name, text);
+        });
     }
 }
 

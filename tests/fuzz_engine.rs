@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use duet::fuzz::campaign::{self, case_number, Config};
-use duet::fuzz::{Case, FuzzError, FuzzMode};
+use duet::fuzz::{Case, Expected, FuzzError, FuzzMode, Outcome};
+use duet::StopReason;
 
 fn small(mode: FuzzMode, cases: u64) -> Config {
     Config { modes: vec![mode], cases, seed: 7, timeout: Duration::from_secs(2), ..Config::default() }
@@ -76,5 +77,13 @@ fn fuzz_case_files_round_trip_and_malformed_ones_name_file_and_field() {
     std::fs::write(&path, "{\"format\": 1}").unwrap();
     let e = Case::load(&path).unwrap_err().to_string();
     assert!(e.contains("c.json") && e.contains("mode"), "{e}");
+
+    // A recorded result whose stop is not one is refused when the file is loaded.
+    let mut recorded = case.clone();
+    recorded.expected = Some(Expected::recorded_here(Outcome::stopped(StopReason::Halted)));
+    let text = serde_json::to_string_pretty(&recorded).unwrap().replace("\"halted\"", "\"exploded\"");
+    std::fs::write(&path, text).unwrap();
+    let e = Case::load(&path).unwrap_err().to_string();
+    assert!(e.ends_with("c.json: field `expected.outcome.stop` is `exploded`, not a stop (`debug-exit V`, `exception #XX error E at RIP`, `halted`, `shutdown`, `deadline` or `debug single-step at RIP`)"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -266,8 +266,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
     let mut case = realize(&tree.current());
     if cfg.avoid_host_limits {
         for attempt in 1..8 {
-            let code = super::case::parse_bytes(&case.code).unwrap_or_default();
-            if super::judge::host_limit(&case, &code, checker.limits).is_none() {
+            if checker.known_limit(&case).is_none() {
                 break;
             }
             tree = draw(cfg, k, attempt)?.1;
@@ -333,7 +332,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                  lockstep:\n{report}analysis: (to be written: which side the SDM supports, with the section)",
                 cfg.seed
             );
-            case.expected = Some(Expected { source: "kvm".into(), outcome: kvm_outcome });
+            case.expected = Some(Expected::recorded_here(kvm_outcome));
             case.cpuid = Some(CaseCpuid::of(&profile_of(None)?));
             let path = cfg.out.as_ref().map(|d| d.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)));
             if let Some(p) = &path {
@@ -351,7 +350,7 @@ fn keep_agreeing(cfg: &Config, checker: &mut Checker, mut case: Case, k: u64) ->
     let run = kvm.run(&case, &p, &state)?;
     case.note =
         format!("found by `duet fuzz --seed {}` as case {k}; KVM and the interpreter agree", cfg.seed);
-    case.expected = Some(Expected { source: "kvm".into(), outcome: run.outcome });
+    case.expected = Some(Expected::recorded_here(run.outcome));
     case.cpuid = Some(CaseCpuid::of(&profile_of(None)?));
     let dir = dir.join("agree");
     std::fs::create_dir_all(&dir).map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;

@@ -10,10 +10,19 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::outcome::Outcome;
+use super::outcome::{FieldError, OutcomeFile};
+use super::profile::{host_vendor_name, host_vendor_of_name};
 use super::FuzzError;
+use crate::host::Host;
 
-/// Version of the case-file format this build reads and writes.
-pub const CASE_FORMAT: u32 = 1;
+/// Version of the case-file format this build writes: 2 added `expected.recorded_on`, the host
+/// a KVM result was recorded on.
+pub const CASE_FORMAT: u32 = 2;
+
+/// The oldest case-file format this build reads (a format-1 KVM result has no host: it is
+/// checked against the software CPU, never against KVM).
+pub const OLDEST_CASE_FORMAT: u32 = 1;
 
 /// The mode (and privilege level) a case starts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -123,8 +132,10 @@ pub struct Case {
     pub disasm: Vec<String>,
     /// The data bytes, hex, loaded at [`super::layout::DATA_ADDR`].
     pub data: String,
-    /// The CPUID profile the case runs under (vendor and optional features); absent means this
-    /// process's shared profile ([`crate::backends::shared_cpuid_profile`]), which is host-dependent.
+    /// The CPUID profile the case runs under (vendor and optional features) on every backend and
+    /// reference, and so the profile its expected result holds for; absent means this process's
+    /// shared profile ([`crate::backends::shared_cpuid_profile`]), which is host-dependent (every
+    /// committed KVM recording names its profile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpuid: Option<super::profile::CaseCpuid>,
     /// The result a correct CPU produces, and which opinion it came from.
@@ -132,35 +143,120 @@ pub struct Case {
     pub expected: Option<Expected>,
 }
 
-/// An expected outcome and its source.
+/// Where an expected result came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Recorded on KVM: the hardware's word where KVM is the silicon, and it holds on the host it
+    /// was recorded on ([`Expected::recorded_on`]).
+    Kvm,
+    /// The QEMU reference's result (host-independent).
+    Qemu,
+    /// Worked out by hand from the SDM / AMD APM, cited in the note (host-independent).
+    Sdm,
+}
+
+impl Source {
+    /// The name case files use (`kvm`, `qemu`, `sdm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Kvm => "kvm",
+            Source::Qemu => "qemu",
+            Source::Sdm => "sdm",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Source::Kvm, Source::Qemu, Source::Sdm]
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| format!("is `{s}`, not a source (kvm, qemu or sdm)"))
+    }
+}
+
+/// An expected outcome, where it came from and, for a KVM recording, the host it was recorded on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ExpectedFile", into = "ExpectedFile")]
 pub struct Expected {
-    /// `kvm` (recorded on hardware), `qemu` (the reference) or `sdm` (worked out by hand).
-    pub source: String,
+    /// Which opinion gave the result.
+    pub source: Source,
+    /// The host a KVM recording was made on (vendor and KVM kind); `None` for QEMU and SDM
+    /// results, which hold on every host, and for a format-1 recording, whose host is unknown
+    /// (KVM is then never compared with it; the software CPU still is).
+    pub recorded_on: Option<Host>,
     /// The outcome.
     pub outcome: Outcome,
 }
 
-/// What one run of a case produced, in comparable, printable form.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
-    /// How the run ended (`debug-exit 0x12`, `exception #GP …`, `shutdown`, …).
-    pub stop: String,
-    /// Final registers and system registers by name, hex.
-    pub state: BTreeMap<String, String>,
-    /// RFLAGS bits architecturally undefined at the end (hex), masked in comparisons.
-    #[serde(default = "zero_hex")]
-    pub rflags_undefined: String,
-    /// 8-byte words of RAM that differ from the initial image: address → value (hex).
-    #[serde(default)]
-    pub memory: BTreeMap<String, String>,
-    /// Port and MMIO accesses in order (`out 0xf4 1 2a`, `mmio-read 0xd0000000 4 ffffffff`).
-    #[serde(default)]
-    pub exits: Vec<String>,
+impl Expected {
+    /// A result recorded just now on this host's KVM.
+    pub fn recorded_here(outcome: Outcome) -> Expected {
+        Expected { source: Source::Kvm, recorded_on: Some(Host::this()), outcome }
+    }
+
+    /// A host-independent result from `source` (QEMU or the SDM).
+    pub fn from_source(source: Source, outcome: Outcome) -> Expected {
+        Expected { source, recorded_on: None, outcome }
+    }
 }
 
-fn zero_hex() -> String {
-    "0x0".into()
+/// [`Expected`] as a case file spells it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ExpectedFile {
+    source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recorded_on: Option<HostFile>,
+    outcome: OutcomeFile,
+}
+
+/// A host as a case file spells it: `{"vendor": "AuthenticAMD", "kvm": "kvm_pvm"}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct HostFile {
+    vendor: String,
+    kvm: String,
+}
+
+impl TryFrom<ExpectedFile> for Expected {
+    type Error = FieldError;
+    fn try_from(f: ExpectedFile) -> Result<Self, FieldError> {
+        let bad = |field: &str, why: String| FieldError { field: field.into(), why };
+        let source = f.source.parse().map_err(|why| bad("source", why))?;
+        let recorded_on = match f.recorded_on {
+            Some(_) if source != Source::Kvm => {
+                return Err(bad(
+                    "recorded_on",
+                    format!("is given for a {source} result, which holds on every host"),
+                ))
+            }
+            Some(h) => Some(Host {
+                vendor: host_vendor_of_name(&h.vendor).map_err(|why| bad("recorded_on.vendor", why))?,
+                kvm: h.kvm.parse().map_err(|why| bad("recorded_on.kvm", why))?,
+            }),
+            None => None,
+        };
+        let outcome = Outcome::try_from(f.outcome).map_err(|e| e.within("outcome"))?;
+        Ok(Expected { source, recorded_on, outcome })
+    }
+}
+
+impl From<Expected> for ExpectedFile {
+    fn from(e: Expected) -> Self {
+        ExpectedFile {
+            source: e.source.name().into(),
+            recorded_on: e
+                .recorded_on
+                .map(|h| HostFile { vendor: host_vendor_name(h.vendor).into(), kvm: h.kvm.name().into() }),
+            outcome: e.outcome.into(),
+        }
+    }
 }
 
 /// Parses a hex number with or without `0x`.
@@ -195,6 +291,8 @@ pub fn hex_bytes(b: &[u8]) -> String {
 /// The numbers of a case, parsed and checked; errors name the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
+    /// Mode and privilege level at the first instruction.
+    pub mode: FuzzMode,
     /// GPRs in encoding order.
     pub gprs: [u64; 16],
     /// RFLAGS.
@@ -218,8 +316,11 @@ impl Case {
             field: field.to_string(),
             why: why.to_string(),
         };
-        if self.format != CASE_FORMAT {
-            return Err(bad("format", &format!("is {}, this duet reads format {CASE_FORMAT}", self.format)));
+        if !(OLDEST_CASE_FORMAT..=CASE_FORMAT).contains(&self.format) {
+            return Err(bad(
+                "format",
+                &format!("is {}, this duet reads formats {OLDEST_CASE_FORMAT} to {CASE_FORMAT}", self.format),
+            ));
         }
         let mut gprs = [0u64; 16];
         for (name, v) in &self.regs {
@@ -249,23 +350,7 @@ impl Case {
         if data.len() > MAX_IMAGE {
             return Err(bad("data", &format!("has {} bytes; at most {MAX_IMAGE} are allowed", data.len())));
         }
-        if let Some(c) = &self.cpuid {
-            c.profile().map_err(|why| bad("cpuid", &why))?;
-        }
-        if let Some(e) = &self.expected {
-            if parse_hex(&e.outcome.rflags_undefined).is_none() {
-                return Err(bad("expected.outcome.rflags_undefined", "is not a hex number"));
-            }
-            for (k, v) in &e.outcome.memory {
-                if parse_hex(k).is_none() || parse_hex(v).is_none() {
-                    return Err(bad(
-                        &format!("expected.outcome.memory.{k}"),
-                        "address and value must be hex",
-                    ));
-                }
-            }
-        }
-        Ok(Parsed { gprs, rflags, segments, code, data })
+        Ok(Parsed { mode: self.mode, gprs, rflags, segments, code, data })
     }
 
     /// Reads a case file; errors name the file (and the field, for a malformed one).
@@ -273,9 +358,33 @@ impl Case {
         let file = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|e| FuzzError::Io { path: file.clone(), error: e })?;
-        let case: Case = serde_json::from_str(&text)
-            .map_err(|e| FuzzError::CaseSyntax { file: file.clone(), why: e.to_string() })?;
-        case.parse(&file)?;
+        Case::from_json(&text, &file)
+    }
+
+    /// Parses a case from its JSON text, checking every field once, here: the judge then works
+    /// on typed values. `file` names the case in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Case, FuzzError> {
+        let syntax = |why: String| FuzzError::CaseSyntax { file: file.to_string(), why };
+        let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        // The expected block and the profile are read on their own, so an error names its field.
+        let mut take = |key: &str| v.as_object_mut().and_then(|o| o.remove(key)).filter(|e| !e.is_null());
+        let (expected, cpuid) = (take("expected"), take("cpuid"));
+        let mut case: Case = serde_json::from_value(v).map_err(|e| syntax(e.to_string()))?;
+        if let Some(c) = cpuid {
+            let field =
+                |why: String| FuzzError::CaseField { file: file.to_string(), field: "cpuid".into(), why };
+            case.cpuid = Some(serde_json::from_value(c).map_err(|e| field(e.to_string()))?);
+        }
+        if let Some(e) = expected {
+            let raw: ExpectedFile =
+                serde_json::from_value(e).map_err(|e| syntax(format!("field `expected`: {e}")))?;
+            let e = Expected::try_from(raw).map_err(|e| {
+                let e = e.within("expected");
+                FuzzError::CaseField { file: file.to_string(), field: e.field, why: e.why }
+            })?;
+            case.expected = Some(e);
+        }
+        case.parse(file)?;
         Ok(case)
     }
 
@@ -303,5 +412,27 @@ mod tests {
         for m in FuzzMode::ALL {
             assert_eq!(m.name().parse::<FuzzMode>(), Ok(m));
         }
+    }
+
+    #[test]
+    fn a_recording_names_its_host_and_only_a_kvm_result_has_one() {
+        use duet_core::{StopReason, Vendor};
+
+        use crate::host::KvmKind;
+        let outcome = Outcome::stopped(StopReason::Shutdown);
+        for vendor in [Vendor::Intel, Vendor::Amd, Vendor::Other] {
+            let on = Host { vendor, kvm: KvmKind::Pvm };
+            let e = Expected { source: Source::Kvm, recorded_on: Some(on), outcome: outcome.clone() };
+            let text = serde_json::to_string(&e).unwrap_or_default();
+            assert_eq!(serde_json::from_str::<Expected>(&text).ok(), Some(e), "{text}");
+        }
+        let json = |source: &str| {
+            format!(
+                r#"{{"source":"{source}","recorded_on":{{"vendor":"AuthenticAMD","kvm":"kvm_pvm"}},"outcome":{{"stop":"halted","state":{{}}}}}}"#
+            )
+        };
+        assert!(serde_json::from_str::<Expected>(&json("kvm")).is_ok());
+        let e = serde_json::from_str::<Expected>(&json("sdm")).unwrap_err().to_string();
+        assert!(e.contains("field `recorded_on` is given for a sdm result"), "{e}");
     }
 }

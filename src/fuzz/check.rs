@@ -2,14 +2,17 @@
 
 use std::time::Duration;
 
-use duet_core::{StateDiff, StopReason};
+use duet_core::StopReason;
 
-use super::case::{parse_hex, Case, Outcome, Parsed};
+use super::case::{Case, Outcome, Parsed};
+use super::diff::Diff;
 use super::exec::{Executor, Run};
-use super::judge::{self, HostLimit, OutcomeLimit, Reference};
+use super::judge::{self, HostLimit, Reference, Standing, Undefined};
 use super::layout;
+use super::outcome::{cannot_run_text, short_instruction};
 use super::FuzzError;
 use crate::backends::BackendKind;
+use crate::host::Host;
 
 /// What checking one case found.
 #[derive(Clone, Debug)]
@@ -23,10 +26,10 @@ pub enum Verdict {
         /// The software run.
         interp: Box<Run>,
         /// What differs.
-        diff: StateDiff,
+        diff: Diff,
     },
-    /// The hardware backend cannot decide this case on this host (a known limit, or it could
-    /// not run it), and no reference decided it either.
+    /// The hardware backend cannot decide this case on this host (a known limit, a limit whose
+    /// host is unknown, or it could not run it), and no reference decided it either.
     Undecided {
         /// The limit or failure, in words.
         why: String,
@@ -42,16 +45,61 @@ pub enum Verdict {
     InterpOnly,
 }
 
+/// What the judge makes of the two runs of one case on a host (before any third opinion).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The runs agree.
+    Agree,
+    /// Both reached the deadline.
+    Hung,
+    /// KVM on this host cannot decide the case: why, in words.
+    Undecided(String),
+    /// The runs differ and nothing known about the host explains it.
+    Diverge(Diff),
+}
+
+/// Judges the runs `kvm` and `interp` of the case `p` on `host`: pure, so a test can say what an
+/// Intel host would decide.
+///
+/// A limit verified on this host makes the case undecided; a limit verified only on another
+/// vendor's host with this kind of KVM makes it undecided (`unknown host`) only when the runs
+/// differ; on bare metal no KVM limit applies.
+pub fn decide(host: Host, p: &Parsed, kvm: &Outcome, interp: &Outcome) -> Decision {
+    let before = judge::instruction_limit(host, p);
+    if let Some(m) = before.filter(|m| m.standing == Standing::Known) {
+        return Decision::Undecided(m.why(host));
+    }
+    match (&kvm.stop, &interp.stop) {
+        (StopReason::CannotRun(c), _) => {
+            let (what, reason) = cannot_run_text(c);
+            return Decision::Undecided(format!("KVM cannot run `{what}`: {reason}"));
+        }
+        (StopReason::Deadline, StopReason::Deadline) => return Decision::Hung,
+        (StopReason::Deadline, _) => {
+            return Decision::Undecided("KVM reached the deadline where the interpreter finished".into())
+        }
+        _ => {}
+    }
+    let diff = compare_runs(p, ("kvm", kvm), ("interp", interp));
+    if diff.is_empty() {
+        return Decision::Agree;
+    }
+    let after = judge::outcome_limit(host, p, kvm, interp, &diff);
+    let known = after.filter(|m| m.standing == Standing::Known);
+    match known.or(before).or(after) {
+        Some(m) => Decision::Undecided(m.why(host)),
+        None => Decision::Diverge(diff),
+    }
+}
+
 /// Runs cases on the interpreter and, where usable, on KVM, reusing their machines.
 pub struct Checker {
     /// KVM, when usable.
     pub kvm: Option<Executor>,
     /// The interpreter.
     pub interp: Executor,
-    /// Known limits of this host's KVM.
-    pub limits: &'static [HostLimit],
-    /// Known limits of this host's KVM recognised from the outcomes.
-    pub outcome_limits: &'static [OutcomeLimit],
+    /// The host KVM runs on: its vendor and KVM kind decide which limits hold.
+    pub host: Host,
     /// The third opinion.
     pub reference: Box<dyn Reference>,
 }
@@ -61,16 +109,19 @@ impl Checker {
     pub fn new(use_kvm: bool, timeout: Duration) -> Self {
         let kvm = (use_kvm && BackendKind::Kvm.availability().is_available())
             .then(|| Executor::new(BackendKind::Kvm, timeout));
-        let pvm = judge::kvm_is_pvm();
-        let limits = if pvm { judge::KVM_PVM_LIMITS } else { &[] };
-        let outcome_limits = if pvm { judge::KVM_PVM_OUTCOME_LIMITS } else { &[] };
         Checker {
             kvm,
             interp: Executor::new(BackendKind::Interp, timeout),
-            limits,
-            outcome_limits,
+            host: Host::this(),
             reference: Box::new(judge::NoReference),
         }
+    }
+
+    /// The first limit known on this host that `case`'s program runs into (what a campaign that
+    /// avoids host limits redraws for); `None` for a case that does not parse.
+    pub fn known_limit(&self, case: &Case) -> Option<HostLimit> {
+        let p = case.parse("case").ok()?;
+        judge::host_limit(&p, &super::limits::known_instruction_limits(self.host))
     }
 
     /// Uses the QEMU reference as the third opinion when it is usable here; says why not otherwise.
@@ -90,56 +141,31 @@ impl Checker {
         let interp = self.interp.run(case, &p, &state)?;
         if let StopReason::Unsupported(i) = &interp.stop {
             // Grouped by what, not where: addresses are cut off.
-            let what = i.mnemonic.split(" 0x").next().unwrap_or(&i.mnemonic).to_string();
-            return Ok(Verdict::Unsupported { what });
+            return Ok(Verdict::Unsupported { what: short_instruction(i) });
         }
         let Some(kvm_exec) = self.kvm.as_mut() else { return Ok(Verdict::InterpOnly) };
-        if let Some(l) = judge::host_limit(case, &p.code, self.limits)
-            .or_else(|| judge::host_limit(case, &p.code, judge::HOST_SPECIFIC_LIMITS))
-        {
-            return Ok(self.ask_reference(
-                case,
-                &interp,
-                format!("known KVM limit `{}`: {}", l.name, l.reason),
-            ));
+        if let Some(m) = judge::instruction_limit(self.host, &p).filter(|m| m.standing == Standing::Known) {
+            // KVM is not run: the case is known not to be decided by it here.
+            return Ok(self.ask_reference(case, &p, &interp, m.why(self.host)));
         }
         let kvm = kvm_exec.run(case, &p, &state)?;
-        if let StopReason::CannotRun(c) = &kvm.stop {
-            let what = c
-                .instruction
-                .as_ref()
-                .map_or("?".to_string(), |i| i.mnemonic.split_whitespace().next().unwrap_or("?").to_string());
-            let reason = c.reason.split(" (").next().unwrap_or(&c.reason);
-            return Ok(self.ask_reference(case, &interp, format!("KVM cannot run `{what}`: {reason}")));
-        }
-        match (&kvm.stop, &interp.stop) {
-            (StopReason::Deadline, StopReason::Deadline) => return Ok(Verdict::Hung),
-            (StopReason::Deadline, _) => {
-                let why = "KVM reached the deadline where the interpreter finished".to_string();
-                return Ok(self.ask_reference(case, &interp, why));
+        match decide(self.host, &p, &kvm.outcome, &interp.outcome) {
+            Decision::Agree => Ok(Verdict::Agree),
+            Decision::Hung => Ok(Verdict::Hung),
+            Decision::Undecided(why) => Ok(self.ask_reference(case, &p, &interp, why)),
+            Decision::Diverge(diff) => {
+                Ok(Verdict::Diverge { kvm: Box::new(kvm), interp: Box::new(interp), diff })
             }
-            _ => {}
-        }
-        let diff = compare_runs(&p, case, ("kvm", &kvm.outcome), ("interp", &interp.outcome));
-        if diff.is_empty() {
-            Ok(Verdict::Agree)
-        } else if let Some(l) =
-            judge::outcome_limit(case, &kvm.outcome, &interp.outcome, &diff, self.outcome_limits)
-        {
-            Ok(self.ask_reference(case, &interp, format!("known KVM limit `{}`: {}", l.name, l.reason)))
-        } else {
-            Ok(Verdict::Diverge { kvm: Box::new(kvm), interp: Box::new(interp), diff })
         }
     }
 
     /// Asks the third opinion about a case KVM cannot decide; says so when it cannot either.
-    fn ask_reference(&self, case: &Case, interp: &Run, why: String) -> Verdict {
+    fn ask_reference(&self, case: &Case, p: &Parsed, interp: &Run, why: String) -> Verdict {
         match self.reference.run(case) {
             Ok(mut reference) => {
-                reference.rflags_undefined = interp.outcome.rflags_undefined.clone();
-                let Ok(p) = case.parse("case") else { return Verdict::Undecided { why } };
+                reference.rflags_undefined = interp.outcome.rflags_undefined;
                 let name = self.reference.name();
-                let d = against_reference(&p, case, name, &reference, ("interp", &interp.outcome));
+                let d = against_reference(p, name, &reference, ("interp", &interp.outcome));
                 if d.is_empty() {
                     Verdict::Agree
                 } else {
@@ -157,9 +183,9 @@ impl Checker {
         match self.reference.run(case) {
             Ok(mut r) => {
                 // Neither KVM nor QEMU says which flags are undefined; the interpreter (iced) does.
-                r.rflags_undefined = interp.rflags_undefined.clone();
-                let dk = against_reference(&p, case, name, &r, ("kvm", kvm));
-                let di = against_reference(&p, case, name, &r, ("interp", interp));
+                r.rflags_undefined = interp.rflags_undefined;
+                let dk = against_reference(&p, name, &r, ("kvm", kvm));
+                let di = against_reference(&p, name, &r, ("interp", interp));
                 match (dk.is_empty(), di.is_empty()) {
                     (true, false) => format!("{name} agrees with kvm: the interpreter stands alone"),
                     (false, true) => format!("{name} agrees with the interpreter: kvm stands alone"),
@@ -171,39 +197,164 @@ impl Checker {
     }
 }
 
-/// Compares two outcomes of `case`, reading unchanged words from its initial image.
-pub fn compare_runs(p: &Parsed, case: &Case, left: (&str, &Outcome), right: (&str, &Outcome)) -> StateDiff {
-    let img = layout::base_image(case.mode).map(|base| layout::initial_image(&base, p)).unwrap_or_default();
+/// Compares two outcomes of the case `p`, reading unchanged words from its initial image and
+/// masking the flags either side reports undefined.
+pub fn compare_runs(p: &Parsed, left: (&str, &Outcome), right: (&str, &Outcome)) -> Diff {
+    compare_runs_masked(p, left, right, left.1.rflags_undefined | right.1.rflags_undefined)
+}
+
+/// [`compare_runs`] masking the flags `undefined` at the end of the run (plus, in pushed FLAGS
+/// images, those any instruction of the program may leave undefined).
+pub fn compare_runs_masked(
+    p: &Parsed,
+    left: (&str, &Outcome),
+    right: (&str, &Outcome),
+    undefined: u64,
+) -> Diff {
+    let img = layout::base_image(p.mode).map(|base| layout::initial_image(&base, p)).unwrap_or_default();
     let word = |addr: u64| {
         let a = addr as usize;
         img.get(a..a + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     };
-    let images_undef = judge::static_undefined(case.mode, &p.code);
-    judge::compare_with(left, right, &word, images_undef)
+    let mask = Undefined { at_end: undefined, in_images: judge::static_undefined(p.mode, &p.code) };
+    judge::compare_masked(left, right, &word, mask)
 }
 
-/// Checks the interpreter against the result recorded in `case`: the diff (empty when equal).
-pub fn against_recorded(
+/// Compares a KVM run with a KVM recording of the same case. Neither carries an undefined-flags
+/// mask (hardware does not say which flags it left undefined): the software CPU's run of the
+/// case, `interp`, does — iced-x86's facts for each instruction that ran — and its mask is used,
+/// so a flag the architecture leaves undefined (AF after a logical instruction, say) may differ
+/// between two hosts' silicon without a difference being reported.
+pub fn kvm_against_recorded(p: &Parsed, recorded: &Outcome, kvm: &Outcome, interp: &Outcome) -> Diff {
+    let undefined = recorded.rflags_undefined | kvm.rflags_undefined | interp.rflags_undefined;
+    compare_runs_masked(p, ("recorded", recorded), ("kvm", kvm), undefined)
+}
+
+/// Checks the interpreter against the result recorded in `case` (run under the case's own CPUID
+/// profile): the diff (empty when equal), or `None` when the case records no result.
+pub fn against_recorded(interp: &mut Executor, case: &Case, file: &str) -> Result<Option<Diff>, FuzzError> {
+    Ok(interp_against_recorded(interp, case, file)?.map(|(d, _)| d))
+}
+
+/// [`against_recorded`], also handing back the interpreter's run (its undefined-flags mask is
+/// the one [`kvm_against_recorded`] needs).
+pub fn interp_against_recorded(
     interp: &mut Executor,
     case: &Case,
     file: &str,
-) -> Result<Option<StateDiff>, FuzzError> {
+) -> Result<Option<(Diff, Run)>, FuzzError> {
     let Some(expected) = &case.expected else { return Ok(None) };
     let (p, state) = layout::prepare(case, file)?;
     let run = interp.run(case, &p, &state)?;
-    let _ = parse_hex(&expected.outcome.rflags_undefined);
-    Ok(Some(compare_runs(&p, case, (&expected.source, &expected.outcome), ("interp", &run.outcome))))
+    let source = expected.source.to_string();
+    let d = compare_runs(&p, (&source, &expected.outcome), ("interp", &run.outcome));
+    Ok(Some((d, run)))
 }
 
 /// Compares a reference's outcome with a backend's, leaving out exits (the reference has none).
-pub fn against_reference(
-    p: &Parsed,
-    case: &Case,
-    name: &str,
-    reference: &Outcome,
-    other: (&str, &Outcome),
-) -> StateDiff {
+pub fn against_reference(p: &Parsed, name: &str, reference: &Outcome, other: (&str, &Outcome)) -> Diff {
     let mut o = other.1.clone();
     o.exits.clear();
-    compare_runs(p, case, (name, reference), (other.0, &o))
+    compare_runs(p, (name, reference), (other.0, &o))
+}
+
+#[cfg(test)]
+mod tests {
+    use duet_core::layout::ExceptionReport;
+    use duet_core::Vendor;
+
+    use super::*;
+    use crate::fuzz::case::FuzzMode;
+    use crate::fuzz::limits::{AMD_PVM, INTEL_PVM};
+    use crate::fuzz::outcome::{vector, Field};
+    use crate::host::KvmKind;
+
+    const INTEL_VMX: Host = Host { vendor: Vendor::Intel, kvm: KvmKind::Vmx };
+    const AMD_SVM: Host = Host { vendor: Vendor::Amd, kvm: KvmKind::Svm };
+
+    fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
+        Parsed {
+            mode,
+            gprs: [0; 16],
+            rflags: 2,
+            segments: Default::default(),
+            code: code.to_vec(),
+            data: vec![],
+        }
+    }
+
+    fn fault(vector: u8, rip: u64) -> Outcome {
+        Outcome::stopped(StopReason::Exception(ExceptionReport { vector, error_code: 0, rip }))
+    }
+
+    fn undecided(d: &Decision) -> &str {
+        match d {
+            Decision::Undecided(why) => why,
+            other => panic!("not undecided: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_intel_only_limit_explains_the_intel_divergence_and_is_unknown_elsewhere() {
+        // SYSENTER with IA32_SYSENTER_CS = 0 in 64-bit ring 3: the SDM's #GP(0) (Vol. 2B SYSENTER)
+        // on the software CPU under an Intel profile, kvm_pvm on Intel raises #UD.
+        let p = parsed(FuzzMode::Long64Ring3, &[0x0f, 0x34, 0xe6, 0xf4]);
+        let (kvm, interp) = (fault(vector::UD, 0x8000), fault(vector::GP, 0x8000));
+        let known = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(undecided(&known).starts_with("known KVM limit `sysenter-intel-pvm`: "), "{known:?}");
+        // kvm_pvm on AMD: nobody verified the limit there; the case is undecided, not a divergence.
+        let unknown = decide(AMD_PVM, &p, &kvm, &interp);
+        assert!(
+            undecided(&unknown).starts_with(
+                "unknown host: `sysenter-intel-pvm` was verified on Intel kvm_pvm (this host is AuthenticAMD with kvm_pvm)"
+            ),
+            "{unknown:?}"
+        );
+        // Bare metal is the silicon: no limit, the difference is a divergence.
+        assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
+        // Where the runs agree, no limit is needed.
+        assert_eq!(decide(AMD_PVM, &p, &kvm, &kvm), Decision::Agree);
+    }
+
+    #[test]
+    fn an_amd_only_instruction_limit_is_unknown_on_intel_only_when_the_runs_differ() {
+        // CPUID under kvm_pvm shows the host's leaves: verified on the AMD host only.
+        let p = parsed(FuzzMode::Long64, &[0x0f, 0xa2, 0xe6, 0xf4]);
+        let kvm = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        let mut interp = kvm.clone();
+        interp.state.insert(Field::Gpr(0), 0x16);
+        let known = decide(AMD_PVM, &p, &kvm, &kvm);
+        assert!(undecided(&known).starts_with("known KVM limit `cpuid-host-leaves`"), "{known:?}");
+        assert_eq!(decide(INTEL_PVM, &p, &kvm, &kvm), Decision::Agree, "an Intel host decides what agrees");
+        let unknown = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(
+            undecided(&unknown).starts_with("unknown host: `cpuid-host-leaves` was verified on AMD kvm_pvm")
+        );
+        assert!(matches!(decide(AMD_SVM, &p, &kvm, &interp), Decision::Diverge(_)));
+    }
+
+    #[test]
+    fn a_limit_verified_on_both_vendors_is_known_on_both() {
+        // DAA under kvm_pvm: an emulation failure on Intel and AMD (DEVELOPERS.md, first table).
+        let p = parsed(FuzzMode::Prot32, &[0x27, 0xe6, 0xf4]);
+        let kvm = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        for host in [INTEL_PVM, AMD_PVM] {
+            let d = decide(host, &p, &kvm, &kvm);
+            assert!(undecided(&d).starts_with("known KVM limit `bcd-arpl-bound`"), "{host}: {d:?}");
+        }
+        assert_eq!(decide(INTEL_VMX, &p, &kvm, &kvm), Decision::Agree);
+    }
+
+    #[test]
+    fn an_amd_only_outcome_limit_is_unknown_on_an_intel_kvm_pvm_host() {
+        // #AC although CR0.AM = 0 (kvm_pvm runs ring 3 with the host's CR0.AM): found on AMD.
+        let p = parsed(FuzzMode::Long64Ring3, &[0x8b, 0x07, 0xe6, 0xf4]);
+        let (kvm, interp) = (fault(vector::AC, 0x8000), fault(vector::GP, 0x8002));
+        let known = decide(AMD_PVM, &p, &kvm, &interp);
+        assert!(undecided(&known).starts_with("known KVM limit `alignment-check-without-cr0-am`"));
+        let unknown = decide(INTEL_PVM, &p, &kvm, &interp);
+        assert!(undecided(&unknown)
+            .starts_with("unknown host: `alignment-check-without-cr0-am` was verified on AMD"));
+        assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
+    }
 }

@@ -9,14 +9,15 @@ use duet_core::{
     BusDevice, CpuState, DescriptorTable, Machine, RunOptions, Segment, StopReason, WriteOutcome,
 };
 
-use super::case::{hex_bytes, Case, FuzzMode, Outcome, Parsed};
+use super::case::{Case, FuzzMode, Outcome, Parsed};
 use super::layout::{self, RAM_SIZE};
+use super::outcome::{Exit, ExitKind, Field, SegPart, SegReg, TableReg};
 use super::profile::CaseCpuid;
 use super::FuzzError;
 use crate::backends::{shared_cpuid_profile, BackendKind};
 
-/// One port or MMIO access, as the run loop saw it.
-type ExitLog = Arc<Mutex<Vec<String>>>;
+/// The port and MMIO accesses of a run, as the run loop saw them.
+type ExitLog = Arc<Mutex<Vec<Exit>>>;
 
 /// Claims every port (or every address above RAM) and logs each access; port 0xF4 ends the run.
 struct Recorder {
@@ -26,8 +27,8 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn push(&self, line: String) {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    fn push(&self, exit: Exit) {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(exit);
     }
 }
 
@@ -42,14 +43,14 @@ impl BusDevice for Recorder {
         for (i, b) in data.iter_mut().enumerate() {
             *b = read_pattern(addr, i);
         }
-        let kind = if self.mmio { "mmio-read" } else { "in" };
-        self.push(format!("{kind} {addr:#x} {} {}", data.len(), hex_bytes(data)));
+        let kind = if self.mmio { ExitKind::MmioRead } else { ExitKind::In };
+        self.push(Exit { kind, addr, data: data.to_vec() });
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> WriteOutcome {
         let addr = self.base + offset;
-        let kind = if self.mmio { "mmio-write" } else { "out" };
-        self.push(format!("{kind} {addr:#x} {} {}", data.len(), hex_bytes(data)));
+        let kind = if self.mmio { ExitKind::MmioWrite } else { ExitKind::Out };
+        self.push(Exit { kind, addr, data: data.to_vec() });
         if !self.mmio && addr == u64::from(duet_core::layout::DEBUG_EXIT_PORT) {
             let mut v = [0u8; 4];
             for (d, s) in v.iter_mut().zip(data) {
@@ -224,10 +225,7 @@ impl Executor {
 
 /// The CPUID profile of a case: the one it names, else this process's shared profile.
 pub fn profile_of(cpuid: Option<&CaseCpuid>) -> Result<duet_core::cpuid::CpuidProfile, FuzzError> {
-    match cpuid {
-        Some(c) => c.profile().map_err(|e| FuzzError::Setup(format!("the case's CPUID profile: {e}"))),
-        None => Ok(shared_cpuid_profile()),
-    }
+    Ok(cpuid.map_or_else(shared_cpuid_profile, CaseCpuid::profile))
 }
 
 /// Writes the whole RAM image (cheap next to a VM exit, and leaves nothing of the last case).
@@ -236,7 +234,7 @@ fn write_ram(mem: &duet_core::GuestMemory, img: &[u8]) -> Result<(), FuzzError> 
 }
 
 /// The 8-byte words of `now` that differ from `initial`, keyed by address.
-pub fn memory_changes(initial: &[u8], now: &[u8]) -> BTreeMap<String, String> {
+pub fn memory_changes(initial: &[u8], now: &[u8]) -> BTreeMap<u64, u64> {
     let mut m = BTreeMap::new();
     for (i, (a, b)) in initial.chunks(4096).zip(now.chunks(4096)).enumerate() {
         if a == b {
@@ -246,47 +244,34 @@ pub fn memory_changes(initial: &[u8], now: &[u8]) -> BTreeMap<String, String> {
             if x != y {
                 let mut w = [0u8; 8];
                 w[..y.len()].copy_from_slice(y);
-                m.insert(format!("{:#07x}", i * 4096 + j * 8), format!("{:#018x}", u64::from_le_bytes(w)));
+                m.insert((i * 4096 + j * 8) as u64, u64::from_le_bytes(w));
             }
         }
     }
     m
 }
 
-/// How a stop reads in an outcome (stable text, comparable between backends).
-pub fn stop_text(stop: &StopReason) -> String {
-    match stop {
-        StopReason::DebugExit { value } => format!("debug-exit {value:#x}"),
-        StopReason::Exception(r) => {
-            format!("exception {} error {:#x} at {:#x}", r.name(), r.error_code, r.rip)
-        }
-        StopReason::Halted => "halted".into(),
-        StopReason::Shutdown => "shutdown".into(),
-        StopReason::Debug(_) => "debug".into(),
-        StopReason::Deadline => "deadline".into(),
-        StopReason::Unsupported(i) => format!("unsupported {i}"),
-        StopReason::CannotRun(c) => format!("cannot-run {c}"),
-    }
-}
+pub use super::outcome::stop_text;
 
-fn seg_fields(m: &mut BTreeMap<String, String>, name: &str, s: &Segment, long: bool) {
-    m.insert(format!("{name}.selector"), format!("{:#x}", s.selector));
+fn seg_fields(m: &mut BTreeMap<Field, u64>, reg: SegReg, s: &Segment, long: bool) {
+    let mut put = |part, v| m.insert(Field::Seg(reg, part), v);
+    put(SegPart::Selector, u64::from(s.selector));
     // The hidden part of a segment register holding a null selector is not architecturally
     // visible (only FS/GS bases are, in 64-bit mode); backends represent it differently.
-    let null = s.selector & !3 == 0 && !matches!(name, "cs" | "tr" | "ldtr");
-    if null && long && matches!(name, "fs" | "gs") {
-        m.insert(format!("{name}.base"), format!("{:#x}", s.base));
+    let null = s.selector & !3 == 0 && !matches!(reg, SegReg::Cs | SegReg::Tr | SegReg::Ldtr);
+    if null && long && matches!(reg, SegReg::Fs | SegReg::Gs) {
+        put(SegPart::Base, s.base);
     }
     if !s.unusable && !null {
-        m.insert(format!("{name}.base"), format!("{:#x}", s.base));
-        m.insert(format!("{name}.limit"), format!("{:#x}", s.limit));
-        m.insert(format!("{name}.attributes"), format!("{:#x}", s.attributes()));
+        put(SegPart::Base, s.base);
+        put(SegPart::Limit, u64::from(s.limit));
+        put(SegPart::Attributes, u64::from(s.attributes()));
     }
 }
 
-fn table_fields(m: &mut BTreeMap<String, String>, name: &str, t: &DescriptorTable) {
-    m.insert(format!("{name}.base"), format!("{:#x}", t.base));
-    m.insert(format!("{name}.limit"), format!("{:#x}", t.limit));
+fn table_fields(m: &mut BTreeMap<Field, u64>, reg: TableReg, t: &DescriptorTable) {
+    m.insert(Field::Table(reg, true), t.base);
+    m.insert(Field::Table(reg, false), u64::from(t.limit));
 }
 
 /// The comparable outcome of a run.
@@ -294,31 +279,38 @@ pub fn outcome(
     stop: &StopReason,
     s: &CpuState,
     undefined: u64,
-    memory: BTreeMap<String, String>,
-    exits: Vec<String>,
+    memory: BTreeMap<u64, u64>,
+    exits: Vec<Exit>,
 ) -> Outcome {
     let mut m = BTreeMap::new();
-    for (name, v) in duet_core::Regs::GPR_NAMES.iter().zip(s.regs.gprs()) {
-        m.insert(name.to_string(), format!("{v:#x}"));
+    for (i, v) in s.regs.gprs().into_iter().enumerate() {
+        m.insert(Field::Gpr(i as u8), v);
     }
-    m.insert("rip".into(), format!("{:#x}", s.regs.rip));
-    m.insert("rflags".into(), format!("{:#x}", s.regs.rflags));
-    let long = s.sregs.efer & duet_core::state::ctrl::EFER_LMA != 0;
-    for (name, seg) in s.sregs.segments() {
-        seg_fields(&mut m, name, seg, long);
-    }
-    seg_fields(&mut m, "tr", &s.sregs.tr, long);
-    seg_fields(&mut m, "ldtr", &s.sregs.ldt, long);
-    table_fields(&mut m, "gdtr", &s.sregs.gdt);
-    table_fields(&mut m, "idtr", &s.sregs.idt);
+    m.insert(Field::Rip, s.regs.rip);
+    m.insert(Field::Rflags, s.regs.rflags);
     let r = &s.sregs;
-    for (n, v) in
-        [("cr0", r.cr0), ("cr2", r.cr2), ("cr3", r.cr3), ("cr4", r.cr4), ("cr8", r.cr8), ("efer", r.efer)]
-    {
-        m.insert(n.into(), format!("{v:#x}"));
+    let long = r.efer & duet_core::state::ctrl::EFER_LMA != 0;
+    let segments = [
+        (SegReg::Es, &r.es),
+        (SegReg::Cs, &r.cs),
+        (SegReg::Ss, &r.ss),
+        (SegReg::Ds, &r.ds),
+        (SegReg::Fs, &r.fs),
+        (SegReg::Gs, &r.gs),
+        (SegReg::Tr, &r.tr),
+        (SegReg::Ldtr, &r.ldt),
+    ];
+    for (reg, seg) in segments {
+        seg_fields(&mut m, reg, seg, long);
     }
-    for (k, v) in &s.msrs {
-        m.insert(format!("msr[{k:#x}]"), format!("{v:#x}"));
+    table_fields(&mut m, TableReg::Gdtr, &r.gdt);
+    table_fields(&mut m, TableReg::Idtr, &r.idt);
+    for (n, v) in [(0, r.cr0), (2, r.cr2), (3, r.cr3), (4, r.cr4), (8, r.cr8)] {
+        m.insert(Field::Cr(n), v);
     }
-    Outcome { stop: stop_text(stop), state: m, rflags_undefined: format!("{undefined:#x}"), memory, exits }
+    m.insert(Field::Efer, r.efer);
+    for (&k, &v) in &s.msrs {
+        m.insert(Field::Msr(k), v);
+    }
+    Outcome { stop: stop.clone(), state: m, rflags_undefined: undefined, memory, exits }
 }

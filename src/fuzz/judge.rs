@@ -1,87 +1,90 @@
-//! Comparing two outcomes, the one list of known host limits, and the third-opinion seam.
+//! Comparing two outcomes, the host limits' seam, and the third-opinion seam.
 
 use std::collections::BTreeSet;
 
-use duet_core::diff::DiffRow;
-use duet_core::state::rflags;
-use duet_core::StateDiff;
+use duet_core::state::{ctrl, rflags};
+use duet_core::StopReason;
 use iced_x86::{Decoder, DecoderOptions, Instruction};
 
-use super::case::{parse_hex, Case, FuzzMode, Outcome};
+use super::case::{Case, FuzzMode, Outcome, Parsed};
+use super::diff::{Diff, Row};
 use super::layout::STACK_TOPS;
+use super::outcome::{stop_text, ExitKind, Field, SegPart, SegReg};
+
+/// RFLAGS bits a comparison masks: those the architecture leaves undefined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Undefined {
+    /// Undefined at the end of the run (the software CPU's per-instruction facts from iced-x86,
+    /// tracked through the run): masked in RFLAGS and in FLAGS images pushed near a stack.
+    pub at_end: u64,
+    /// Status flags some instruction of the program may leave undefined ([`static_undefined`]),
+    /// masked in pushed FLAGS images only: an exception frame taken mid-program holds the flags
+    /// of that moment, and the fixtures' handler stub redefines flags before the run ends.
+    pub in_images: u64,
+}
 
 /// Compares two outcomes; only RFLAGS bits either side reports undefined are masked, in RFLAGS
 /// and in pushed FLAGS images on the stacks (an exception frame or PUSHF of undefined flags).
 ///
 /// `initial` reads the 8-byte word at an address of the case's initial image (a word missing
 /// from one side's memory map is unchanged there).
-pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn(u64) -> u64) -> StateDiff {
-    compare_with(left, right, initial, 0)
+pub fn compare(left: (&str, &Outcome), right: (&str, &Outcome), initial: &dyn Fn(u64) -> u64) -> Diff {
+    let at_end = left.1.rflags_undefined | right.1.rflags_undefined;
+    compare_masked(left, right, initial, Undefined { at_end, in_images: 0 })
 }
 
-/// [`compare`], with `images_undef` — status flags some instruction of the program may leave
-/// undefined ([`static_undefined`]) — also masked in pushed FLAGS images: an exception frame
-/// taken mid-program holds the flags of that moment, and the fixtures' handler stub redefines
-/// flags before the run ends, so the final undefined mask no longer covers them.
-pub fn compare_with(
+/// Compares two outcomes masking exactly `undefined` (neither side's own mask is added: a
+/// caller comparing two hardware results passes the software CPU's mask for the same case).
+pub fn compare_masked(
     left: (&str, &Outcome),
     right: (&str, &Outcome),
     initial: &dyn Fn(u64) -> u64,
-    images_undef: u64,
-) -> StateDiff {
+    undefined: Undefined,
+) -> Diff {
     let (a, b) = (left.1, right.1);
-    let mut d = StateDiff { sides: (left.0.into(), right.0.into()), rows: Vec::new() };
-    let row =
-        |field: &str, l: &str, r: &str| DiffRow { field: field.into(), left: l.into(), right: r.into() };
+    let mut d = Diff { sides: (left.0.into(), right.0.into()), rows: Vec::new() };
     if a.stop != b.stop {
-        d.rows.push(row("stop", &a.stop, &b.stop));
+        d.rows.push(Row::Stop { left: a.stop.clone(), right: b.stop.clone() });
     }
     // MMIO reads are left out: their number and size are not architectural (see HOST_SPECIFIC).
-    let visible = |o: &Outcome| -> Vec<String> {
-        o.exits.iter().filter(|e| !e.starts_with("mmio-read")).cloned().collect()
-    };
-    if a.stop == "shutdown" && b.stop == "shutdown" {
-        // See HOST_SPECIFIC: after a triple fault only the stop and the exits are compared.
-        if visible(a) != visible(b) {
-            d.rows.push(row("exits", &visible(a).join("; "), &visible(b).join("; ")));
+    let visible =
+        |o: &Outcome| o.exits.iter().filter(|e| e.kind != ExitKind::MmioRead).cloned().collect::<Vec<_>>();
+    let (ea, eb) = (visible(a), visible(b));
+    let exits_row = |d: &mut Diff| {
+        if ea != eb {
+            let n = ea.iter().zip(&eb).take_while(|(x, y)| x == y).count();
+            d.rows.push(Row::Exit { index: n, left: ea.get(n).cloned(), right: eb.get(n).cloned() });
         }
+    };
+    if a.shut_down() && b.shut_down() {
+        // See HOST_SPECIFIC: after a triple fault only the stop and the exits are compared.
+        exits_row(&mut d);
         return d;
     }
-    let undef = parse_hex(&a.rflags_undefined).unwrap_or(0) | parse_hex(&b.rflags_undefined).unwrap_or(0);
-    let keys: BTreeSet<&String> = a.state.keys().chain(b.state.keys()).collect();
+    let undef = undefined.at_end;
+    let keys: BTreeSet<Field> = a.state.keys().chain(b.state.keys()).copied().collect();
     for k in keys {
-        let (x, y) = (a.state.get(k), b.state.get(k));
+        let (x, y) = (a.state.get(&k).copied(), b.state.get(&k).copied());
         // An MSR one backend cannot read is a host limit, not a CPU difference.
-        if k.starts_with("msr[") && (x.is_none() || y.is_none()) {
+        if matches!(k, Field::Msr(_)) && (x.is_none() || y.is_none()) {
             continue;
         }
-        let differs = if k == "rflags" {
-            let f = |v: Option<&String>| v.and_then(|s| parse_hex(s)).unwrap_or(0) & !undef;
-            f(x) != f(y)
-        } else {
-            x != y
-        };
+        let differs =
+            if k == Field::Rflags { x.unwrap_or(0) & !undef != y.unwrap_or(0) & !undef } else { x != y };
         if differs {
-            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "absent".into());
-            d.rows.push(row(k, &show(x), &show(y)));
+            d.rows.push(Row::Register { field: k, left: x, right: y });
         }
     }
-    let words: BTreeSet<&String> = a.memory.keys().chain(b.memory.keys()).collect();
-    for w in words {
-        let Some(addr) = parse_hex(w) else { continue };
-        let val = |o: &Outcome| o.memory.get(w).and_then(|v| parse_hex(v)).unwrap_or_else(|| initial(addr));
+    let words: BTreeSet<u64> = a.memory.keys().chain(b.memory.keys()).copied().collect();
+    let iu = undef | undefined.in_images;
+    for addr in words {
+        let val = |o: &Outcome| o.memory.get(&addr).copied().unwrap_or_else(|| initial(addr));
         let (x, y) = (val(a), val(b));
-        let iu = undef | images_undef;
         if x != y && !undefined_flags_image(addr, x ^ y, iu) && !frame_flags(a, addr, x ^ y, iu) {
-            d.rows.push(row(&format!("mem[{addr:#x}]"), &format!("{x:016x}"), &format!("{y:016x}")));
+            d.rows.push(Row::Memory { addr, left: x, right: y });
         }
     }
-    let (ea, eb) = (visible(a), visible(b));
-    if ea != eb {
-        let n = ea.iter().zip(&eb).take_while(|(x, y)| x == y).count();
-        let at = |v: &Vec<String>| v.get(n).cloned().unwrap_or_else(|| "(no more exits)".into());
-        d.rows.push(row(&format!("exit #{n}"), &at(&ea), &at(&eb)));
-    }
+    exits_row(&mut d);
     d
 }
 
@@ -97,20 +100,22 @@ fn undefined_flags_image(addr: u64, diff: u64, undef: u64) -> bool {
 /// Whether `diff` at `addr` lies only in undefined flag bits of the EFLAGS image of the
 /// exception frame the fixtures' stub left on the stack (RFLAGS slot just above CS).
 fn frame_flags(o: &Outcome, addr: u64, diff: u64, undef: u64) -> bool {
-    if !o.stop.starts_with("exception") {
+    if o.exception().is_none() {
         return false;
     }
-    let get = |k: &str| o.state.get(k).and_then(|v| parse_hex(v));
-    let (Some(rsp), Some(cr0), Some(efer)) = (get("rsp"), get("cr0"), get("efer")) else { return false };
-    let ss = get("ss.base").unwrap_or(0);
-    let width = if efer & (1 << 10) != 0 {
+    let get = |f: Field| o.state.get(&f).copied();
+    let (Some(rsp), Some(cr0), Some(efer)) = (get(Field::RSP), get(Field::CR0), get(Field::Efer)) else {
+        return false;
+    };
+    let ss = get(Field::Seg(SegReg::Ss, SegPart::Base)).unwrap_or(0);
+    let width = if efer & ctrl::EFER_LMA != 0 {
         8
-    } else if cr0 & 1 != 0 {
+    } else if cr0 & ctrl::CR0_PE != 0 {
         4
     } else {
         2
     };
-    let sp = if cr0 & 1 == 0 { rsp & 0xffff } else { rsp };
+    let sp = if cr0 & ctrl::CR0_PE == 0 { rsp & 0xffff } else { rsp };
     let slot = ss.wrapping_add(sp).wrapping_add(width);
     let m = undef & rflags::STATUS;
     if m == 0 || slot >= addr + 8 || slot + 8 <= addr {
@@ -144,24 +149,22 @@ pub fn static_undefined(mode: FuzzMode, code: &[u8]) -> u64 {
 }
 
 pub use super::limits::{
-    outcome_limit, HostLimit, OutcomeLimit, HOST_SPECIFIC, HOST_SPECIFIC_LIMITS, KVM_PVM_LIMITS,
-    KVM_PVM_OUTCOME_LIMITS,
+    instruction_limit, outcome_limit, HostLimit, Hosts, Matched, OutcomeLimit, Standing, HOST_SPECIFIC,
+    HOST_SPECIFIC_LIMITS, KVM_PVM_LIMITS, KVM_PVM_OUTCOME_LIMITS,
 };
 
-/// A short name for the kind of a divergence: KVM's stop and the classes of fields that differ.
-pub fn signature(kvm_stop: &str, diff: &StateDiff) -> String {
-    let stop: Vec<&str> = kvm_stop.split_whitespace().take(2).collect();
-    let mut classes: Vec<String> = diff
-        .rows
-        .iter()
-        .map(|r| {
-            let f = r.field.split(['[', '.', ' ']).next().unwrap_or("");
-            f.to_string()
-        })
-        .collect();
-    classes.sort();
-    classes.dedup();
-    format!("{}: {}", stop.join(" "), classes.join(","))
+/// A short name for the kind of a divergence: KVM's stop and the classes of fields that differ
+/// (`exception #GP: mem,rflags`).
+pub fn signature(kvm_stop: &StopReason, diff: &Diff) -> String {
+    let stop = match kvm_stop {
+        StopReason::Exception(r) => format!("exception {}", r.name()),
+        StopReason::Debug(_) => "debug".into(),
+        StopReason::Unsupported(_) => "unsupported".into(),
+        StopReason::CannotRun(_) => "cannot-run".into(),
+        other => stop_text(other),
+    };
+    let classes: BTreeSet<String> = diff.rows.iter().map(Row::class).collect();
+    format!("{stop}: {}", classes.into_iter().collect::<Vec<_>>().join(","))
 }
 
 /// Whether KVM ignores unknown MSRs on this host (`/sys/module/kvm/parameters/ignore_msrs`).
@@ -169,21 +172,17 @@ pub fn ignore_msrs() -> bool {
     std::fs::read_to_string("/sys/module/kvm/parameters/ignore_msrs").is_ok_and(|v| v.trim() == "Y")
 }
 
-/// Whether this host's KVM is `kvm_pvm` (DEVELOPERS.md), whose limits then apply.
-pub fn kvm_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// The first known host limit `case`'s code runs into, if any (the whole code is decoded).
+/// The first of `limits` the program of `p` runs into, if any (the whole code is decoded).
 ///
 /// The code is decoded from its start and from every target of a relative branch in it, so an
 /// instruction reached by jumping into the middle of another (a 16-bit branch in 64-bit code
 /// on an AMD part, say) is seen too.
-pub fn host_limit(case: &Case, code: &[u8], limits: &[HostLimit]) -> Option<HostLimit> {
+pub fn host_limit(p: &Parsed, limits: &[HostLimit]) -> Option<HostLimit> {
     if limits.is_empty() {
         return None;
     }
-    let ip = super::gen::code_ip(case.mode);
+    let code = &p.code;
+    let ip = super::gen::code_ip(p.mode);
     let mut starts = vec![ip];
     let mut seen = BTreeSet::new();
     while let Some(start) = starts.pop() {
@@ -191,10 +190,10 @@ pub fn host_limit(case: &Case, code: &[u8], limits: &[HostLimit]) -> Option<Host
             continue;
         }
         let off = (start - ip) as usize;
-        let mut dec = Decoder::with_ip(case.mode.bitness(), &code[off..], start, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(p.mode.bitness(), &code[off..], start, DecoderOptions::NONE);
         let mut prev: Option<Instruction> = None;
         for ins in &mut dec {
-            if let Some(l) = limits.iter().find(|l| (l.applies)(case.mode, &ins, prev.as_ref())) {
+            if let Some(l) = limits.iter().find(|l| (l.applies)(p.mode, &ins, prev.as_ref())) {
                 return Some(*l);
             }
             if ins.is_jcc_short_or_near()
@@ -238,14 +237,21 @@ impl Reference for NoReference {
 
 #[cfg(test)]
 mod tests {
+    use duet_core::layout::ExceptionReport;
+
     use super::*;
+    use crate::fuzz::outcome::{vector, Exit};
+
+    fn exception(vector: u8, rip: u64) -> StopReason {
+        StopReason::Exception(ExceptionReport { vector, error_code: 0, rip })
+    }
 
     #[test]
     fn undefined_flags_of_a_frame_straddling_two_words_are_masked_in_both() {
         // A 32-bit frame at ESP = 0x6fffb: EFLAGS at 0x6ffff..0x70002, split over two words.
-        let mut o = Outcome { stop: "exception #GP error 0x0 at 0x8003".into(), ..Outcome::default() };
-        for (k, v) in [("rsp", 0x6fffb_u64), ("cr0", 0x11), ("efer", 0)] {
-            o.state.insert(k.into(), format!("{v:#x}"));
+        let mut o = Outcome::stopped(exception(vector::GP, 0x8003));
+        for (k, v) in [(Field::RSP, 0x6fffb_u64), (Field::CR0, 0x11), (Field::Efer, 0)] {
+            o.state.insert(k, v);
         }
         let undef = rflags::AF | rflags::OF;
         assert!(frame_flags(&o, 0x6fff8, rflags::AF << 56, undef), "AF in the last byte of the lower word");
@@ -262,66 +268,56 @@ mod tests {
         assert!(!undefined_flags_image(0xa000, af, af));
     }
 
-    fn case(mode: FuzzMode, code: &[u8]) -> Case {
-        Case {
-            format: super::super::case::CASE_FORMAT,
+    fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
+        Parsed {
             mode,
-            note: String::new(),
-            regs: Default::default(),
-            rflags: "0x2".into(),
+            gprs: [0; 16],
+            rflags: 2,
             segments: Default::default(),
-            code: super::super::case::hex_bytes(code),
-            disasm: Vec::new(),
-            data: String::new(),
-            cpuid: None,
-            expected: None,
+            code: code.to_vec(),
+            data: vec![],
         }
     }
 
     #[test]
     fn host_limits_see_instructions_reached_by_a_branch_into_another() {
         // jmp +1 lands on 0F A2 (CPUID), which a linear decode sees as part of MOV EAX, imm32.
-        let hidden = [0xeb, 0x01, 0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4];
-        let c = case(FuzzMode::Long64, &hidden);
-        assert_eq!(host_limit(&c, &hidden, KVM_PVM_LIMITS).map(|l| l.name), Some("cpuid-host-leaves"));
-        let plain = [0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4];
-        assert!(host_limit(&case(FuzzMode::Long64, &plain), &plain, KVM_PVM_LIMITS).is_none());
-        assert!(host_limit(&c, &hidden, &[]).is_none(), "no limits on a bare-metal host");
-    }
-
-    #[test]
-    fn outcome_limits_match_only_their_own_difference() {
-        let mut kvm = Outcome { stop: "debug-exit 0x0".into(), ..Outcome::default() };
-        kvm.state.insert("rflags".into(), format!("{:#x}", 0x202));
-        let mut interp = kvm.clone();
-        interp.state.insert("rflags".into(), format!("{:#x}", 0x202 | rflags::AC));
-        let c = case(FuzzMode::Long64, &[0xe6, 0xf4]);
-        let zero = |_| 0;
-        let d = compare(("kvm", &kvm), ("interp", &interp), &zero);
-        let name = |k: &Outcome, i: &Outcome, d: &StateDiff| {
-            outcome_limit(&c, k, i, d, KVM_PVM_OUTCOME_LIMITS).map(|l| l.name)
-        };
-        assert_eq!(name(&kvm, &interp, &d), Some("eflags-ac"));
-        // AC plus a defined flag is not explained by the AC limit.
-        interp.state.insert("rflags".into(), format!("{:#x}", 0x202 | rflags::AC | rflags::CF));
-        let d = compare(("kvm", &kvm), ("interp", &interp), &zero);
-        assert_eq!(name(&kvm, &interp, &d), None);
-        // Unless that flag is undefined: the difference is then masked away entirely.
-        interp.rflags_undefined = format!("{:#x}", rflags::CF);
-        assert_eq!(compare(("kvm", &kvm), ("interp", &interp), &zero).rows.len(), 1);
+        let hidden = parsed(FuzzMode::Long64, &[0xeb, 0x01, 0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4]);
+        assert_eq!(host_limit(&hidden, KVM_PVM_LIMITS).map(|l| l.name), Some("cpuid-host-leaves"));
+        let plain = parsed(FuzzMode::Long64, &[0xb8, 0x0f, 0xa2, 0x90, 0x90, 0xe6, 0xf4]);
+        assert!(host_limit(&plain, KVM_PVM_LIMITS).is_none());
+        assert!(host_limit(&hidden, &[]).is_none(), "no limits given");
     }
 
     #[test]
     fn rflags_compare_masks_undefined_bits_and_exits_show_first_difference() {
-        let mut a = Outcome { stop: "halted".into(), rflags_undefined: "0x10".into(), ..Outcome::default() };
-        a.state.insert("rflags".into(), "0x2".into());
+        let mut a = Outcome::stopped(StopReason::Halted);
+        a.rflags_undefined = rflags::AF;
+        a.state.insert(Field::Rflags, 0x2);
         let mut b = a.clone();
-        b.state.insert("rflags".into(), "0x12".into());
+        b.state.insert(Field::Rflags, 0x12);
         let zero = |_| 0;
         assert!(compare(("kvm", &a), ("interp", &b), &zero).is_empty());
-        b.exits.push("out 0x80 1 00".into());
+        b.exits.push("out 0x80 1 00".parse::<Exit>().unwrap());
         let d = compare(("kvm", &a), ("interp", &b), &zero);
-        assert_eq!(d.rows.len(), 1);
-        assert_eq!(d.rows[0].field, "exit #0");
+        assert_eq!(d.rows, vec![Row::Exit { index: 0, left: None, right: b.exits.first().cloned() }]);
+        assert_eq!(signature(&a.stop, &d), "halted: exit");
+    }
+
+    #[test]
+    fn a_mask_passed_in_covers_two_results_that_carry_none() {
+        // Two hardware results carry no undefined mask; the software CPU's is passed in.
+        let mut recorded = Outcome::stopped(exception(vector::GP, 0x8000));
+        recorded.state.insert(Field::Rflags, 0x56);
+        let mut kvm = recorded.clone();
+        kvm.state.insert(Field::Rflags, 0x46);
+        let zero = |_| 0;
+        assert_eq!(compare(("recorded", &recorded), ("kvm", &kvm), &zero).rows.len(), 1);
+        let af = Undefined { at_end: rflags::AF, in_images: 0 };
+        assert!(compare_masked(("recorded", &recorded), ("kvm", &kvm), &zero, af).is_empty());
+        kvm.state.insert(Field::Rflags, 0x57);
+        let d = compare_masked(("recorded", &recorded), ("kvm", &kvm), &zero, af);
+        assert_eq!(d.rows, vec![Row::Register { field: Field::Rflags, left: Some(0x56), right: Some(0x57) }]);
+        assert_eq!(signature(&kvm.stop, &d), "exception #GP: rflags");
     }
 }

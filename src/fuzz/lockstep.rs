@@ -70,7 +70,7 @@ pub fn lockstep(
         let (is, istate, iu, iram) = step(interp, case)?;
         let ko = outcome(&ks, &kstate, ku, memory_changes(&initial, &kram), vec![]);
         let io = outcome(&is, &istate, iu, memory_changes(&initial, &iram), vec![]);
-        let diff = compare_runs(&p, case, ("kvm", &ko), ("interp", &io));
+        let diff = compare_runs(&p, ("kvm", &ko), ("interp", &io));
         let terminal = |s: &StopReason| !matches!(s, StopReason::Debug(_));
         if !diff.is_empty() {
             let _ =

@@ -5,9 +5,12 @@
 //!   the interpreter implements, encoded with iced-x86) in six modes, realized into [`Case`]s.
 //! - [`exec`]: one reused machine per backend and mode; memory and registers are reset
 //!   between cases; every port and MMIO access is logged.
+//! - [`outcome`] and [`diff`]: what a run produced and what differs, as typed values (case
+//!   files hold them as readable text, parsed once when a case is loaded).
 //! - [`check`] and [`judge`]: compare final registers, changed memory and the exit sequence,
 //!   masking only undefined flags; cases this host's KVM cannot decide are counted apart
-//!   ([`limits::KVM_PVM_LIMITS`]) and offered to a third opinion ([`judge::Reference`]).
+//!   ([`limits`], each limit scoped to the vendors and KVM kinds it was verified on) and offered
+//!   to a third opinion ([`judge::Reference`]).
 //! - [`lockstep`]: single-step both backends to the first instruction after which they differ.
 //! - [`campaign`]: seeds, shards, threads, shrinking, case files.
 //!
@@ -24,17 +27,19 @@
 pub mod campaign;
 pub mod case;
 pub mod check;
+pub mod diff;
 pub mod exec;
 pub mod gen;
 pub mod judge;
 pub mod layout;
 pub mod limits;
 pub mod lockstep;
+pub mod outcome;
 pub mod profile;
 pub mod reference;
 mod table;
 
-pub use case::{Case, Expected, FuzzMode, Outcome};
+pub use case::{Case, Expected, FuzzMode, Outcome, Source};
 pub use check::{Checker, Verdict};
 
 /// An error of the fuzzer (not a divergence: those are results).

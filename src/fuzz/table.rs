@@ -44,16 +44,16 @@ const UNDEFINED_FORMS: &[Code] = &[Code::Shld_rm16_r16_CL, Code::Shrd_rm16_r16_C
 /// Whether `m` needs a CPUID feature that `p` does not enumerate (the interpreter then raises #UD,
 /// or runs LZCNT/TZCNT as BSR/BSF, as the SDM says for a part without the feature).
 pub fn profile_lacks(m: Mnemonic, p: &CpuidProfile) -> bool {
-    use super::profile::has;
+    use super::profile::{has, Feature};
     let need = match m {
-        Mnemonic::Popcnt => "popcnt",
-        Mnemonic::Lzcnt => "abm",
+        Mnemonic::Popcnt => Feature::Popcnt,
+        Mnemonic::Lzcnt => Feature::Abm,
         Mnemonic::Tzcnt
         | Mnemonic::Andn
         | Mnemonic::Bextr
         | Mnemonic::Blsi
         | Mnemonic::Blsmsk
-        | Mnemonic::Blsr => "bmi1",
+        | Mnemonic::Blsr => Feature::Bmi1,
         Mnemonic::Bzhi
         | Mnemonic::Mulx
         | Mnemonic::Pdep
@@ -61,12 +61,14 @@ pub fn profile_lacks(m: Mnemonic, p: &CpuidProfile) -> bool {
         | Mnemonic::Rorx
         | Mnemonic::Sarx
         | Mnemonic::Shlx
-        | Mnemonic::Shrx => "bmi2",
-        Mnemonic::Adcx | Mnemonic::Adox => "adx",
-        Mnemonic::Movbe => "movbe",
-        Mnemonic::Cmpxchg16b => "cx16",
-        Mnemonic::Rdtscp => "rdtscp",
-        Mnemonic::Rdfsbase | Mnemonic::Rdgsbase | Mnemonic::Wrfsbase | Mnemonic::Wrgsbase => "fsgsbase",
+        | Mnemonic::Shrx => Feature::Bmi2,
+        Mnemonic::Adcx | Mnemonic::Adox => Feature::Adx,
+        Mnemonic::Movbe => Feature::Movbe,
+        Mnemonic::Cmpxchg16b => Feature::Cx16,
+        Mnemonic::Rdtscp => Feature::Rdtscp,
+        Mnemonic::Rdfsbase | Mnemonic::Rdgsbase | Mnemonic::Wrfsbase | Mnemonic::Wrgsbase => {
+            Feature::Fsgsbase
+        }
         Mnemonic::Xgetbv | Mnemonic::Xsetbv => {
             return !p.has_leaf1_ecx(duet_core::cpuid::leaf1_ecx::XSAVE);
         }

@@ -223,8 +223,14 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
                 _ => &mut checker.interp,
             };
             let run = exec.run(&case, &p, &state)?;
-            let stop = run.outcome.stop.clone();
-            case.expected = Some(duet::fuzz::Expected { source: source.clone(), outcome: run.outcome });
+            if matches!(run.outcome.stop, duet::StopReason::Unsupported(_) | duet::StopReason::CannotRun(_)) {
+                bail!("{file}: not recorded: the {source} run produced no result ({})", run.outcome.stop);
+            }
+            let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
+            case.expected = Some(match source.as_str() {
+                "kvm" => duet::fuzz::Expected::recorded_here(run.outcome),
+                _ => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
+            });
             // The result holds for the profile it was recorded under: name it in the file.
             let profile = duet::fuzz::exec::profile_of(case.cpuid.as_ref())?;
             case.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&profile));
@@ -267,7 +273,7 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
             Some(d) if d.is_empty() => {
                 println!(
                     "{file}: interp matches the recorded {} result",
-                    case.expected.as_ref().map_or("", |e| e.source.as_str())
+                    case.expected.as_ref().map_or("", |e| e.source.name())
                 )
             }
             Some(d) => {
