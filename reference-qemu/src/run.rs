@@ -107,7 +107,9 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
     };
     let mut exact = None;
     if end == End::Exit {
-        match rewind_exit(&mut s.qmp, &s.dir, &mut state, dump.halted) {
+        let cli = rewind_exit(&mut s.qmp, &s.dir, &mut state, dump.halted)
+            .or_else(|why| cli_before_faulting_hlt(&mut s.qmp, &s.dir, guest, &memory).ok_or(why));
+        match cli {
             Ok(cli) => match exact_exit(guest, &cpu, &prepared, cli, timeout) {
                 Ok(e) => exact = Some(e),
                 Err(e) => notes.push(format!(
@@ -265,6 +267,23 @@ fn rewind_exit(qmp: &mut Qmp, dir: &TempDir, s: &mut CpuState, halted: bool) -> 
     }
     s.regs.rip = s.regs.rip.wrapping_sub(2) & ip_mask;
     Ok(s.sregs.cs.base.wrapping_add(s.regs.rip))
+}
+
+/// Above ring 0 the convention's HLT after the debug-exit OUT raises #GP(0) (SDM Vol. 2A HLT),
+/// which the guest's handler reports (duet's exception report) before it halts: the linear
+/// address of the CLI before that HLT when the report and the code bytes say so (the second,
+/// exact run then stops there). CS is taken to be the guest's starting one.
+fn cli_before_faulting_hlt(qmp: &mut Qmp, dir: &TempDir, guest: &Guest, memory: &GuestMemory) -> Option<u64> {
+    let mut b = [0u8; 24];
+    memory.read_slice(&mut b, GuestAddress(EXCEPTION_REPORT_ADDR)).ok()?;
+    let report = ExceptionReport::parse(&b)?;
+    if report.vector != 13 || report.error_code != 0 {
+        return None;
+    }
+    let hlt = guest.state.sregs.cs.base.wrapping_add(report.rip);
+    let code = read_linear(qmp, dir, hlt.wrapping_sub(3), 4).ok()?;
+    (code == [0xe6, 0xf4, 0xfa, 0xf4] || code.get(1..) == Some(&[0xee, 0xfa, 0xf4][..]))
+        .then(|| hlt.wrapping_sub(1))
 }
 
 /// Completes `state` through the gdbstub: 64-bit GPRs in every mode, CR8, the tracked MSRs.

@@ -1,0 +1,266 @@
+//! Where QEMU 7.2 TCG, the third opinion, departs from the SDM (or where its machine is not
+//! duet's): one typed list, like [`super::super::limits`] for KVM. A difference between QEMU and
+//! the software CPU that these explain row by row is QEMU's, not a disagreement.
+//!
+//! Each entry names the test that shows QEMU still behaves so; `DEVELOPERS.md` ("The QEMU
+//! reference is an emulator too") lists the same departures for readers.
+
+use duet_core::diff::DiffRow;
+use duet_core::state::rflags;
+use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register};
+
+use crate::fuzz::case::{parse_hex, Case, FuzzMode, Outcome};
+use crate::fuzz::layout::STACK_TOPS;
+
+/// What a departure's predicate looks at: the case and the two outcomes.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    /// The case.
+    pub case: &'a Case,
+    /// Its code bytes.
+    pub code: &'a [u8],
+    /// QEMU's outcome.
+    pub qemu: &'a Outcome,
+    /// The software CPU's outcome.
+    pub interp: &'a Outcome,
+}
+
+/// One documented departure of QEMU from the SDM.
+#[derive(Clone, Copy, Debug)]
+pub struct Departure {
+    /// Short name, shown in verdicts.
+    pub name: &'static str,
+    /// What QEMU does, and what the SDM (or duet's machine) says instead.
+    pub reason: &'static str,
+    /// The test that pins QEMU's behaviour (`file::test`).
+    pub pinned_by: &'static str,
+    /// Whether this departure explains one differing row (QEMU's value on the left).
+    pub explains: fn(&Seen<'_>, &DiffRow) -> bool,
+}
+
+/// A stop as the outcome prints it: `exception #GP error 0x0 at 0x8003`.
+fn fault(stop: &str) -> Option<(&str, u64, u64)> {
+    let w: Vec<&str> = stop.split_whitespace().collect();
+    match w[..] {
+        ["exception", vector, "error", error, "at", at] => Some((vector, parse_hex(error)?, parse_hex(at)?)),
+        _ => None,
+    }
+}
+
+impl Seen<'_> {
+    /// The case's instructions, decoded from its start (as the generator laid them out).
+    fn instructions(&self) -> Vec<Instruction> {
+        let ip = crate::fuzz::gen::code_ip(self.case.mode);
+        Decoder::with_ip(self.case.mode.bitness(), self.code, ip, DecoderOptions::NONE).into_iter().collect()
+    }
+
+    fn has(&self, pick: impl Fn(&Instruction) -> bool) -> bool {
+        self.instructions().iter().any(pick)
+    }
+
+    fn state(&self, o: &Outcome, key: &str) -> Option<u64> {
+        o.state.get(key).and_then(|v| parse_hex(v))
+    }
+
+    fn long(&self) -> bool {
+        matches!(self.case.mode, FuzzMode::Long64 | FuzzMode::Long64Ring3)
+    }
+}
+
+/// Both sides' values of a row, when both are numbers (QEMU's first).
+fn values(row: &DiffRow) -> Option<(u64, u64)> {
+    Some((parse_hex(&row.left)?, parse_hex(&row.right)?))
+}
+
+fn mem_addr(row: &DiffRow) -> Option<u64> {
+    parse_hex(row.field.strip_prefix("mem[")?.strip_suffix(']')?)
+}
+
+/// A word within 512 bytes below one of the stacks' tops (where exception frames land).
+fn near_stack(addr: u64) -> bool {
+    STACK_TOPS.iter().any(|&top| addr < top && top - addr <= 512)
+}
+
+fn fault_frame_rf(_: &Seen<'_>, row: &DiffRow) -> bool {
+    let (Some(addr), Some((qemu, interp))) = (mem_addr(row), values(row)) else { return false };
+    let bit = qemu ^ interp;
+    // RF is EFLAGS bit 16: at bit 8k of a word, whatever the frame's byte alignment.
+    near_stack(addr) && bit.count_ones() == 1 && bit.trailing_zeros() % 8 == 0 && interp & bit != 0
+}
+
+/// The segment register and kind of each memory access of `i` (explicit and implicit).
+fn accesses(i: &Instruction) -> Vec<(Register, OpAccess)> {
+    let mut f = InstructionInfoFactory::new();
+    f.info(i).used_memory().iter().map(|m| (m.segment(), m.access())).collect()
+}
+
+/// Whether the software CPU's segment `seg` (its final hidden part) may fault an access that
+/// QEMU lets through: null, a limit below 4 GiB, expand-down, or read-only for a write.
+fn checked_segment(o: &Outcome, seg: Register, access: OpAccess) -> bool {
+    let name = format!("{seg:?}").to_lowercase();
+    let get = |f: &str| o.state.get(&format!("{name}.{f}")).and_then(|v| parse_hex(v));
+    let (Some(limit), Some(attr)) = (get("limit"), get("attributes")) else { return true };
+    let (code, type_) = (attr & 0x8 != 0, attr & 0xf);
+    let write = !matches!(access, OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess);
+    limit != 0xffff_ffff || (!code && type_ & 0x4 != 0) || (write && (code || type_ & 0x2 == 0))
+}
+
+fn segment_checks(s: &Seen<'_>, _: &DiffRow) -> bool {
+    let Some((vector, 0, at)) = fault(&s.interp.stop) else { return false };
+    if s.long() || !matches!(vector, "#GP" | "#SS") || s.qemu.stop == s.interp.stop {
+        return false;
+    }
+    let insns = s.instructions();
+    let Some(i) = insns.iter().find(|i| i.ip() == at) else { return false };
+    accesses(i).into_iter().any(|(seg, access)| checked_segment(s.interp, seg, access))
+}
+
+fn no_mmio_device(s: &Seen<'_>, _: &DiffRow) -> bool {
+    s.interp.exits.iter().any(|e| e.starts_with("mmio"))
+}
+
+fn ist_null_ss(s: &Seen<'_>, row: &DiffRow) -> bool {
+    s.long()
+        && row.field.starts_with("ss.")
+        && s.interp.stop.starts_with("exception")
+        && s.state(s.qemu, "ss.selector") == Some(0)
+}
+
+fn ss_noncanonical_gp(s: &Seen<'_>, _: &DiffRow) -> bool {
+    let (Some(("#GP", e1, a1)), Some(("#SS", e2, a2))) = (fault(&s.qemu.stop), fault(&s.interp.stop)) else {
+        return false;
+    };
+    s.long() && (e1, a1) == (e2, a2)
+}
+
+fn flags_only(row: &DiffRow, bits: u64) -> bool {
+    row.field == "rflags" && values(row).is_some_and(|(q, i)| (q ^ i) & !bits == 0)
+}
+
+fn blsi_cf(s: &Seen<'_>, row: &DiffRow) -> bool {
+    flags_only(row, rflags::CF) && s.has(|i| i.mnemonic() == Mnemonic::Blsi)
+}
+
+fn adx_32(s: &Seen<'_>, row: &DiffRow) -> bool {
+    let adx32 = |i: &Instruction| {
+        matches!(i.mnemonic(), Mnemonic::Adcx | Mnemonic::Adox) && i.op0_register().size() == 4
+    };
+    flags_only(row, rflags::CF | rflags::OF) && s.has(adx32)
+}
+
+fn syscall_rflags(s: &Seen<'_>, row: &DiffRow) -> bool {
+    row.field == "rflags" && s.has(|i| i.mnemonic() == Mnemonic::Syscall)
+}
+
+fn pae_pdpte_bit5(s: &Seen<'_>, row: &DiffRow) -> bool {
+    let (Some(addr), Some((qemu, interp))) = (mem_addr(row), values(row)) else { return false };
+    let (Some(cr3), Some(cr4), Some(efer)) =
+        (s.state(s.interp, "cr3"), s.state(s.interp, "cr4"), s.state(s.interp, "efer"))
+    else {
+        return false;
+    };
+    let table = cr3 & !0x1f;
+    cr4 & (1 << 5) != 0
+        && efer & (1 << 10) == 0
+        && (table..table + 32).contains(&addr)
+        && qemu ^ interp == 1 << 5
+}
+
+fn amd_ext_leaf_mirror(s: &Seen<'_>, row: &DiffRow) -> bool {
+    // Leaf 1 EDX bits AMD repeats in leaf 0x8000_0001 EDX (AMD64 APM Vol. 3, CPUID Fn8000_0001_EDX).
+    const MIRROR: u64 = 0x0183_f3ff;
+    row.field == "rdx"
+        && values(row).is_some_and(|(q, i)| (q ^ i) & !MIRROR == 0)
+        && s.has(|i| i.mnemonic() == Mnemonic::Cpuid)
+}
+
+/// QEMU 7.2's departures, in the order they are tried on each differing row.
+pub const QEMU_DEPARTURES: &[Departure] = &[
+    Departure {
+        name: "fault-frame-rf",
+        reason: "QEMU pushes RF = 0 in the EFLAGS image of a fault-class exception; the SDM pushes 1 \
+                 (Vol. 3A §18.3.1.1)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: fault_frame_rf,
+    },
+    Departure {
+        name: "segment-checks",
+        reason: "QEMU does not test segment limits and access rights at every memory access (its \
+                 documentation says so); the SDM faults an access through a null selector, beyond \
+                 the limit or against the type with #GP(0) or #SS(0) (Vol. 3A §5.3, §5.4)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: segment_checks,
+    },
+    Departure {
+        name: "no-mmio-device",
+        reason: "QEMU has no duet MMIO test device: its unassigned memory reads 0 and drops writes, \
+                 where duet's recorder returns a pattern",
+        pinned_by: "tests/three_opinions.rs::interp_agrees_with_qemu_on_every_fixture (mmio-loop, irq)",
+        explains: no_mmio_device,
+    },
+    Departure {
+        name: "ist-null-ss",
+        reason: "QEMU loads a null SS when it delivers through an IST gate without a privilege change; \
+                 the SDM keeps SS (Vol. 2A INT n, IA-32e mode)",
+        pinned_by: "tests/three_opinions.rs::interp_agrees_with_qemu_on_every_fixture (fault-long)",
+        explains: ist_null_ss,
+    },
+    Departure {
+        name: "ss-noncanonical-gp",
+        reason: "QEMU raises #GP(0) for a non-canonical reference through SS in 64-bit mode; the SDM \
+                 raises #SS(0) (Vol. 3A §6.15)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: ss_noncanonical_gp,
+    },
+    Departure {
+        name: "blsi-cf",
+        reason: "QEMU sets BLSI's CF for a zero source; the SDM sets CF when the source is not zero \
+                 (Vol. 2A BLSI)",
+        pinned_by: "tests/isa_bmi.rs::bmi_popcnt_lzcnt_tzcnt_bmi1_bmi2_adx_match_the_sdm",
+        explains: blsi_cf,
+    },
+    Departure {
+        name: "adx-32-carry",
+        reason: "QEMU's 32-bit ADCX/ADOX miss the carry out of bit 31 (CF/OF stay clear); the SDM \
+                 takes the carry out of the operand size (Vol. 2A ADCX, ADOX)",
+        pinned_by: "tests/isa_bmi.rs::bmi_popcnt_lzcnt_tzcnt_bmi1_bmi2_adx_match_the_sdm",
+        explains: adx_32,
+    },
+    Departure {
+        name: "syscall-rflags",
+        reason: "after QEMU's SYSCALL, RFLAGS is not RFLAGS AND NOT IA32_FMASK (SDM Vol. 2B SYSCALL)",
+        pinned_by: "tests/isa_system.rs (SYSCALL)",
+        explains: syscall_rflags,
+    },
+    Departure {
+        name: "pae-pdpte-bit5",
+        reason: "QEMU sets bit 5 of a PAE PDPTE, which is reserved there and never written by \
+                 hardware (SDM Vol. 3A §4.4.1, Table 4-8)",
+        pinned_by: "tests/three_opinions.rs::interp_agrees_with_qemu_on_every_fixture (paging-pae)",
+        explains: pae_pdpte_bit5,
+    },
+    Departure {
+        name: "amd-ext-leaf-mirror",
+        reason: "QEMU's AuthenticAMD model repeats leaf 1 EDX bits in CPUID 0x8000_0001 EDX beyond the \
+                 profile that KVM and the software CPU present",
+        pinned_by: "tests/three_opinions.rs::interp_agrees_with_qemu_on_every_fixture (cpuid-msr)",
+        explains: amd_ext_leaf_mirror,
+    },
+];
+
+/// The departures that explain every row of `rows`, each row by the first that explains it;
+/// `None` when some row is explained by none (or there are no rows).
+pub fn explain(
+    seen: &Seen<'_>,
+    rows: &[DiffRow],
+    list: &'static [Departure],
+) -> Option<Vec<&'static Departure>> {
+    let mut used: Vec<&'static Departure> = Vec::new();
+    for row in rows {
+        let d = list.iter().find(|d| (d.explains)(seen, row))?;
+        if !used.iter().any(|u| u.name == d.name) {
+            used.push(d);
+        }
+    }
+    (!used.is_empty()).then_some(used)
+}
