@@ -228,10 +228,20 @@ fn qemu_departures_still_hold() {
     let ud2 = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0x0b]);
     let mut ss_noncanonical = with_code(generated(FuzzMode::Long64, 0), &[0x48, 0x8b, 0x45, 0x00]); // mov rax, [rbp]
     ss_noncanonical.regs.insert("rbp".into(), "0x8000000000000000".into());
-    let cases: [(&str, Case, &[&str]); 3] = [
+    // test dword ptr [rax], 1 as F7 /1; int1; shr byte ptr [rax], 1 on a page not mapped.
+    let mut test_f7r1 = with_code(generated(FuzzMode::Long64, 0), &[0xf7, 0x08, 1, 0, 0, 0]);
+    test_f7r1.regs.insert("rax".into(), "0xa000".into());
+    let int1 = with_code(generated(FuzzMode::Long64, 0), &[0xf1]);
+    let mut rmw = with_code(generated(FuzzMode::Long64, 0), &[0xd0, 0x28]);
+    rmw.regs.insert("rax".into(), "0x700000000000".into());
+    let frame = ["fault-frame-rf", "ist-null-ss"];
+    let cases: [(&str, Case, &[&str]); 6] = [
         ("fault-frame-rf", ud2, &["ist-null-ss"]),
         ("segment-checks", null_es, &[]),
-        ("ss-noncanonical-gp", ss_noncanonical, &["fault-frame-rf", "ist-null-ss"]),
+        ("ss-noncanonical-gp", ss_noncanonical, &frame),
+        ("test-alias-ud", test_f7r1, &frame),
+        ("int1-ud", int1, &frame),
+        ("rmw-pf-read", rmw, &frame),
     ];
     for (name, case, also) in cases {
         assert!(QEMU_DEPARTURES
