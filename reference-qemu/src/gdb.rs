@@ -3,7 +3,8 @@
 //!
 //! The readback runs after the final registers and RAM have been saved, so what it changes in
 //! QEMU (mode, CS, RIP, low RAM) is never reported: it switches the paused vCPU to real mode
-//! (EFER = 0, CR0 = ET, CS = SS = 0), writes the snippet at [`SNIPPET_AT`] and IVT entry 2,
+//! (EFER = 0, CR0 = ET, CS = SS = 0), writes the snippet at [`SNIPPET_AT`] and IVT entry 2 (at
+//! the IDTR's base),
 //! sets RIP to the snippet, injects an NMI (which also wakes a halted vCPU) and continues to a
 //! breakpoint on the snippet's final HLT; the MSR values are then read from [`RESULTS_AT`].
 
@@ -12,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use duet_core::state::TRACKED_MSRS;
+use duet_core::DescriptorTable;
 
 use crate::QemuError;
 
@@ -358,27 +360,39 @@ impl Gdb {
     }
 
     /// Writes register `n` (gdb numbering) with `bytes` little-endian bytes of `value`.
-    fn set(&mut self, n: u32, value: u64, bytes: usize) -> Result<(), QemuError> {
+    pub(crate) fn set(&mut self, n: u32, value: u64, bytes: usize) -> Result<(), QemuError> {
         let hex: String = value.to_le_bytes()[..bytes].iter().map(|b| format!("{b:02x}")).collect();
         self.ok(&format!("P{n:x}={hex}"))
     }
 
-    fn write_mem(&mut self, addr: u64, bytes: &[u8]) -> Result<(), QemuError> {
+    /// Writes `bytes` at `addr` (a linear address, translated as the vCPU would).
+    pub(crate) fn write_mem(&mut self, addr: u64, bytes: &[u8]) -> Result<(), QemuError> {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         self.ok(&format!("M{addr:x},{:x}:{hex}", bytes.len()))
     }
 
-    fn read_mem(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, QemuError> {
+    /// Reads `len` bytes at `addr` (a linear address, translated as the vCPU would).
+    pub(crate) fn read_mem(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, QemuError> {
         let r = self.request(&format!("m{addr:x},{len:x}"), Duration::from_secs(2))?;
         hex_bytes(&r).filter(|b| b.len() == len).ok_or_else(|| err(format!("m{addr:x} answered {r:?}")))
     }
 
     /// Reads every tracked MSR with the real-mode snippet; `nmi` injects the NMI (over QMP)
     /// that wakes the vCPU into it. Destroys the vCPU state and low RAM (already saved).
+    ///
+    /// `idt` is the vCPU's IDTR, which the gdbstub cannot change: in real mode it is the IVT, so
+    /// the NMI's vector is written at its base + 8 (SDM Vol. 3A §21.1.4).
     pub fn read_msrs(
         &mut self,
+        idt: DescriptorTable,
         nmi: impl FnOnce() -> Result<(), QemuError>,
     ) -> Result<Vec<(u32, u64)>, QemuError> {
+        if idt.limit < 11 {
+            return Err(err(format!(
+                "the IDTR limit {:#x} leaves no real-mode vector 2 for the NMI",
+                idt.limit
+            )));
+        }
         let (snippet, hlt_at) = snippet()?;
         // EFER, CR0 (real mode), then CS and SS reloaded in real mode (base 0, CPL 0).
         self.set(32, 0, 8)?;
@@ -388,7 +402,7 @@ impl Gdb {
             self.set(reg, 0, 4)?;
         }
         self.write_mem(SNIPPET_AT, &snippet)?;
-        self.write_mem(8, &(SNIPPET_AT as u32).to_le_bytes())?;
+        self.write_mem(idt.base.wrapping_add(8), &(SNIPPET_AT as u32).to_le_bytes())?;
         self.set(16, SNIPPET_AT, 8)?;
         self.set(17, 2, 4)?;
         self.set(7, STACK_AT, 8)?;

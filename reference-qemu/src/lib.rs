@@ -11,7 +11,9 @@
 //!
 //! Registers, segments with their hidden parts, control registers and EFER come from QMP's
 //! `info registers`; 64-bit GPRs in every mode, CR8 and the tracked MSRs from QEMU's gdbstub
-//! afterwards ([`gdb`]-module docs); RAM from `pmemsave`.
+//! afterwards ([`gdb`]-module docs; outside 64-bit mode the GPRs' upper halves and R8–R15 are
+//! written at the guest's first instruction and read at its end through [`wide`]); RAM from
+//! `pmemsave`.
 //!
 //! Known limits, all documented where they arise: FOP/FIP/FDP read 0; the debug-exit value is
 //! one byte; a debug exit not followed by the convention's `cli; hlt` is read later than the
@@ -58,6 +60,7 @@ pub mod regs;
 pub mod run;
 mod session;
 pub mod stub;
+pub mod wide;
 
 pub use error::QemuError;
 pub use process::availability;

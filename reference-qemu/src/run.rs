@@ -34,7 +34,7 @@ use crate::gdb::Gdb;
 use crate::process::{read_or_empty, TempDir};
 use crate::qmp::{quote, Qmp};
 use crate::session::{prepare, Prepared, Session};
-use crate::{cpuid, regs, QemuError};
+use crate::{cpuid, regs, wide, QemuError};
 
 /// Polls after a debug-exit byte before a guest that does not halt is stopped anyway.
 const EXIT_GRACE_POLLS: u32 = 20;
@@ -78,6 +78,10 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
     let cpu = cpuid::cpu_option(cpuid_profile)?;
     let prepared = prepare(guest)?;
     let mut s = Session::start(guest, &cpu, &prepared)?;
+    if wide::needs_window(&guest.state) {
+        // The connection is closed again before the run: the vCPU stays stopped for `cont`.
+        enter_wide(&mut s, guest, timeout)?;
+    }
     s.qmp.execute("cont", None)?;
     let start = Instant::now();
     let end = watch(&mut s, start, timeout)?;
@@ -103,7 +107,9 @@ pub fn run(guest: &Guest, cpuid_profile: &CpuidProfile, timeout: Duration) -> Re
     };
     let mut exact = None;
     if end == End::Exit {
-        match rewind_exit(&mut s.qmp, &s.dir, &mut state, dump.halted) {
+        let cli = rewind_exit(&mut s.qmp, &s.dir, &mut state, dump.halted)
+            .or_else(|why| cli_before_faulting_hlt(&mut s.qmp, &s.dir, guest, &memory).ok_or(why));
+        match cli {
             Ok(cli) => match exact_exit(guest, &cpu, &prepared, cli, timeout) {
                 Ok(e) => exact = Some(e),
                 Err(e) => notes.push(format!(
@@ -186,7 +192,11 @@ fn exact_exit(
     timeout: Duration,
 ) -> Result<(CpuState, Arc<GuestMemory>), QemuError> {
     let mut s = Session::start(guest, cpu, prepared)?;
-    let mut gdb = Gdb::connect(&s.dir.file("gdb.sock"))?;
+    let mut gdb = if wide::needs_window(&guest.state) {
+        enter_wide(&mut s, guest, timeout)?
+    } else {
+        Gdb::connect(&s.dir.file("gdb.sock"))?
+    };
     let stop = gdb.run_to(cli, timeout)?;
     if !s.exited() {
         return Err(QemuError::Unsupported(format!(
@@ -202,6 +212,25 @@ fn exact_exit(
     let stop = StopReason::DebugExit { value: s.exit_value() };
     gdb_extras(&mut s.qmp, &mut gdb, &mut state, &stop)?;
     Ok((state, memory))
+}
+
+/// Runs the entry stub to the guest's first instruction and gives the GPRs all 64 bits of the
+/// start state there ([`wide`]: the stub's 32-bit code cannot); returns the gdb connection.
+fn enter_wide(s: &mut Session, guest: &Guest, timeout: Duration) -> Result<Gdb, QemuError> {
+    let st = &guest.state;
+    let ip = if st.mode() == CpuMode::Real { st.regs.rip & 0xffff } else { st.regs.rip };
+    let entry = st.sregs.cs.base.wrapping_add(ip);
+    let mut gdb = Gdb::connect(&s.dir.file("gdb.sock"))?;
+    gdb.run_to(entry, timeout)?;
+    let now = regs::parse(&s.qmp.hmp("info registers")?)?.state;
+    let at = now.sregs.cs.base.wrapping_add(now.regs.rip);
+    if at != entry {
+        return Err(QemuError::Unsupported(format!(
+            "the entry stub stopped at {at:#x}, not at the guest's first instruction {entry:#x}"
+        )));
+    }
+    wide::write_gprs(&mut gdb, &now, st)?;
+    Ok(gdb)
 }
 
 /// Reads `len` bytes at linear address `addr` through the vCPU's translation (`memsave`).
@@ -240,6 +269,23 @@ fn rewind_exit(qmp: &mut Qmp, dir: &TempDir, s: &mut CpuState, halted: bool) -> 
     Ok(s.sregs.cs.base.wrapping_add(s.regs.rip))
 }
 
+/// Above ring 0 the convention's HLT after the debug-exit OUT raises #GP(0) (SDM Vol. 2A HLT),
+/// which the guest's handler reports (duet's exception report) before it halts: the linear
+/// address of the CLI before that HLT when the report and the code bytes say so (the second,
+/// exact run then stops there). CS is taken to be the guest's starting one.
+fn cli_before_faulting_hlt(qmp: &mut Qmp, dir: &TempDir, guest: &Guest, memory: &GuestMemory) -> Option<u64> {
+    let mut b = [0u8; 24];
+    memory.read_slice(&mut b, GuestAddress(EXCEPTION_REPORT_ADDR)).ok()?;
+    let report = ExceptionReport::parse(&b)?;
+    if report.vector != 13 || report.error_code != 0 {
+        return None;
+    }
+    let hlt = guest.state.sregs.cs.base.wrapping_add(report.rip);
+    let code = read_linear(qmp, dir, hlt.wrapping_sub(3), 4).ok()?;
+    (code == [0xe6, 0xf4, 0xfa, 0xf4] || code.get(1..) == Some(&[0xee, 0xfa, 0xf4][..]))
+        .then(|| hlt.wrapping_sub(1))
+}
+
 /// Completes `state` through the gdbstub: 64-bit GPRs in every mode, CR8, the tracked MSRs.
 fn gdb_extras(
     qmp: &mut Qmp,
@@ -247,7 +293,7 @@ fn gdb_extras(
     state: &mut CpuState,
     stop: &StopReason,
 ) -> Result<(), QemuError> {
-    let g = gdb.regs()?;
+    let mut g = gdb.regs()?;
     let s = &state.sregs;
     if (g.cr0, g.cr3, g.efer) != (s.cr0, s.cr3, s.efer) {
         return Err(QemuError::Qmp {
@@ -258,6 +304,8 @@ fn gdb_extras(
             ),
         });
     }
+    // Outside 64-bit mode the gdbstub shows only the low halves of RAX–RSP: read them all.
+    g.gprs = wide::read_gprs(gdb, state)?.gprs;
     let r = &mut state.regs;
     [r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp] =
         [g.gprs[0], g.gprs[1], g.gprs[2], g.gprs[3], g.gprs[4], g.gprs[5], g.gprs[6], g.gprs[7]];
@@ -271,7 +319,7 @@ fn gdb_extras(
                 .into(),
         });
     }
-    let msrs = gdb.read_msrs(|| qmp.execute("inject-nmi", None).map(|_| ()))?;
+    let msrs = gdb.read_msrs(state.sregs.idt, || qmp.execute("inject-nmi", None).map(|_| ()))?;
     state.msrs = msrs.into_iter().collect();
     Ok(())
 }

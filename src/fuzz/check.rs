@@ -160,40 +160,13 @@ impl Checker {
     }
 
     /// Asks the third opinion about a case KVM cannot decide; says so when it cannot either.
-    fn ask_reference(&self, case: &Case, p: &Parsed, interp: &Run, why: String) -> Verdict {
-        match self.reference.run(case) {
-            Ok(mut reference) => {
-                reference.rflags_undefined = interp.outcome.rflags_undefined;
-                let name = self.reference.name();
-                let d = against_reference(p, name, &reference, ("interp", &interp.outcome));
-                if d.is_empty() {
-                    Verdict::Agree
-                } else {
-                    Verdict::Undecided { why: format!("{why}; {name} disagrees with the interpreter:\n{d}") }
-                }
-            }
-            Err(e) => Verdict::Undecided { why: format!("{why}; {e}") },
-        }
+    fn ask_reference(&self, case: &Case, _p: &Parsed, interp: &Run, why: String) -> Verdict {
+        super::reference::ask(&*self.reference, case, &interp.outcome, why)
     }
 
     /// For a divergence: which side the reference agrees with, in one line.
     pub fn third_opinion(&self, case: &Case, kvm: &Outcome, interp: &Outcome) -> String {
-        let name = self.reference.name();
-        let Ok(p) = case.parse("case") else { return String::new() };
-        match self.reference.run(case) {
-            Ok(mut r) => {
-                // Neither KVM nor QEMU says which flags are undefined; the interpreter (iced) does.
-                r.rflags_undefined = interp.rflags_undefined;
-                let dk = against_reference(&p, name, &r, ("kvm", kvm));
-                let di = against_reference(&p, name, &r, ("interp", interp));
-                match (dk.is_empty(), di.is_empty()) {
-                    (true, false) => format!("{name} agrees with kvm: the interpreter stands alone"),
-                    (false, true) => format!("{name} agrees with the interpreter: kvm stands alone"),
-                    _ => format!("{name} agrees with neither side:\n{dk}{di}"),
-                }
-            }
-            Err(e) => format!("no third opinion: {e}"),
-        }
+        super::reference::third_opinion(&*self.reference, case, kvm, interp)
     }
 }
 

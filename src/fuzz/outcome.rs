@@ -21,6 +21,8 @@ pub mod vector {
     pub const UD: u8 = 6;
     /// Stack-segment fault.
     pub const SS: u8 = 12;
+    /// Page fault.
+    pub const PF: u8 = 14;
     /// General protection.
     pub const GP: u8 = 13;
     /// Alignment check.

@@ -131,6 +131,24 @@ impl Plan<'_> {
         Ok(())
     }
 
+    /// A selector of the guest's GDT for the stub's own 64-bit code at CPL 0, when the guest
+    /// starts in an outer ring: its first present, accessed, DPL-0 64-bit code descriptor.
+    pub(super) fn kernel_code64(&self) -> Result<u16, QemuError> {
+        let gdt = self.s.sregs.gdt;
+        for index in 1..=u64::from(gdt.limit) / 8 {
+            let Ok(addr) = self.phys(gdt.base.wrapping_add(index * 8)) else { continue };
+            let Some(raw) = read_u64(self.mem, addr) else { continue };
+            let d = Segment::from_descriptor((index * 8) as u16, raw);
+            if d.present && d.s && d.type_ & 0x9 == 0x9 && d.type_ & 0x4 == 0 && d.l && !d.db && d.dpl == 0 {
+                return Ok((index * 8) as u16);
+            }
+        }
+        Err(unsupported(
+            "the guest's GDT has no present, accessed, DPL-0 64-bit code descriptor for the stub to run \
+             from before its IRETQ to the guest's ring",
+        ))
+    }
+
     /// For TR/LDTR: `None` when the register holds its RESET value (left as QEMU resets it),
     /// else the linear address of the descriptor's access byte and its value to restore after
     /// loading (unused for LDTR, which LLDT leaves alone; `(0, 0)` for a null LDTR).
@@ -164,21 +182,26 @@ impl Plan<'_> {
     }
 }
 
-pub(super) fn check_ring0(s: &CpuState) -> Result<(), QemuError> {
-    if s.sregs.cs.dpl != 0 || s.sregs.ss.dpl != 0 || s.sregs.cs.selector & 3 != 0 {
-        return Err(unsupported("start state outside ring 0 (the stub enters with a far JMP at CPL 0)"));
+/// The privilege level a protected-mode start state runs at: CS's RPL, which must equal the DPL
+/// of CS (non-conforming) and of SS and SS's RPL, as after any far transfer (SDM Vol. 3A §5.5,
+/// §5.7). The stub enters ring 0 with a far JMP and an outer ring with IRET.
+pub(super) fn start_cpl(s: &CpuState) -> Result<u8, QemuError> {
+    let (cs, ss) = (&s.sregs.cs, &s.sregs.ss);
+    let cpl = (cs.selector & 3) as u8;
+    if cs.dpl != cpl || ss.dpl != cpl || (ss.selector & 3) as u8 != cpl {
+        return Err(unsupported(format!(
+            "CS {:#x} (DPL {}) and SS {:#x} (DPL {}) do not describe one privilege level",
+            cs.selector, cs.dpl, ss.selector, ss.dpl
+        )));
     }
-    Ok(())
+    Ok(cpl)
 }
 
-/// Outside long mode the stub writes 32-bit registers: upper halves and R8–R15 must be zero.
+/// Outside long mode the stub writes 32-bit registers; the GPRs' upper halves and R8–R15 are
+/// written through the gdbstub at the guest's first instruction (`crate::wide`).
 pub(super) fn check_high_bits(s: &CpuState) -> Result<(), QemuError> {
-    let g = s.regs.gprs();
-    if g[..8].iter().any(|&v| v > u64::from(u32::MAX))
-        || g[8..].iter().any(|&v| v != 0)
-        || s.regs.rip > u64::from(u32::MAX)
-    {
-        return Err(unsupported("outside long mode, GPR upper halves, R8–R15 and RIP[63:32] must be zero"));
+    if s.regs.rip > u64::from(u32::MAX) {
+        return Err(unsupported(format!("RIP {:#x} above 32 bits outside long mode", s.regs.rip)));
     }
     let r = &s.sregs;
     if r.cr2 > u64::from(u32::MAX) || r.cr3 > u64::from(u32::MAX) || r.cr8 != 0 {
@@ -203,7 +226,7 @@ pub(super) fn check_real(s: &CpuState) -> Result<(), QemuError> {
     if r.tr != reset.tr || r.ldt != reset.ldt {
         return Err(unsupported("real-mode start state with TR/LDTR other than their RESET values"));
     }
-    if s.regs.rip > 0xffff || s.regs.rsp > 0xffff_ffff {
+    if s.regs.rip > 0xffff {
         return Err(unsupported(format!("real-mode RIP {:#x} beyond 0xffff", s.regs.rip)));
     }
     if r.gdt.base > u64::from(u32::MAX) || r.idt.base > u64::from(u32::MAX) {

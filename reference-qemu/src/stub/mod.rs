@@ -15,7 +15,11 @@
 //! IDTR, loads every segment register from the guest's own descriptor tables (TR with its
 //! descriptor's busy bit handled so guest memory ends as it started), sets RFLAGS with
 //! POPF from a value in the stub, then the GPRs with MOVs (which leave flags alone), and jumps
-//! to the guest's CS:RIP. Real-mode targets leave protected mode through a 16-bit segment;
+//! to the guest's CS:RIP. A guest that starts above ring 0 is entered with IRET instead (its SS
+//! cannot be loaded at CPL 0), whose frame also carries RFLAGS; in long mode the stub's 64-bit
+//! code then runs from the guest's first DPL-0 64-bit code segment. Outside long mode the stub
+//! writes only the low halves of the GPRs: the rest is written through the gdbstub at the
+//! guest's first instruction ([`crate::wide`]). Real-mode targets leave protected mode through a 16-bit segment;
 //! long-mode targets turn paging on with the guest's tables, so the stub's first 64 KiB must be
 //! identity-mapped by them (checked before the run).
 //!
@@ -32,7 +36,7 @@ use crate::QemuError;
 mod checks;
 
 pub use checks::translate4;
-use checks::{check_high_bits, check_identity, check_real, check_ring0, walk_entries, Plan};
+use checks::{check_high_bits, check_identity, check_real, start_cpl, walk_entries, Plan};
 
 /// Size of the firmware image.
 pub const ROM_SIZE: usize = 0x4_0000;
@@ -47,8 +51,11 @@ const RESET_CODE_OFF: usize = ROM_SIZE - 0x100;
 const BODY_OFF: u64 = 0x100;
 const CODE64_OFF: u64 = 0x2000;
 const TAIL16_OFF: u64 = 0x3000;
-/// Data: guest GDTR pseudo-descriptor at +0, IDTR at +0x10, RFLAGS at +0x20.
+/// Data: guest GDTR pseudo-descriptor at +0, IDTR at +0x10, RFLAGS at +0x20, and the IRET
+/// frame that enters an outer ring at [`IRET_FRAME_OFF`].
 const DATA_OFF: u64 = 0x4000;
+/// The 32-bit IRET frame (EIP, CS, EFLAGS, ESP, SS) that enters a guest starting above ring 0.
+const IRET_FRAME_OFF: u64 = DATA_OFF + 0x40;
 
 const SEL_CODE32: u16 = 0x08;
 const SEL_DATA32: u16 = 0x10;
@@ -173,7 +180,7 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
                 return Err(unsupported("GDT or IDT above 4 GiB outside long mode"));
             }
             check_high_bits(state)?;
-            check_ring0(state)?;
+            let cpl = start_cpl(state)?;
             for (name, seg) in s.segments() {
                 plan.check_segment(name, seg)?;
             }
@@ -185,9 +192,14 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
             a.lgdt(ptr((ROM_BASE + DATA_OFF) as u32))?;
             a.lidt(ptr((ROM_BASE + DATA_OFF + 0x10) as u32))?;
             system_regs32(&mut a, state, tr, ldt)?;
-            a.mov(esp, (ROM_BASE + DATA_OFF + 0x20) as u32)?;
-            a.popfd()?;
-            for (sr, seg) in [(ds, s.ds), (es, s.es), (fs, s.fs), (gs, s.gs), (ss, s.ss)] {
+            if cpl == 0 {
+                a.mov(esp, (ROM_BASE + DATA_OFF + 0x20) as u32)?;
+                a.popfd()?;
+            }
+            // An outer ring's SS cannot be loaded at CPL 0: IRET loads it (SDM Vol. 2A IRET).
+            let loads =
+                if cpl == 0 { &[s.ds, s.es, s.fs, s.gs, s.ss][..] } else { &[s.ds, s.es, s.fs, s.gs][..] };
+            for (sr, seg) in [ds, es, fs, gs, ss].into_iter().zip(loads) {
                 a.mov(ax, u32::from(seg.selector))?;
                 a.mov(sr, ax)?;
             }
@@ -197,14 +209,24 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
                 a.mov(reg, v as u32)?;
             }
             a.mov(ebp, r.rbp as u32)?;
-            a.mov(esp, r.rsp as u32)?;
-            a.db(&far32(s.cs.selector, r.rip as u32))?;
+            if cpl == 0 {
+                a.mov(esp, r.rsp as u32)?;
+                a.db(&far32(s.cs.selector, r.rip as u32))?;
+            } else {
+                let frame = [r.rip, u64::from(s.cs.selector), r.rflags, r.rsp, u64::from(s.ss.selector)];
+                let at = IRET_FRAME_OFF as usize;
+                for (i, v) in frame.iter().enumerate() {
+                    rom[at + 4 * i..at + 4 * i + 4].copy_from_slice(&(*v as u32).to_le_bytes());
+                }
+                a.mov(esp, (ROM_BASE + IRET_FRAME_OFF) as u32)?;
+                a.iretd()?;
+            }
         }
         CpuMode::Long64 => {
             if s.cr4 & ctrl::CR4_PAE == 0 || s.efer & ctrl::EFER_LME == 0 || s.cr0 & ctrl::CR0_PG == 0 {
                 return Err(unsupported("long mode without CR4.PAE, EFER.LME and CR0.PG"));
             }
-            check_ring0(state)?;
+            let cpl = start_cpl(state)?;
             if s.gdt.base > u64::from(u32::MAX) {
                 return Err(unsupported("a GDT above 4 GiB (the stub loads it from compatibility mode)"));
             }
@@ -224,7 +246,9 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
             a.mov(eax, s.cr0 as u32)?;
             a.mov(cr0, eax)?;
             a.lgdt(ptr((ROM_BASE + DATA_OFF) as u32))?;
-            a.db(&far32(s.cs.selector, (ROM_BASE + CODE64_OFF) as u32))?;
+            // The stub's 64-bit code runs at CPL 0; an outer ring is entered with IRETQ.
+            let stub_cs = if cpl == 0 { s.cs.selector } else { plan.kernel_code64()? };
+            a.db(&far32(stub_cs, (ROM_BASE + CODE64_OFF) as u32))?;
             // Walks by the stub set accessed/dirty bits the guest's run would not: the entries
             // for the stub's pages and the GDT are written back at the end (twice: the first
             // pass may walk to reach the tables' own pages, the second hits the TLB only).
@@ -236,7 +260,7 @@ pub fn build(state: &CpuState, mem: &GuestMemory) -> Result<Vec<u8>, QemuError> 
             for page in pages {
                 entries.extend(walk_entries(mem, s.cr3, page));
             }
-            code64 = Some(long_tail(state, tr, ldt, &entries)?);
+            code64 = Some(long_tail(state, cpl, tr, ldt, &entries)?);
         }
         CpuMode::Compatibility | CpuMode::Virtual8086 => {
             return Err(unsupported(format!("{mode:?} start state")));
@@ -352,13 +376,14 @@ fn real_tail(s: &CpuState) -> Result<Vec<u8>, QemuError> {
 /// 64-bit code at `ROM_BASE + CODE64_OFF`, entered with the guest's CS.
 fn long_tail(
     s: &CpuState,
+    cpl: u8,
     tr: Option<(u64, u8)>,
     ldt: Option<(u64, u8)>,
     entries: &std::collections::BTreeMap<u64, u64>,
 ) -> Result<Vec<u8>, QemuError> {
     let (r, sr) = (&s.regs, &s.sregs);
     let mut a = CodeAssembler::new(64)?;
-    let (mut flags, mut target) = (a.create_label(), a.create_label());
+    let (mut flags, mut target, mut frame) = (a.create_label(), a.create_label(), a.create_label());
     a.mov(rax, ROM_BASE + DATA_OFF)?;
     a.lgdt(ptr(rax))?;
     a.lidt(ptr(rax + 0x10))?;
@@ -377,7 +402,10 @@ fn long_tail(
     a.mov(cr8, rax)?;
     a.mov(rax, sr.cr2)?;
     a.mov(cr2, rax)?;
-    for (seg, v) in [(ds, sr.ds), (es, sr.es), (fs, sr.fs), (gs, sr.gs), (ss, sr.ss)] {
+    // An outer ring's SS cannot be loaded at CPL 0: IRETQ loads it (SDM Vol. 2A IRET).
+    let loads =
+        if cpl == 0 { &[sr.ds, sr.es, sr.fs, sr.gs, sr.ss][..] } else { &[sr.ds, sr.es, sr.fs, sr.gs][..] };
+    for (seg, v) in [ds, es, fs, gs, ss].into_iter().zip(loads) {
         a.mov(ax, u32::from(v.selector))?;
         a.mov(seg, ax)?;
     }
@@ -396,8 +424,10 @@ fn long_tail(
             a.mov(qword_ptr(rbx), rax)?;
         }
     }
-    a.lea(rsp, ptr(flags))?;
-    a.popfq()?;
+    if cpl == 0 {
+        a.lea(rsp, ptr(flags))?;
+        a.popfq()?;
+    }
     for (reg, v) in [
         (rax, r.rax),
         (rbx, r.rbx),
@@ -414,15 +444,22 @@ fn long_tail(
         (r13, r.r13),
         (r14, r.r14),
         (r15, r.r15),
-        (rsp, r.rsp),
     ] {
         a.mov(reg, v)?;
     }
-    a.jmp(qword_ptr(target))?;
+    if cpl == 0 {
+        a.mov(rsp, r.rsp)?;
+        a.jmp(qword_ptr(target))?;
+    } else {
+        a.lea(rsp, ptr(frame))?;
+        a.iretq()?;
+    }
     a.set_label(&mut flags)?;
     a.dq(&[r.rflags])?;
     a.set_label(&mut target)?;
     a.dq(&[r.rip])?;
+    a.set_label(&mut frame)?;
+    a.dq(&[r.rip, u64::from(sr.cs.selector), r.rflags, r.rsp, u64::from(sr.ss.selector)])?;
     Ok(a.assemble(ROM_BASE + CODE64_OFF)?)
 }
 
