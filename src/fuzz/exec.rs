@@ -266,6 +266,7 @@ pub fn stop_text(stop: &StopReason) -> String {
         StopReason::Deadline => "deadline".into(),
         StopReason::Unsupported(i) => format!("unsupported {i}"),
         StopReason::CannotRun(c) => format!("cannot-run {c}"),
+        StopReason::UnbackedFetch { addr } => format!("unbacked-fetch {addr:#x}"),
     }
 }
 
