@@ -269,3 +269,80 @@ pub fn format_regs(s: &duet_core::CpuState) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use duet_core::vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    /// A report of `backend` ending in `stop` with RAX = `rax` over 1 MiB of RAM whose first
+    /// `filled` bytes hold `fill`.
+    fn report(backend: &'static str, stop: StopReason, rax: u64, filled: usize, fill: u8) -> RunReport {
+        let mut state = CpuState::reset();
+        state.regs.rax = rax;
+        let memory = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        memory.write_slice(&vec![fill; filled], GuestAddress(0)).unwrap();
+        RunReport {
+            outcome: RunOutcome {
+                backend,
+                stop,
+                state,
+                exits: 0,
+                instructions: None,
+                wall: Duration::ZERO,
+                undefined_rflags: 0,
+            },
+            console: Vec::new(),
+            console_digest: ConsoleDigest::of(b""),
+            post_code: None,
+            memory,
+            ram_size: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn compare_keeps_the_first_rows_and_counts_the_rest() {
+        let a = report("kvm", StopReason::Halted, 1, 0x1000, 0xaa);
+        let b = report("interp", StopReason::Halted, 2, 0x1000, 0x55);
+        let (diff, omitted) = compare_at_most(&a, &b, 10);
+        let fields: Vec<&str> = diff.rows.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(fields[..2], ["rax", "mem[0x0]"]);
+        assert_eq!((diff.rows.len(), omitted), (10, 0x1000 / 8 - 9));
+        assert_eq!(compare(&a, &b).rows.len(), 1 + 0x1000 / 8);
+    }
+
+    #[test]
+    fn registers_after_a_shutdown_are_not_compared_but_memory_is() {
+        let a = report("kvm", StopReason::Shutdown, 1, 8, 1);
+        let b = report("interp", StopReason::Shutdown, 2, 8, 1);
+        assert!(compare(&a, &b).is_empty(), "{}", compare(&a, &b));
+        let c = report("interp", StopReason::Shutdown, 2, 8, 2);
+        let fields: Vec<String> = compare(&a, &c).rows.into_iter().map(|r| r.field).collect();
+        assert_eq!(fields, ["mem[0x0]"]);
+        // Against a run that ended by itself, the stop differs and the registers still say nothing.
+        let d = report("interp", StopReason::Halted, 2, 8, 1);
+        let fields: Vec<String> = compare(&a, &d).rows.into_iter().map(|r| r.field).collect();
+        assert_eq!(fields, ["stop"]);
+    }
+
+    #[test]
+    fn a_run_without_a_result_compares_only_how_it_stopped() {
+        let a = report("kvm", StopReason::Deadline, 1, 8, 1);
+        let b = report("interp", StopReason::Deadline, 2, 0x100, 2);
+        assert!(compare(&a, &b).is_empty());
+        assert_eq!(Standing::of(&StopReason::Deadline), Standing::NoResult);
+        assert_eq!(Standing::of(&StopReason::UnbackedFetch { addr: 0x4000_0000 }), Standing::NoResult);
+        assert_eq!(Standing::of(&StopReason::DebugExit { value: 0 }), Standing::Result);
+    }
+
+    #[test]
+    fn a_halt_with_interrupts_enabled_waits_for_ever() {
+        let mut r = report("interp", StopReason::Halted, 0, 0, 0);
+        assert_eq!(r.ending(), "halted");
+        r.outcome.state.regs.rflags |= rflags::IF;
+        assert_eq!(r.ending(), "halted with interrupts enabled and no interrupt source");
+        r.outcome.stop = StopReason::DebugExit { value: 3 };
+        assert_eq!(r.ending(), "debug exit 0x3 (exit status 7)");
+    }
+}

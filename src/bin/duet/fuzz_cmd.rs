@@ -288,7 +288,7 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
             }
         }
     }
-    if failed > 0 {
+    if failed > 0 && args.cases.len() > 1 {
         eprintln!("duet diff: {failed} of {} files could not be checked (see above)", args.cases.len());
     }
     Ok(if differ {

@@ -151,7 +151,10 @@ fn compared(reports: &[RunReport], max_rows: usize) -> u8 {
     let (differ, omitted) = match reports {
         [left, right] if without.is_empty() => {
             let (diff, omitted) = compare_at_most(left, right, max_rows);
-            print!("{diff}");
+            // Two shutdowns that agree are said below, with what was not compared.
+            if !diff.is_empty() || Standing::of(&left.outcome.stop) != Standing::Shutdown {
+                print!("{diff}");
+            }
             (!diff.is_empty(), omitted)
         }
         [_, _] => (false, 0),
@@ -180,8 +183,8 @@ fn compared(reports: &[RunReport], max_rows: usize) -> u8 {
     }
     let names: Vec<&str> = without.iter().map(|r| r.outcome.backend).collect();
     println!(
-        "no comparable result: {} did not end by itself (a run that reached its deadline or could not go on \
-         leaves no state to compare)",
+        "no comparable result from {}: a run that reached its deadline or could not go on leaves no \
+         state to compare",
         names.join(" and ")
     );
     let w = reports.iter().map(|r| r.outcome.backend.len()).max().unwrap_or(0) + 1;
