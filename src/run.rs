@@ -135,7 +135,9 @@ pub fn run_guest(backend: &dyn Backend, guest: &Guest, config: &RunConfig) -> Re
     let mut machine = Machine::new(backend, guest, &config.cpuid)?;
     let interrupts = machine.interrupts().clone();
     let devices = StandardDevices::attach(&mut machine.pio, &mut machine.mmio, &interrupts, config.echo)?;
-    let outcome = machine.run(&RunOptions { timeout: config.timeout })?;
+    let outcome = machine.run(&RunOptions { timeout: config.timeout });
+    devices.console().flush();
+    let outcome = outcome?;
     Ok(RunReport {
         outcome,
         console: devices.console().contents(),

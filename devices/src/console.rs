@@ -2,6 +2,12 @@
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Longest a byte echoed to stdout waits there: stdout itself writes at each newline, and a
+/// console flushes it at least this often (and at [`Console::flush`]), so a guest printing a
+/// byte per port write costs no system call per byte.
+pub const ECHO_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Bytes of guest output a [`Console`] keeps (the most recent ones): enough for every fixture's
 /// expected text and an end-of-run summary, small enough that a guest printing without end
@@ -17,6 +23,8 @@ struct Transcript {
     total: u64,
     /// FNV-1a (64-bit) of every byte printed, so two runs' outputs compare without keeping them.
     digest: u64,
+    /// When echoed output was last flushed to stdout.
+    flushed: Option<Instant>,
 }
 
 /// The FNV-1a 64-bit offset basis (Fowler–Noll–Vo, IETF draft-eastlake-fnv).
@@ -26,7 +34,7 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 impl Default for Transcript {
     fn default() -> Self {
-        Transcript { tail: Vec::new(), total: 0, digest: FNV_OFFSET }
+        Transcript { tail: Vec::new(), total: 0, digest: FNV_OFFSET, flushed: None }
     }
 }
 
@@ -95,12 +103,25 @@ impl Console {
         if bytes.is_empty() {
             return;
         }
-        self.lock().push(bytes);
+        let mut t = self.lock();
+        t.push(bytes);
         if self.echo {
             let mut out = io::stdout().lock();
             // A closed stdout (e.g. `duet run | head`) must not stop the guest; the digest
             // still counts everything.
-            let _ = out.write_all(bytes).and_then(|()| out.flush());
+            let _ = out.write_all(bytes);
+            if t.flushed.is_none_or(|at| at.elapsed() >= ECHO_FLUSH_INTERVAL) {
+                let _ = out.flush();
+                t.flushed = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Writes out what was echoed and is still buffered (at the end of a run).
+    pub fn flush(&self) {
+        if self.echo {
+            let _ = io::stdout().lock().flush();
+            self.lock().flushed = Some(Instant::now());
         }
     }
 
@@ -148,6 +169,7 @@ impl Write for Console {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        Console::flush(self);
         Ok(())
     }
 }
