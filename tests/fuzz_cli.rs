@@ -107,9 +107,9 @@ fn fuzz_cli_refuses_an_out_directory_it_cannot_write_before_any_case() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Starts an endless campaign, sends `signal` once it is under way, and returns its output
-/// and the out directory.
-fn interrupted(tag: &str, signal: &str, extra: &[&str]) -> (std::process::Output, std::path::PathBuf) {
+/// Starts an endless campaign, sends `signals` (one after the other) once it is under way, and
+/// returns its output and the out directory.
+fn interrupted(tag: &str, signals: &[&str], extra: &[&str]) -> (std::process::Output, std::path::PathBuf) {
     let parent = tmp(tag);
     // The campaign creates --out after installing its signal handlers: once the directory
     // exists, a signal is the campaign's to handle.
@@ -130,8 +130,10 @@ fn interrupted(tag: &str, signal: &str, extra: &[&str]) -> (std::process::Output
     }
     // Let some cases run too.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let kill = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
+    for signal in signals {
+        let kill = Command::new("kill").args([*signal, &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+    }
     (child.wait_with_output().unwrap(), out)
 }
 
@@ -146,7 +148,7 @@ fn fuzz_cli_sigint_finishes_the_case_in_flight_and_prints_the_summary() {
         eprintln!("kvm half skipped: KVM not usable or DUET_BACKENDS=interp: no case files to check");
     }
     for (tag, signal) in [("sigint", "-INT"), ("sigterm", "-TERM")] {
-        let (o, out) = interrupted(tag, signal, extra);
+        let (o, out) = interrupted(tag, &[signal], extra);
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert_eq!(o.status.code(), Some(16), "{signal}: {stdout}{}", String::from_utf8_lossy(&o.stderr));
         assert!(stdout.contains("  interrupted  by SIGINT/SIGTERM after "), "{stdout}");
@@ -167,6 +169,17 @@ fn fuzz_cli_sigint_finishes_the_case_in_flight_and_prints_the_summary() {
         }
         std::fs::remove_dir_all(out.parent().unwrap()).ok();
     }
+    // A second SIGINT ends the process at once (the summary may or may not be out by then):
+    // the same status, and still no cut case file.
+    let (o, out) = interrupted("sigint2", &["-INT", "-INT"], extra);
+    assert_eq!(o.status.code(), Some(16), "{}", String::from_utf8_lossy(&o.stderr));
+    if let Ok(files) = std::fs::read_dir(out.join("agree")) {
+        for f in files.map(|e| e.unwrap().path()) {
+            assert_eq!(f.extension().and_then(|e| e.to_str()), Some("json"), "{}", f.display());
+            duet::fuzz::Case::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    std::fs::remove_dir_all(out.parent().unwrap()).ok();
 }
 
 #[test]

@@ -120,6 +120,17 @@ mod tests {
     }
 
     #[test]
+    fn readme_tables_every_status() {
+        let readme = include_str!("../../../README.md");
+        for (s, n, _) in TABLE {
+            assert!(
+                readme.contains(&format!("\n| {n} | ")),
+                "README.md's exit-status table lacks {n} ({s:?})"
+            );
+        }
+    }
+
+    #[test]
     fn debug_exit_statuses_are_odd_and_wrap_at_eight_bits() {
         let st = CpuState::reset();
         // QEMU isa-debug-exit: exit((v << 1) | 1); the shell sees the low 8 bits.
