@@ -345,6 +345,6 @@ mod tests {
         r.outcome.state.regs.rflags |= rflags::IF;
         assert_eq!(r.ending(), "halted with interrupts enabled and no interrupt source");
         r.outcome.stop = StopReason::DebugExit { value: 3 };
-        assert_eq!(r.ending(), "debug exit 0x3 (exit status 7)");
+        assert_eq!(r.ending(), "debug exit 0x3 (exit code 7)");
     }
 }

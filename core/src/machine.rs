@@ -63,8 +63,8 @@ impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StopReason::DebugExit { value } => {
-                // The status the process returns: (v << 1) | 1, cut to 8 bits as QEMU's is.
-                write!(f, "debug exit {value:#x} (exit status {})", ((value << 1) | 1) & 0xff)
+                // The code the process returns: (v << 1) | 1, cut to 8 bits as QEMU's is.
+                write!(f, "debug exit {value:#x} (exit code {})", ((value << 1) | 1) & 0xff)
             }
             StopReason::Exception(r) => write!(f, "exception {r}"),
             StopReason::Halted => write!(f, "halted"),
@@ -338,7 +338,7 @@ mod tests {
         // The process status is the low byte: 0x80 gives 0x101, which the shell sees as 1.
         let wraps = StopReason::DebugExit { value: 0x80 };
         assert_eq!(wraps.debug_exit_status(), Some(1));
-        assert_eq!(wraps.to_string(), "debug exit 0x80 (exit status 1)");
+        assert_eq!(wraps.to_string(), "debug exit 0x80 (exit code 1)");
     }
 
     #[test]

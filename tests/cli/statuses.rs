@@ -42,7 +42,7 @@ fn debug_exit_0x80_wraps_to_1_and_the_end_line_says_1() {
     // which the kernel cuts to 8 bits: 1.
     let (code, _, err) = run_image("dx80", "interp", "real", &[0xb0, 0x80, 0xe6, 0xf4], &[]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("[interp] debug exit 0x80 (exit status 1)"), "{err}");
+    assert!(err.contains("[interp] debug exit 0x80 (exit code 1)"), "{err}");
     assert!(!err.contains("257"), "{err}");
 }
 
