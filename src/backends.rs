@@ -47,7 +47,7 @@ impl BackendKind {
     /// A new instance of this backend.
     pub fn create(self) -> Box<dyn Backend> {
         match self {
-            BackendKind::Kvm => Box::new(KvmBackend::new()),
+            BackendKind::Kvm => Box::new(KvmBackend::with_path(kvm_device())),
             BackendKind::Interp => Box::new(InterpBackend::new()),
         }
     }
@@ -75,6 +75,15 @@ impl FromStr for BackendKind {
     }
 }
 
+/// The environment variable naming another KVM device node than `/dev/kvm` (for tests of what
+/// duet says when the device cannot be opened, and for hosts that put it elsewhere).
+pub const KVM_DEVICE_ENV: &str = "DUET_KVM_DEVICE";
+
+/// The KVM device node this process uses: `$DUET_KVM_DEVICE` when set, else `/dev/kvm`.
+pub fn kvm_device() -> std::path::PathBuf {
+    std::env::var_os(KVM_DEVICE_ENV).map_or_else(|| duet_kvm::DEFAULT_KVM_PATH.into(), Into::into)
+}
+
 /// The CPUID profile every backend applies in this process, so both CPUs present one machine.
 ///
 /// duet's baseline (only what the software CPU implements), restricted to what this host's
@@ -84,7 +93,7 @@ pub fn shared_cpuid_profile() -> CpuidProfile {
     static PROFILE: OnceLock<CpuidProfile> = OnceLock::new();
     PROFILE
         .get_or_init(|| {
-            let kvm = KvmBackend::new();
+            let kvm = KvmBackend::with_path(kvm_device());
             match kvm.host_cpuid() {
                 Ok(host) => CpuidProfile::baseline().restricted_to(&host),
                 Err(_) => CpuidProfile::baseline(),

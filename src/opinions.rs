@@ -8,7 +8,7 @@ use std::fmt;
 
 use duet_core::diff::clip;
 
-use crate::run::{compare, RunReport};
+use crate::run::{compare_at_most, RunReport};
 
 /// One differing field with every side's value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,17 +28,27 @@ pub struct Opinions {
     pub sides: Vec<String>,
     /// Differing fields, in the order they were first found.
     pub rows: Vec<OpinionRow>,
+    /// Differing memory words left out of `rows` (most of any one pair of sides).
+    pub omitted: u64,
 }
 
 impl Opinions {
     /// Compares every pair of `reports` and merges the differences into one row per field.
     pub fn of(reports: &[RunReport]) -> Self {
+        Opinions::at_most(reports, usize::MAX)
+    }
+
+    /// [`Opinions::of`], keeping at most `max_rows` rows of each pair's comparison.
+    pub fn at_most(reports: &[RunReport], max_rows: usize) -> Self {
+        let mut omitted = 0;
         let sides: Vec<String> = reports.iter().map(|r| r.outcome.backend.to_string()).collect();
         let mut values: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
         let mut order = Vec::new();
         for i in 0..reports.len() {
             for j in i + 1..reports.len() {
-                for row in compare(&reports[i], &reports[j]).rows {
+                let (diff, left_out) = compare_at_most(&reports[i], &reports[j], max_rows);
+                omitted = omitted.max(left_out);
+                for row in diff.rows {
                     let entry = values.entry(row.field.clone()).or_insert_with(|| {
                         order.push(row.field.clone());
                         vec![None; reports.len()]
@@ -69,7 +79,7 @@ impl Opinions {
                 OpinionRow { field, values, alone }
             })
             .collect();
-        Opinions { sides, rows }
+        Opinions { sides, rows, omitted }
     }
 
     /// True when every run ended in the same state.
@@ -140,6 +150,7 @@ mod tests {
                 undefined_rflags: 0,
             },
             console: Vec::new(),
+            console_digest: duet_devices::ConsoleDigest::of(b""),
             post_code: None,
             memory,
             ram_size: 0x1000,

@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+/// duet's own error status (`duet --help`: its outcomes are even, a guest's debug exit odd).
+const ERROR: i32 = 4;
+
 fn duet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_duet"))
 }
@@ -30,10 +33,10 @@ fn fuzz_cli_interp_only_prints_a_summary_and_exits_zero() {
 #[test]
 fn fuzz_cli_rejects_bad_shards_and_modes_in_one_line() {
     let o = duet().args(["fuzz", "--shard", "3/3"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(ERROR));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--shard `3/3`"));
     let o = duet().args(["fuzz", "--mode", "vm86"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(ERROR));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown mode `vm86`"));
 }
 
@@ -47,7 +50,7 @@ fn diff_cli_names_the_file_and_field_of_a_malformed_case() {
     std::fs::write(&path, text).unwrap();
     let o = duet().arg("diff").arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(ERROR), "{err}");
     assert!(err.contains("bad.json") && err.contains("field `code`"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -60,4 +63,155 @@ fn diff_cli_replays_a_corpus_case_against_its_recorded_result() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{stdout}");
     assert!(stdout.contains("interp matches the recorded kvm result"), "{stdout}");
+}
+
+/// Runs `duet fuzz` as `nobody` when this test runs as root (root may write anywhere), else as
+/// this user; `None` where that cannot be done.
+fn as_unprivileged(args: &[&str]) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut cmd = duet();
+    cmd.args(args);
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    cmd.output().map_err(|e| eprintln!("skipped: cannot run duet as nobody: {e}")).ok()
+}
+
+#[test]
+fn fuzz_cli_refuses_an_out_directory_it_cannot_write_before_any_case() {
+    // A directory this user may not write in (mode 0555; as root, owned by root and the
+    // campaign run as nobody).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp("readonly");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let d = dir.to_str().unwrap();
+    let args = ["fuzz", "--interp-only", "--cases", "20", "--mode", "long64", "--out", d];
+    if let Some(o) = as_unprivileged(&args) {
+        let (stdout, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(ERROR), "{stdout}{err}");
+        assert!(err.starts_with(&format!("duet: error: {d}: Permission denied")), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!stdout.contains("cases"), "no case ran: {stdout}");
+    }
+    // A directory below a plain file cannot exist, for any user.
+    let file = dir.parent().unwrap().join(format!("duet-fuzz-cli-{}-plain", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let out = file.join("out");
+    let o = duet().args(["fuzz", "--interp-only", "--cases", "20", "--out"]).arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(ERROR), "{err}");
+    assert!(err.starts_with(&format!("duet: error: {}: ", out.display())), "{err}");
+    std::fs::remove_file(file).ok();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).ok();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Starts an endless campaign, sends `signals` (one after the other) once it is under way, and
+/// returns its output and the out directory.
+fn interrupted(tag: &str, signals: &[&str], extra: &[&str]) -> (std::process::Output, std::path::PathBuf) {
+    let parent = tmp(tag);
+    // The campaign creates --out after installing its signal handlers: once the directory
+    // exists, a signal is the campaign's to handle.
+    let out = parent.join("out");
+    let child = duet()
+        .args(["fuzz", "--cases", "100000000", "--mode", "long64,real"])
+        .args(extra)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    while !out.exists() && waited < 600 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    // Let some cases run too.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for signal in signals {
+        let kill = Command::new("kill").args([*signal, &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+    }
+    (child.wait_with_output().unwrap(), out)
+}
+
+#[test]
+fn fuzz_cli_sigint_finishes_the_case_in_flight_and_prints_the_summary() {
+    // With KVM, agreeing cases are saved as they run (--keep-agreeing), so a stop mid-write
+    // would show as a cut file; without it, the interpreter runs alone and saves nothing.
+    let kvm = duet::BackendKind::Kvm.availability().is_available()
+        && !std::env::var("DUET_BACKENDS").is_ok_and(|v| v == "interp");
+    let extra: &[&str] = if kvm { &["--keep-agreeing", "100000000"] } else { &["--interp-only"] };
+    if !kvm {
+        eprintln!("kvm half skipped: KVM not usable or DUET_BACKENDS=interp: no case files to check");
+    }
+    for (tag, signal) in [("sigint", "-INT"), ("sigterm", "-TERM")] {
+        let (o, out) = interrupted(tag, &[signal], extra);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(16), "{signal}: {stdout}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("  interrupted  by SIGINT/SIGTERM after "), "{stdout}");
+        let ran: u64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("  cases        ")?.split(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(ran > 0, "{stdout}");
+        if kvm {
+            // Every case file is whole: each loads, and no temporary is left.
+            let agree = out.join("agree");
+            let files: Vec<_> = std::fs::read_dir(&agree).unwrap().map(|e| e.unwrap().path()).collect();
+            assert!(!files.is_empty(), "{stdout}");
+            for f in &files {
+                assert_eq!(f.extension().and_then(|e| e.to_str()), Some("json"), "{}", f.display());
+                duet::fuzz::Case::load(f).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        std::fs::remove_dir_all(out.parent().unwrap()).ok();
+    }
+    // A second SIGINT ends the process at once (the summary may or may not be out by then):
+    // the same status, and still no cut case file.
+    let (o, out) = interrupted("sigint2", &["-INT", "-INT"], extra);
+    assert_eq!(o.status.code(), Some(16), "{}", String::from_utf8_lossy(&o.stderr));
+    // An abrupt stop may leave the temporary of a save it cut short, never a cut case file.
+    if let Ok(files) = std::fs::read_dir(out.join("agree")) {
+        for f in files.map(|e| e.unwrap().path()) {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                continue;
+            }
+            assert!(name.ends_with(".json"), "{}", f.display());
+            duet::fuzz::Case::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    std::fs::remove_dir_all(out.parent().unwrap()).ok();
+}
+
+#[test]
+fn fuzz_cli_jobs_and_time_say_what_they_did() {
+    let o = duet().args(["fuzz", "--interp-only", "--jobs", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(ERROR));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--jobs"), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp("jobs");
+    let o = duet()
+        .args(["fuzz", "--interp-only", "--cases", "8", "--mode", "long64", "--jobs", "100000", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let note = format!("--jobs 100000 is more than the {cores} cores here: running {cores} workers");
+    assert!(err.contains(&note), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // A time limit far shorter than the campaign: it stops and says so.
+    let o = duet()
+        .args(["fuzz", "--interp-only", "--cases", "100000000", "--mode", "long64", "--time", "0.5", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("  stopped      at the --time limit of 0.5 s: "), "{stdout}");
+    assert!(stdout.contains(" of 100000000 cases ran"), "{stdout}");
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    std::fs::remove_dir_all(out).ok();
 }

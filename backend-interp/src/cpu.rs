@@ -44,6 +44,11 @@ pub(crate) enum Abort {
     },
     /// The interpreter does not implement it; the string says what.
     Unsupported(String),
+    /// The instruction would be fetched from a guest physical address no RAM backs.
+    UnbackedFetch {
+        /// Guest physical address.
+        addr: u64,
+    },
     /// Exception delivery failed three times over: the CPU shuts down.
     Shutdown,
 }

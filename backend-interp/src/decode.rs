@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use duet_core::vm_memory::{Bytes, GuestAddress};
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind};
 
-use crate::cpu::{gp, unsupported, Cpu, Flow};
+use crate::cpu::{gp, unsupported, Abort, Cpu, Flow};
 use crate::instructions::{Handler, Operands};
 use crate::mmu::Kind;
 
@@ -521,7 +521,7 @@ impl Cpu {
         let mut buf = [0u8; 15];
         let first = (0x1000 - (lin & 0xfff)).min(15) as usize;
         if self.mem.read_slice(&mut buf[..first], GuestAddress(pa)).is_err() {
-            return Err(unsupported(format!("instruction fetch from unbacked address {pa:#x}")));
+            return Err(Abort::UnbackedFetch { addr: pa });
         }
         let mut ins = Instruction::default();
         let mut dec = Decoder::with_ip(bitness, buf.get(..first).unwrap_or(&[]), 0, DecoderOptions::NONE);
@@ -537,7 +537,7 @@ impl Cpu {
             let lin2 = lin.wrapping_add(first as u64) & if self.long_mode() { u64::MAX } else { 0xffff_ffff };
             let pa2 = self.translate(lin2, Kind::Exec, false)?;
             if self.mem.read_slice(&mut buf[first..], GuestAddress(pa2)).is_err() {
-                return Err(unsupported(format!("instruction fetch from unbacked address {pa2:#x}")));
+                return Err(Abort::UnbackedFetch { addr: pa2 });
             }
             let mut dec = Decoder::with_ip(bitness, &buf, 0, DecoderOptions::NONE);
             dec.decode_out(&mut ins);

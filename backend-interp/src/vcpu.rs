@@ -34,6 +34,7 @@ enum Exit {
     Window,
     Deadline,
     Unsupported(InstructionInfo),
+    UnbackedFetch { addr: u64 },
 }
 
 /// How one instruction ended, before the vCPU turns it into an exit.
@@ -402,6 +403,11 @@ impl InterpVcpu {
                 io.finish();
                 Exit::Unsupported(self.info(ins, &reason))
             }
+            Abort::UnbackedFetch { addr } => {
+                io.rollback_writes();
+                io.finish();
+                Exit::UnbackedFetch { addr }
+            }
         }
     }
 
@@ -582,6 +588,7 @@ impl Vcpu for InterpVcpu {
             Exit::Window => VcpuExit::InterruptWindow,
             Exit::Deadline => VcpuExit::DeadlineReached,
             Exit::Unsupported(i) => VcpuExit::Unsupported(i),
+            Exit::UnbackedFetch { addr } => VcpuExit::UnbackedFetch { addr },
         })
     }
 

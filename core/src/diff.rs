@@ -36,6 +36,9 @@ pub struct StateDiff {
     pub rows: Vec<DiffRow>,
 }
 
+/// Bytes of each memory read at a time when two memories are compared.
+pub const MEMORY_CHUNK: usize = 64 << 10;
+
 /// Widest value shown in a table cell; longer ones (console text, stop reasons, printed in
 /// full elsewhere) are cut with an ellipsis.
 pub const CELL_WIDTH: usize = 36;
@@ -105,28 +108,68 @@ impl StateDiff {
 
     /// Adds the differing 8-byte words of `[start, start + len)` in two memories.
     pub fn memory(&mut self, left: &GuestMemory, right: &GuestMemory, start: u64, len: u64) {
-        let mut a = vec![0u8; len as usize];
-        let mut b = vec![0u8; len as usize];
-        let ra = left.read_slice(&mut a, GuestAddress(start)).is_ok();
-        let rb = right.read_slice(&mut b, GuestAddress(start)).is_ok();
-        if ra != rb {
-            let ok = |r: bool| if r { "readable" } else { "unreadable" }.to_string();
-            self.rows.push(DiffRow {
-                field: format!("mem[{start:#x}..+{len:#x}]"),
-                left: ok(ra),
-                right: ok(rb),
-            });
-            return;
-        }
-        for (i, (x, y)) in a.chunks(8).zip(b.chunks(8)).enumerate() {
-            if x != y {
-                let show = |c: &[u8]| c.iter().rev().map(|b| format!("{b:02x}")).collect::<String>();
-                self.rows.push(DiffRow {
-                    field: format!("mem[{:#x}]", start + i as u64 * 8),
-                    left: show(x),
-                    right: show(y),
-                });
+        self.memory_at_most(left, right, start, len, usize::MAX);
+    }
+
+    /// Adds the differing 8-byte words of `[start, start + len)` in two memories while the
+    /// table has fewer than `max_rows` rows, and returns how many more words differ.
+    ///
+    /// The memories are read [`MEMORY_CHUNK`] bytes at a time, so comparing gigabytes of RAM
+    /// needs two small buffers, not two copies of it. A chunk readable on one side only is one
+    /// row; a chunk readable on neither side has nothing to compare.
+    pub fn memory_at_most(
+        &mut self,
+        left: &GuestMemory,
+        right: &GuestMemory,
+        start: u64,
+        len: u64,
+        max_rows: usize,
+    ) -> u64 {
+        let mut a = vec![0u8; MEMORY_CHUNK];
+        let mut b = vec![0u8; MEMORY_CHUNK];
+        let mut omitted = 0u64;
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(MEMORY_CHUNK as u64) as usize;
+            let at = start.wrapping_add(off);
+            off += n as u64;
+            let (a, b) = (&mut a[..n], &mut b[..n]);
+            let ra = left.read_slice(a, GuestAddress(at)).is_ok();
+            let rb = right.read_slice(b, GuestAddress(at)).is_ok();
+            if ra != rb {
+                let ok = |r: bool| if r { "readable" } else { "unreadable" }.to_string();
+                let row = DiffRow { field: format!("mem[{at:#x}..+{n:#x}]"), left: ok(ra), right: ok(rb) };
+                omitted += self.push_at_most(row, max_rows);
+                continue;
             }
+            if !ra || a == b {
+                continue;
+            }
+            for (i, (x, y)) in a.chunks(8).zip(b.chunks(8)).enumerate() {
+                if x != y {
+                    if self.rows.len() >= max_rows {
+                        omitted += 1;
+                        continue;
+                    }
+                    let show = |c: &[u8]| c.iter().rev().map(|b| format!("{b:02x}")).collect::<String>();
+                    self.rows.push(DiffRow {
+                        field: format!("mem[{:#x}]", at.wrapping_add(i as u64 * 8)),
+                        left: show(x),
+                        right: show(y),
+                    });
+                }
+            }
+        }
+        omitted
+    }
+
+    /// Adds `row` when the table has room for it; returns 1 when it had not.
+    fn push_at_most(&mut self, row: DiffRow, max_rows: usize) -> u64 {
+        if self.rows.len() < max_rows {
+            self.rows.push(row);
+            0
+        } else {
+            1
         }
     }
 
@@ -153,20 +196,24 @@ impl StateDiff {
     }
 }
 
+/// Characters of `s` as [`clip`] shows it, without building the clipped string.
+fn clipped_width(s: &str) -> usize {
+    s.chars().count().min(CELL_WIDTH)
+}
+
 impl fmt::Display for StateDiff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.rows.is_empty() {
             return writeln!(f, "no difference between {} and {}", self.sides.0, self.sides.1);
         }
-        let rows: Vec<(&str, String, String)> =
-            self.rows.iter().map(|r| (r.field.as_str(), clip(&r.left), clip(&r.right))).collect();
-        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(5);
-        let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0).max(self.sides.0.len());
-        let w2 = rows.iter().map(|r| r.2.chars().count()).max().unwrap_or(0).max(self.sides.1.len());
+        // Widths first, then one row at a time: a long table is never copied.
+        let w0 = self.rows.iter().map(|r| r.field.len()).max().unwrap_or(0).max(5);
+        let w1 = self.rows.iter().map(|r| clipped_width(&r.left)).max().unwrap_or(0).max(self.sides.0.len());
+        let w2 = self.rows.iter().map(|r| clipped_width(&r.right)).max().unwrap_or(0).max(self.sides.1.len());
         writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", "field", self.sides.0, self.sides.1)?;
         writeln!(f, "{}  {}  {}", "-".repeat(w0), "-".repeat(w1), "-".repeat(w2))?;
-        for (field, left, right) in &rows {
-            writeln!(f, "{field:<w0$}  {left:>w1$}  {right:>w2$}")?;
+        for r in &self.rows {
+            writeln!(f, "{:<w0$}  {:>w1$}  {:>w2$}", r.field, clip(&r.left), clip(&r.right))?;
         }
         Ok(())
     }
@@ -228,6 +275,43 @@ mod tests {
                 field: "mem[0x18]".into(),
                 left: "0000000000000000".into(),
                 right: "00000000000000ab".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn memory_is_compared_in_chunks_and_rows_beyond_the_limit_are_counted() {
+        // Three chunks and a half: every word differs in the second chunk and the last half.
+        let len = 3 * MEMORY_CHUNK as u64 + MEMORY_CHUNK as u64 / 2;
+        let m1 = GuestMemory::from_ranges(&[(GuestAddress(0), len as usize)]).unwrap();
+        let m2 = GuestMemory::from_ranges(&[(GuestAddress(0), len as usize)]).unwrap();
+        let ones = vec![0xffu8; MEMORY_CHUNK];
+        m2.write_slice(&ones, GuestAddress(MEMORY_CHUNK as u64)).unwrap();
+        m2.write_slice(&ones[..MEMORY_CHUNK / 2], GuestAddress(3 * MEMORY_CHUNK as u64)).unwrap();
+        let words = (MEMORY_CHUNK + MEMORY_CHUNK / 2) as u64 / 8;
+        let mut all = StateDiff::default();
+        all.memory(&m1, &m2, 0, len);
+        assert_eq!(all.rows.len() as u64, words);
+        let mut some = StateDiff::default();
+        let omitted = some.memory_at_most(&m1, &m2, 0, len, 10);
+        assert_eq!((some.rows.len(), omitted), (10, words - 10));
+        assert_eq!(some.rows[..], all.rows[..10]);
+        assert_eq!(some.rows[0].field, format!("mem[{:#x}]", MEMORY_CHUNK));
+        assert_eq!(all.rows.last().map(|r| r.field.clone()), Some(format!("mem[{:#x}]", len - 8)));
+    }
+
+    #[test]
+    fn memory_readable_on_one_side_only_is_one_row_per_chunk() {
+        let m1 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let m2 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut d = StateDiff::default();
+        d.memory(&m1, &m2, 0, 0x2000);
+        assert_eq!(
+            d.rows,
+            vec![DiffRow {
+                field: "mem[0x0..+0x2000]".into(),
+                left: "readable".into(),
+                right: "unreadable".into()
             }]
         );
     }

@@ -36,6 +36,11 @@ pub enum StopReason {
     Unsupported(InstructionInfo),
     /// The hardware backend cannot run this guest (e.g. KVM emulation failure).
     CannotRun(CannotRun),
+    /// The software CPU was to fetch an instruction from a guest physical address no RAM backs.
+    UnbackedFetch {
+        /// The guest physical address of the fetch.
+        addr: u64,
+    },
 }
 
 impl StopReason {
@@ -46,13 +51,20 @@ impl StopReason {
             _ => None,
         }
     }
+
+    /// The status a process exiting with [`StopReason::debug_exit_code`] really returns: its
+    /// low 8 bits, as QEMU's isa-debug-exit (whose `exit()` the kernel truncates the same way).
+    pub fn debug_exit_status(&self) -> Option<u8> {
+        self.debug_exit_code().map(|c| (c & 0xff) as u8)
+    }
 }
 
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StopReason::DebugExit { value } => {
-                write!(f, "debug exit {value:#x} (exit code {})", (value << 1) | 1)
+                // The code the process returns: (v << 1) | 1, cut to 8 bits as QEMU's is.
+                write!(f, "debug exit {value:#x} (exit code {})", ((value << 1) | 1) & 0xff)
             }
             StopReason::Exception(r) => write!(f, "exception {r}"),
             StopReason::Halted => write!(f, "halted"),
@@ -62,6 +74,9 @@ impl fmt::Display for StopReason {
             StopReason::Deadline => write!(f, "deadline reached"),
             StopReason::Unsupported(i) => write!(f, "unsupported instruction {i}"),
             StopReason::CannotRun(c) => write!(f, "the hardware backend cannot run this: {c}"),
+            StopReason::UnbackedFetch { addr } => {
+                write!(f, "instruction fetch from unbacked address {addr:#x} (no RAM there)")
+            }
         }
     }
 }
@@ -160,6 +175,7 @@ pub fn handle_exit(pio: &Bus, mmio: &Bus, exit: VcpuExit<'_>) -> ExitAction {
         VcpuExit::DeadlineReached => ExitAction::Stop(StopReason::Deadline),
         VcpuExit::Unsupported(i) => ExitAction::Stop(StopReason::Unsupported(i)),
         VcpuExit::CannotRun(c) => ExitAction::Stop(StopReason::CannotRun(c)),
+        VcpuExit::UnbackedFetch { addr } => ExitAction::Stop(StopReason::UnbackedFetch { addr }),
     }
 }
 
@@ -319,6 +335,10 @@ mod tests {
         // QEMU isa-debug-exit: writing v exits with (v << 1) | 1.
         assert_eq!(StopReason::DebugExit { value: 0x21 }.debug_exit_code(), Some(0x43));
         assert_eq!(StopReason::Halted.debug_exit_code(), None);
+        // The process status is the low byte: 0x80 gives 0x101, which the shell sees as 1.
+        let wraps = StopReason::DebugExit { value: 0x80 };
+        assert_eq!(wraps.debug_exit_status(), Some(1));
+        assert_eq!(wraps.to_string(), "debug exit 0x80 (exit code 1)");
     }
 
     #[test]

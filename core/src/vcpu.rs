@@ -55,6 +55,12 @@ pub enum VcpuExit<'a> {
     DeadlineReached,
     /// The software CPU met an instruction it does not implement.
     Unsupported(InstructionInfo),
+    /// The software CPU was to fetch an instruction from a guest physical address no RAM backs
+    /// (code cannot run from MMIO: there is no device to execute from).
+    UnbackedFetch {
+        /// The guest physical address of the fetch.
+        addr: u64,
+    },
     /// The hardware backend could not complete an instruction (e.g. KVM emulation failure).
     CannotRun(CannotRun),
 }

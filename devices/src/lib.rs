@@ -23,7 +23,7 @@ pub mod ports;
 pub mod serial;
 pub mod standard;
 
-pub use console::Console;
+pub use console::{Console, ConsoleDigest, CONSOLE_TAIL};
 pub use mmio_test::MmioTestDevice;
 pub use ports::{DebugConsole, DebugExit, PostCode};
 pub use serial::{Serial, SERIAL_IRQ_VECTOR};

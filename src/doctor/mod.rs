@@ -178,6 +178,11 @@ const PVM_CAVEATS: &str = "about a thousand times slower than hardware, and wron
 impl HostFacts {
     /// Inspects the host under `root` (`/` in production).
     pub fn gather(root: &Path) -> HostFacts {
+        HostFacts::gather_with(root, &root.join("dev/kvm"))
+    }
+
+    /// Inspects the host under `root`, trying `kvm_device` as the KVM device node.
+    pub fn gather_with(root: &Path, kvm_device: &Path) -> HostFacts {
         let cpuinfo = fs::read_to_string(root.join("proc/cpuinfo"))
             .map(|text| CpuInfo::parse(&text))
             .map_err(|e| format!("cannot read /proc/cpuinfo: {e}"));
@@ -188,7 +193,8 @@ impl HostFacts {
             kvm_amd: module("kvm_amd"),
             kvm_pvm: module("kvm_pvm"),
         };
-        HostFacts { arch: std::env::consts::ARCH.to_string(), cpuinfo, modules, dev_kvm: dev_kvm(root) }
+        let dev_kvm = dev_kvm(root, kvm_device);
+        HostFacts { arch: std::env::consts::ARCH.to_string(), cpuinfo, modules, dev_kvm }
     }
 
     /// What KVM on this host is.
@@ -238,6 +244,7 @@ impl HostFacts {
             (None, None) => "unknown CPU".into(),
         };
         let usable = self.dev_kvm == DevKvm::ReadWrite;
+        let denied = matches!(self.dev_kvm, DevKvm::PermissionDenied { .. });
         let flags = match (cpu.vmx, cpu.svm) {
             (true, _) => Check::new(Status::Ok, format!("{name}: VT-x visible (cpuinfo flag vmx)"), None),
             (_, true) => Check::new(Status::Ok, format!("{name}: AMD-V visible (cpuinfo flag svm)"), None),
@@ -245,6 +252,15 @@ impl HostFacts {
                 Status::Note,
                 format!("{name}: cpuinfo shows neither vmx nor svm, yet /dev/kvm opens"),
                 Some("this KVM is nested or emulated, not hardware virtualization (see the verdict)".into()),
+            ),
+            // The device is there and only its permissions stand in the way: what KVM it is
+            // (kvm_pvm needs no vmx/svm) shows once it opens, so the flags prove nothing yet.
+            _ if denied => Check::new(
+                Status::Note,
+                format!("{name}: cpuinfo shows neither vmx nor svm, but /dev/kvm exists"),
+                Some(
+                    "a KVM that needs neither (kvm_pvm) may be there: fix the permissions below first".into(),
+                ),
             ),
             _ if cpu.hypervisor => Check::new(
                 Status::No,
@@ -376,11 +392,11 @@ fn kvm_prefix(kvm: bool) -> &'static str {
     }
 }
 
-/// Tries to open `root/dev/kvm` read-write, the way the KVM backend will.
-fn dev_kvm(root: &Path) -> DevKvm {
-    let path = root.join("dev/kvm");
-    let opened = OpenOptions::new().read(true).write(true).open(&path).map(drop);
-    let meta = fs::metadata(&path).ok();
+/// Tries to open the KVM device read-write, the way the KVM backend will; its group's name
+/// comes from `root/etc/group`.
+fn dev_kvm(root: &Path, path: &Path) -> DevKvm {
+    let opened = OpenOptions::new().read(true).write(true).open(path).map(drop);
+    let meta = fs::metadata(path).ok();
     let group = meta.as_ref().map(|m| group_name(root, m.gid()));
     classify(opened, meta.map(|m| m.mode() & 0o7777), group)
 }

@@ -159,6 +159,39 @@ fn doctor_permission_denied_says_which_group_to_join() {
 }
 
 #[test]
+fn doctor_permission_denied_on_a_vm_leads_with_the_permissions_not_nested_virtualization() {
+    // This host's shape (a VM whose kvm_pvm needs no vmx/svm) with a root-only /dev/kvm.
+    let facts = HostFacts {
+        arch: "x86_64".into(),
+        cpuinfo: Ok(CpuInfo::parse(&cpuinfo("AuthenticAMD", "AMD EPYC", "fpu sse2 lm hypervisor"))),
+        modules: KvmModules { kvm: true, kvm_pvm: true, ..KvmModules::default() },
+        dev_kvm: classify(
+            Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            Some(0o600),
+            Some("root".into()),
+        ),
+    };
+    let text = facts.to_string();
+    assert!(!text.contains("nested virtualization in the outer hypervisor"), "{text}");
+    let no = lines_with(&facts, Status::No);
+    assert!(
+        no[0].starts_with("no    /dev/kvm exists but cannot be opened read-write: permission denied"),
+        "{no:?}"
+    );
+    assert!(no[0].contains("sudo usermod -aG kvm $USER"), "{no:?}");
+    assert!(text.contains("neither vmx nor svm, but /dev/kvm exists — a KVM that needs neither"), "{text}");
+}
+
+#[test]
+fn doctor_opens_the_device_it_is_given() {
+    let root = FakeRoot::new("device");
+    root.file("elsewhere/kvm", "");
+    let facts = HostFacts::gather_with(&root.0, &root.0.join("elsewhere/kvm"));
+    assert_eq!(facts.dev_kvm, DevKvm::ReadWrite);
+    assert_eq!(HostFacts::gather(&root.0).dev_kvm, DevKvm::Missing);
+}
+
+#[test]
 fn doctor_missing_cpuinfo_and_foreign_arch_are_reported() {
     let root = FakeRoot::new("empty");
     root.file("etc/group", "root:x:0:\nkvm:x:36:alice\n");

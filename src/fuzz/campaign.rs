@@ -52,6 +52,9 @@ pub struct Config {
     pub avoid_host_limits: bool,
     /// Also save this many agreeing cases (KVM's result as expected) in `out/agree`, for a corpus.
     pub keep_agreeing: u64,
+    /// Set (e.g. by a SIGINT handler) to stop the campaign: the cases in flight finish, no new
+    /// one starts, and the summary says it was interrupted.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             keep_agreeing: 0,
             reference: false,
             avoid_host_limits: false,
+            interrupt: None,
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct Found {
     pub case: Case,
     /// Where it was saved.
     pub path: Option<PathBuf>,
+    /// Why it could not be saved (it still counts as a divergence).
+    pub unsaved: Option<String>,
     /// The campaign case number it came from.
     pub index: u64,
 }
@@ -114,6 +120,45 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Whether KVM took part.
     pub kvm: bool,
+    /// The campaign was interrupted ([`Config::interrupt`]) before all its cases ran.
+    pub interrupted: bool,
+    /// The campaign reached its time limit ([`Config::time`]) before all its cases ran.
+    pub out_of_time: bool,
+}
+
+impl Summary {
+    /// Counts the result of case `k`.
+    pub fn record(&mut self, k: u64, result: Result<CaseResult, FuzzError>) {
+        self.cases += 1;
+        match result {
+            Ok(CaseResult::Agree) => self.agree += 1,
+            Ok(CaseResult::Found(sig, f)) => {
+                self.diverged += 1;
+                *self.signatures.entry(sig).or_default() += 1;
+                if let Some(f) = f {
+                    if let Some(why) = &f.unsaved {
+                        self.errors.push(format!("case {k}: a divergence that could not be saved: {why}"));
+                    }
+                    self.found.push(*f);
+                }
+            }
+            Ok(CaseResult::Undecided(why)) => *self.undecided.entry(why).or_default() += 1,
+            Ok(CaseResult::Unsupported(m)) => *self.unsupported.entry(m).or_default() += 1,
+            Ok(CaseResult::Hung) => self.hung += 1,
+            Ok(CaseResult::InterpOnly) => self.interp_only += 1,
+            Err(e) => self.errors.push(format!("case {k}: {e}")),
+        }
+    }
+}
+
+/// Checks that `dir` exists (creating it) and takes files, before any case runs, so a campaign
+/// never finds a divergence it cannot save.
+pub fn check_out_dir(dir: &std::path::Path) -> Result<(), FuzzError> {
+    let io = |error| FuzzError::Io { path: dir.display().to_string(), error };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let probe = dir.join(format!(".duet-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(io)?;
+    std::fs::remove_file(&probe).map_err(io)
 }
 
 /// The RNG of case `k` (draw `attempt`) of the campaign with `seed` (independent of shards and threads).
@@ -185,14 +230,14 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
         return Err(FuzzError::Setup(format!("shard {shard}/{shards} does not exist (use I/N with I < N)")));
     }
     if let Some(dir) = &cfg.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;
+        check_out_dir(dir)?;
     }
+    let interrupted = || cfg.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
     let start = Instant::now();
     let mine = cfg.cases / shards + u64::from(cfg.cases % shards > shard);
     let next = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel::<(u64, Result<Outcome, FuzzError>)>();
+    let (tx, rx) = mpsc::channel::<(u64, Result<CaseResult, FuzzError>)>();
     let mut summary =
         Summary { kvm: Checker::new(cfg.use_kvm, cfg.timeout).kvm.is_some(), ..Summary::default() };
     let seen: Seen = Arc::default();
@@ -206,7 +251,7 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
                 }
                 loop {
                     let j = next.fetch_add(1, Ordering::Relaxed);
-                    if j >= mine || stop.load(Ordering::Relaxed) {
+                    if j >= mine || stop.load(Ordering::Relaxed) || interrupted() {
                         break;
                     }
                     let k = j * shards + shard;
@@ -219,22 +264,7 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
         }
         drop(tx);
         for (k, r) in rx {
-            summary.cases += 1;
-            match r {
-                Ok(Outcome::Agree) => summary.agree += 1,
-                Ok(Outcome::Found(sig, f)) => {
-                    summary.diverged += 1;
-                    *summary.signatures.entry(sig).or_default() += 1;
-                    if let Some(f) = f {
-                        summary.found.push(*f);
-                    }
-                }
-                Ok(Outcome::Undecided(why)) => *summary.undecided.entry(why).or_default() += 1,
-                Ok(Outcome::Unsupported(m)) => *summary.unsupported.entry(m).or_default() += 1,
-                Ok(Outcome::Hung) => summary.hung += 1,
-                Ok(Outcome::InterpOnly) => summary.interp_only += 1,
-                Err(e) => summary.errors.push(format!("case {k}: {e}")),
-            }
+            summary.record(k, r);
             summary.elapsed = start.elapsed();
             progress(&summary);
             if cfg.time.is_some_and(|t| start.elapsed() >= t) {
@@ -243,17 +273,27 @@ pub fn run(cfg: &Config, progress: Progress<'_>) -> Result<Summary, FuzzError> {
         }
     });
     summary.elapsed = start.elapsed();
+    if summary.cases < mine {
+        summary.interrupted = interrupted();
+        summary.out_of_time = !summary.interrupted && stop.load(Ordering::Relaxed);
+    }
     Ok(summary)
 }
 
 /// The result of one campaign case, sent to the collecting thread.
-enum Outcome {
+#[derive(Debug)]
+pub enum CaseResult {
+    /// KVM and the interpreter agree.
     Agree,
     /// A divergence: its signature, and the shrunk case unless the signature was seen enough.
     Found(String, Option<Box<Found>>),
+    /// KVM cannot decide it, with the reason.
     Undecided(String),
+    /// The interpreter does not implement this.
     Unsupported(String),
+    /// Both backends reached the deadline.
     Hung,
+    /// Only the interpreter ran.
     InterpOnly,
 }
 
@@ -261,7 +301,7 @@ enum Outcome {
 /// Divergence signatures seen so far, shared by the workers.
 type Seen = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
 
-fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outcome, FuzzError> {
+fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<CaseResult, FuzzError> {
     let (_, mut tree) = case_tree(cfg, k)?;
     let mut case = realize(&tree.current());
     if cfg.avoid_host_limits {
@@ -278,14 +318,14 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
             if k < cfg.keep_agreeing {
                 keep_agreeing(cfg, checker, case, k)?;
             }
-            Outcome::Agree
+            CaseResult::Agree
         }
         Verdict::Undecided { why } => {
-            Outcome::Undecided(why.lines().next().unwrap_or("").chars().take(120).collect())
+            CaseResult::Undecided(why.lines().next().unwrap_or("").chars().take(120).collect())
         }
-        Verdict::Unsupported { what } => Outcome::Unsupported(what),
-        Verdict::Hung => Outcome::Hung,
-        Verdict::InterpOnly => Outcome::InterpOnly,
+        Verdict::Unsupported { what } => CaseResult::Unsupported(what),
+        Verdict::Hung => CaseResult::Hung,
+        Verdict::InterpOnly => CaseResult::InterpOnly,
         Verdict::Diverge { kvm, diff, .. } => {
             let sig = super::judge::signature(&kvm.outcome.stop, &diff);
             let n = {
@@ -295,7 +335,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                 *n
             };
             if n > cfg.per_signature {
-                return Ok(Outcome::Found(sig, None));
+                return Ok(CaseResult::Found(sig, None));
             }
             let spec = shrink(checker, &mut *tree, cfg.shrink_budget);
             let mut case = realize(&spec);
@@ -306,7 +346,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
                     case = realize(&tree.current());
                     match checker.check(&case, "case")? {
                         Verdict::Diverge { kvm, interp, diff } => (kvm.outcome, interp.outcome, diff),
-                        _ => return Ok(Outcome::Agree),
+                        _ => return Ok(CaseResult::Agree),
                     }
                 }
             };
@@ -319,7 +359,7 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
             };
             if !first {
                 // Shrunk into a divergence already saved: count it, do not save it again.
-                return Ok(Outcome::Found(sig, None));
+                return Ok(CaseResult::Found(sig, None));
             }
             let report = match checker.kvm.as_mut() {
                 Some(kvm) => lockstep(kvm, &mut checker.interp, &case, "minimal case")
@@ -334,11 +374,14 @@ fn one(cfg: &Config, checker: &mut Checker, k: u64, seen: &Seen) -> Result<Outco
             );
             case.expected = Some(Expected::recorded_here(kvm_outcome));
             case.cpuid = Some(CaseCpuid::of(&profile_of(None)?));
-            let path = cfg.out.as_ref().map(|d| d.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)));
-            if let Some(p) = &path {
-                case.save(p)?;
+            let mut path = cfg.out.as_ref().map(|d| d.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)));
+            // A case that cannot be saved is still a divergence: it is counted, and the reason
+            // goes to the summary's errors.
+            let unsaved = path.as_ref().and_then(|p| case.save(p).err()).map(|e| e.to_string());
+            if unsaved.is_some() {
+                path = None;
             }
-            Outcome::Found(sig, Some(Box::new(Found { case, path, index: k })))
+            CaseResult::Found(sig, Some(Box::new(Found { case, path, unsaved, index: k })))
         }
     })
 }
@@ -355,4 +398,49 @@ fn keep_agreeing(cfg: &Config, checker: &mut Checker, mut case: Case, k: u64) ->
     let dir = dir.join("agree");
     std::fs::create_dir_all(&dir).map_err(|e| FuzzError::Io { path: dir.display().to_string(), error: e })?;
     case.save(&dir.join(format!("{}-{:x}-{k}.json", case.mode, cfg.seed)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_divergence_that_could_not_be_saved_still_counts() {
+        let mut s = Summary::default();
+        let found = Found {
+            case: realize(&case_tree(&Config::default(), 0).unwrap().1.current()),
+            path: None,
+            unsaved: Some("out/x.json: Permission denied (os error 13)".into()),
+            index: 5,
+        };
+        s.record(5, Ok(CaseResult::Found("sig".into(), Some(Box::new(found)))));
+        s.record(6, Ok(CaseResult::Agree));
+        assert_eq!((s.cases, s.diverged, s.agree, s.found.len()), (2, 1, 1, 1));
+        assert_eq!(
+            s.errors,
+            ["case 5: a divergence that could not be saved: out/x.json: Permission denied (os error 13)"]
+        );
+    }
+
+    #[test]
+    fn the_out_directory_is_checked_before_any_case() {
+        let file = std::env::temp_dir().join(format!("duet-out-check-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        // A directory below a plain file cannot be made: refused before the first case.
+        let cfg = Config { out: Some(file.join("out")), cases: 1, use_kvm: false, ..Config::default() };
+        let mut ran = 0;
+        let err = run(&cfg, &mut |_| ran += 1).unwrap_err().to_string();
+        std::fs::remove_file(&file).ok();
+        assert!(err.starts_with(&format!("{}: ", file.join("out").display())), "{err}");
+        assert_eq!(ran, 0);
+    }
+
+    #[test]
+    fn an_interrupted_campaign_stops_and_says_so() {
+        let flag = Arc::new(AtomicBool::new(true));
+        let cfg = Config { cases: 50, use_kvm: false, interrupt: Some(flag), ..Config::default() };
+        let s = run(&cfg, &mut |_| {}).unwrap();
+        assert_eq!(s.cases, 0);
+        assert!(s.interrupted && !s.out_of_time);
+    }
 }

@@ -308,6 +308,10 @@ pub struct Parsed {
 /// Largest code and data images a case may carry.
 pub const MAX_IMAGE: usize = 4096;
 
+/// Largest case file read: far above any case (code and data are at most [`MAX_IMAGE`] bytes
+/// each; the corpus's largest file is 8 KiB), far below what could hurt to read.
+pub const MAX_CASE_FILE: u64 = 1 << 20;
+
 impl Case {
     /// Parses the numbers of the case; `file` names the case in errors.
     pub fn parse(&self, file: &str) -> Result<Parsed, FuzzError> {
@@ -353,11 +357,22 @@ impl Case {
         Ok(Parsed { mode: self.mode, gprs, rflags, segments, code, data })
     }
 
-    /// Reads a case file; errors name the file (and the field, for a malformed one).
+    /// Reads a case file; errors name the file (and the field, for a malformed one). A file
+    /// larger than [`MAX_CASE_FILE`] (or a device that never ends) is refused unread.
     pub fn load(path: &Path) -> Result<Case, FuzzError> {
+        use std::io::Read;
         let file = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| FuzzError::Io { path: file.clone(), error: e })?;
+        let io = |e| FuzzError::Io { path: file.clone(), error: e };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CASE_FILE + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_CASE_FILE {
+            let why = format!("larger than {} KiB: no case file is that large", MAX_CASE_FILE >> 10);
+            return Err(FuzzError::CaseSyntax { file, why });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| FuzzError::CaseSyntax { file: file.clone(), why: format!("not UTF-8 text: {e}") })?;
         Case::from_json(&text, &file)
     }
 
@@ -388,12 +403,22 @@ impl Case {
         Ok(case)
     }
 
-    /// Writes the case as pretty JSON.
+    /// Writes the case as pretty JSON, whole or not at all: to a temporary file in the same
+    /// directory, then renamed over `path`, so a process stopped mid-write leaves no cut file.
     pub fn save(&self, path: &Path) -> Result<(), FuzzError> {
+        use std::io::Write;
+        let file = path.display().to_string();
         let text = serde_json::to_string_pretty(self)
-            .map_err(|e| FuzzError::CaseSyntax { file: path.display().to_string(), why: e.to_string() })?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| FuzzError::Io { path: path.display().to_string(), error: e })
+            .map_err(|e| FuzzError::CaseSyntax { file: file.clone(), why: e.to_string() })?;
+        let name = path.file_name().map_or_else(|| "case".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all((text + "\n").as_bytes()).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            FuzzError::Io { path: file, error: e }
+        })
     }
 }
 
@@ -434,5 +459,55 @@ mod tests {
         assert!(serde_json::from_str::<Expected>(&json("kvm")).is_ok());
         let e = serde_json::from_str::<Expected>(&json("sdm")).unwrap_err().to_string();
         assert!(e.contains("field `recorded_on` is given for a sdm result"), "{e}");
+    }
+
+    fn sample() -> Case {
+        Case {
+            format: CASE_FORMAT,
+            mode: FuzzMode::Long64,
+            note: String::new(),
+            regs: BTreeMap::new(),
+            rflags: "0x2".into(),
+            segments: BTreeMap::new(),
+            code: "f4".into(),
+            disasm: Vec::new(),
+            data: String::new(),
+            cpuid: None,
+            expected: None,
+        }
+    }
+
+    #[test]
+    fn case_save_replaces_the_file_whole_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("duet-case-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.json");
+        std::fs::write(&path, "an older, longer file that the new case must replace whole").unwrap();
+        let case = sample();
+        case.save(&path).unwrap();
+        assert_eq!(Case::load(&path).unwrap(), case);
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(), ["c.json"]);
+        // A save whose rename fails (the target is a directory with a file in it) leaves no
+        // temporary behind either.
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/keep"), "x").unwrap();
+        assert!(case.save(&dir.join("sub")).is_err());
+        let after = names();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(after, ["c.json", "sub"]);
+    }
+
+    #[test]
+    fn case_load_refuses_what_no_case_file_can_be() {
+        let err = Case::load(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert_eq!(err, "/dev/zero: not a duet case file: larger than 1024 KiB: no case file is that large");
     }
 }

@@ -274,11 +274,13 @@ pub fn stop_text(stop: &StopReason) -> String {
         StopReason::Deadline => "deadline".into(),
         StopReason::Unsupported(i) => format!("unsupported {i}"),
         StopReason::CannotRun(c) => format!("cannot-run {c}"),
+        StopReason::UnbackedFetch { addr } => format!("unbacked-fetch {addr:#x}"),
     }
 }
 
-/// Reads [`stop_text`] back. A software CPU's `unsupported` and KVM's `cannot-run` say that a
-/// backend could not run the case: they are not results, and a case file cannot expect them.
+/// Reads [`stop_text`] back. A software CPU's `unsupported` or `unbacked-fetch` and KVM's
+/// `cannot-run` say that a backend could not run the case: they are not results, and a case file
+/// cannot expect them.
 pub fn parse_stop(s: &str) -> Result<StopReason, String> {
     let exception = |rest: &str| {
         let (rest, rip) = rest.rsplit_once(" at ")?;
@@ -299,7 +301,7 @@ pub fn parse_stop(s: &str) -> Result<StopReason, String> {
             .map(|rip| DebugEvent::SingleStep { rip })
             .or_else(|| rip_of(rest, "breakpoint at ").map(|rip| DebugEvent::Breakpoint { rip }))
             .map(StopReason::Debug),
-        ("unsupported" | "cannot-run", _) => {
+        ("unsupported" | "cannot-run" | "unbacked-fetch", _) => {
             return Err(format!("is `{s}`: a backend that could not run the case, not a result"))
         }
         _ => None,

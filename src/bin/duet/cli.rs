@@ -6,11 +6,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Run the same x86 guest on the host CPU (KVM) and on duet's software CPU, and compare.
 #[derive(Parser, Debug)]
-#[command(name = "duet", version, about, long_about = None, after_help = AFTER_HELP)]
+#[command(name = "duet", version, about, long_about = None, after_help = after_help())]
 pub struct Cli {
     /// What to do (default: `run`, which runs the `hello` guest on the best backend).
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// `duet --help`'s closing text: examples, then the exit statuses.
+fn after_help() -> String {
+    format!("{AFTER_HELP}\n\n{}", crate::status::help_table())
 }
 
 const AFTER_HELP: &str = "\
@@ -79,7 +84,7 @@ pub enum ModeArg {
 
 /// Arguments of `duet run`.
 #[derive(Args, Debug, Default)]
-#[command(after_help = RUN_HELP)]
+#[command(after_help = run_help())]
 pub struct RunArgs {
     /// Backend to run on.
     #[arg(long, short, value_enum, default_value_t)]
@@ -93,14 +98,14 @@ pub struct RunArgs {
     /// A 64 or 128 KiB firmware image, mapped below 1 MiB and below 4 GiB, started at the reset vector.
     #[arg(long)]
     pub bios: Option<PathBuf>,
-    /// Mode a flat image is entered in.
-    #[arg(long, value_enum, default_value_t)]
+    /// Mode a flat image is entered in (images only: a fixture and a ROM choose their own).
+    #[arg(long, value_enum, default_value_t, conflicts_with_all = ["fixture", "bios"], requires = "image")]
     pub mode: ModeArg,
     /// Guest physical load address of a flat image (hex with 0x); default 0x7c00 in real mode, else 0x100000.
-    #[arg(long, value_parser = parse_u64)]
+    #[arg(long, value_parser = parse_u64, conflicts_with_all = ["fixture", "bios"], requires = "image")]
     pub load_addr: Option<u64>,
     /// Entry address (hex with 0x); default: the load address (ELF: its entry point).
-    #[arg(long, value_parser = parse_u64)]
+    #[arg(long, value_parser = parse_u64, conflicts_with_all = ["fixture", "bios"], requires = "image")]
     pub entry: Option<u64>,
     /// Guest RAM, e.g. 32M, 1G, 65536 (default 32M).
     #[arg(long, value_parser = parse_size)]
@@ -111,6 +116,17 @@ pub struct RunArgs {
     /// Print the final registers.
     #[arg(long)]
     pub regs: bool,
+    /// Print every differing row of a comparison (default: the first 40 and a count of the rest).
+    #[arg(long)]
+    pub all_rows: bool,
+}
+
+/// Rows of a comparison table printed without `--all-rows`.
+pub const DEFAULT_ROWS: usize = 40;
+
+/// `duet run --help`'s closing text: the guest environment, backends, exit statuses.
+fn run_help() -> String {
+    format!("{RUN_HELP}\n{}", crate::status::help_table())
 }
 
 const RUN_HELP: &str = "\
@@ -126,9 +142,10 @@ Backends: `auto` is about fidelity: KVM whenever it is usable, since the hardwar
   ALU loop (8,000 instructions) on each usable backend, then picks the one with more
   instructions per second and prints both speeds on stderr. Where KVM emulates the guest
   (nested hosts) that is often the software CPU; `duet doctor` shows both speeds.
-Exit status: the debug-exit code when the guest wrote to 0xF4; 0 when it halted;
-  2 when --backend both found a difference; 3 for an exception, triple fault,
-  deadline, unsupported instruction or a backend that cannot run the guest; 1 on error.";
+Comparing (--backend both, all): registers are compared only when each run ended by itself
+  (debug exit, HLT, a reported exception); after a shutdown only memory and console are, and a
+  run that reached its deadline or could not go on has no result to compare: duet says what
+  each side did and exits with that outcome's status.";
 
 /// Arguments of `duet doctor`.
 #[derive(Args, Debug, Default)]
@@ -188,6 +205,21 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         assert!(Cli::try_parse_from(["duet", "run", "--fixture", "x", "img.bin"]).is_err());
+    }
+
+    #[test]
+    fn image_options_are_refused_where_no_image_is_run() {
+        for opt in [["--mode", "real"], ["--entry", "0x7c00"], ["--load-addr", "0x7c00"]] {
+            let with_fixture = ["duet", "run", "--fixture", "alu", opt[0], opt[1]];
+            let err = Cli::try_parse_from(with_fixture).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with") && err.contains("--fixture"), "{err}");
+            let with_bios = ["duet", "run", "--bios", "rom.bin", opt[0], opt[1]];
+            assert!(Cli::try_parse_from(with_bios).is_err(), "{opt:?} with --bios");
+            assert!(Cli::try_parse_from(["duet", "run", opt[0], opt[1]]).is_err(), "{opt:?} alone");
+            assert!(Cli::try_parse_from(["duet", "run", opt[0], opt[1], "boot.bin"]).is_ok());
+        }
+        // The default mode is not "given": a fixture alone parses.
+        assert!(Cli::try_parse_from(["duet", "run", "--fixture", "alu"]).is_ok());
     }
 
     #[test]

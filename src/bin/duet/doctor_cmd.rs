@@ -12,7 +12,7 @@ use crate::cli::DoctorArgs;
 /// Prints the host checklist, both backends' availability and speed, and the choices of `auto`
 /// and `fastest`.
 pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
-    let facts = duet::doctor::HostFacts::gather(Path::new("/"));
+    let facts = duet::doctor::HostFacts::gather_with(Path::new("/"), &duet::backends::kvm_device());
     println!("{facts}");
     for kind in BackendKind::ALL {
         match kind.availability() {

@@ -28,9 +28,10 @@ pub fn is_elf(bytes: &[u8]) -> bool {
 }
 
 fn field(b: &[u8], off: usize, len: usize) -> Result<u64, String> {
-    let s = b
-        .get(off..off.checked_add(len).ok_or("header offset overflows")?)
-        .ok_or_else(|| format!("ELF file truncated: needs {} bytes, has {}", off + len, b.len()))?;
+    // Offsets come from the file: say them in hex, never as a size (they may be near 2^64).
+    let s = b.get(off..off.saturating_add(len)).ok_or_else(|| {
+        format!("ELF file truncated: a {len}-byte field at offset {off:#x} lies beyond its {} bytes", b.len())
+    })?;
     let mut v = [0u8; 8];
     v[..len].copy_from_slice(s);
     Ok(u64::from_le_bytes(v))
@@ -61,6 +62,13 @@ pub fn parse(b: &[u8]) -> Result<ElfImage, String> {
     let min_ent = if is_64 { 56 } else { 32 };
     if phentsize < min_ent {
         return Err(format!("ELF program header size {phentsize} is smaller than {min_ent}"));
+    }
+    let table = phnum.checked_mul(phentsize).and_then(|n| usize::try_from(n).ok());
+    if table.and_then(|n| phoff.checked_add(n)).is_none_or(|end| end > b.len()) {
+        return Err(format!(
+            "ELF program header table ({phnum} entries of {phentsize} bytes at offset {phoff:#x}) lies outside the file ({} bytes)",
+            b.len()
+        ));
     }
     let mut loads = Vec::new();
     let mut zeroed = Vec::new();
@@ -144,8 +152,12 @@ mod tests {
         outside[64 + 8..64 + 16].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
         assert!(parse(&outside).unwrap_err().contains("outside the file"));
         let mut far_headers = good.clone();
-        far_headers[32..40].copy_from_slice(&(u64::MAX - 4).to_le_bytes());
-        assert!(parse(&far_headers).is_err());
+        far_headers[32..40].copy_from_slice(&(u64::MAX - 15).to_le_bytes());
+        // The offset is given as the file has it, in hex; no size computed from it.
+        assert_eq!(
+            parse(&far_headers).unwrap_err(),
+            "ELF program header table (1 entries of 56 bytes at offset 0xfffffffffffffff0) lies outside the file (121 bytes)"
+        );
         let mut huge_bss = good.clone();
         huge_bss[64 + 40..64 + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(parse(&huge_bss).unwrap_err().contains("beyond 4 GiB"));

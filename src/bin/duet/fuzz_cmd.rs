@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +13,8 @@ use duet::fuzz::campaign::{self, Config, Summary};
 use duet::fuzz::check::{against_recorded, Checker, Verdict};
 use duet::fuzz::lockstep::lockstep;
 use duet::fuzz::{Case, FuzzMode};
+
+use crate::status::Status;
 
 /// Arguments of `duet fuzz`.
 #[derive(Args, Debug)]
@@ -32,9 +36,9 @@ pub struct FuzzArgs {
     /// Run only shard I of N (`I/N`, case k belongs to shard k mod N).
     #[arg(long, default_value = "0/1")]
     pub shard: String,
-    /// Worker threads.
-    #[arg(long, default_value_t = 1)]
-    pub jobs: usize,
+    /// Worker threads (at most one per core: more only wait for a core).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jobs: u64,
     /// Directory for divergence case files (default: fuzz-out).
     #[arg(long, default_value = "fuzz-out")]
     pub out: PathBuf,
@@ -65,7 +69,10 @@ Each divergence is shrunk to a minimal program, rerun in lockstep, and saved in 
 JSON case file with KVM's result as the expected one; replay it with `duet diff FILE`.
 Cases this host's KVM is known to get wrong are counted as `undecided`, never as divergences.
 A sharded campaign: run `--shard I/N --seed S` for I in 0..N on N machines, then concatenate
-the --out directories. Exit status: 0 no divergence, 2 divergences found, 1 error.";
+the --out directories. The first SIGINT or SIGTERM lets the cases in flight finish, prints the
+summary of what ran and exits with 16; a second one stops at once (case files are written
+whole or not at all). Exit status: 0 no divergence, 2 divergences found (saved or not),
+16 interrupted, 4 error (--out cannot be written, a harness error).";
 
 /// Arguments of `duet diff`.
 #[derive(Args, Debug)]
@@ -127,13 +134,20 @@ pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
         Some(t) if !(t > 0.0 && t <= 1e9) => bail!("--time {t} is not a number of seconds between 0 and 1e9"),
         t => t.map(Duration::from_secs_f64),
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = usize::try_from(args.jobs).unwrap_or(usize::MAX);
+    if jobs > cores {
+        eprintln!("duet fuzz: --jobs {jobs} is more than the {cores} cores here: running {cores} workers");
+    }
+    let interrupt = Arc::new(AtomicBool::new(false));
+    on_termination_signals(&interrupt)?;
     let cfg = Config {
         modes: modes(&args.mode)?,
         cases: args.cases,
         seed: args.seed,
         time,
         shard: shard(&args.shard)?,
-        jobs: args.jobs.max(1),
+        jobs: jobs.min(cores),
         out: Some(args.out.clone()),
         max_insns: args.max_insns.clamp(1, 256),
         use_kvm: !args.interp_only,
@@ -141,6 +155,7 @@ pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
         reference: args.reference,
         avoid_host_limits: args.avoid_host_limits,
         per_signature: args.per_kind,
+        interrupt: Some(interrupt),
         ..Config::default()
     };
     let mine = cfg.cases / cfg.shard.1 + u64::from(cfg.cases % cfg.shard.1 > cfg.shard.0);
@@ -155,11 +170,42 @@ pub fn fuzz(args: &FuzzArgs) -> Result<ExitCode> {
         }
     })?;
     eprintln!();
-    print_summary(&summary, &cfg);
-    Ok(if summary.found.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    print_summary(&summary, &cfg, mine);
+    Ok(campaign_status(&summary).into())
 }
 
-fn print_summary(s: &Summary, cfg: &Config) {
+/// The exit status of a campaign: a divergence first (saved or not), then an interruption,
+/// then an error of the harness.
+fn campaign_status(s: &Summary) -> Status {
+    if s.diverged > 0 {
+        Status::Difference
+    } else if s.interrupted {
+        Status::Interrupted
+    } else if !s.errors.is_empty() {
+        Status::Error
+    } else {
+        Status::Halted
+    }
+}
+
+/// Sets `flag` on the first SIGINT or SIGTERM; a second one ends the process at once with the
+/// "interrupted" status. signal-hook's flag module keeps the one `sigaction` out of this crate,
+/// which forbids unsafe code; its handlers only store to atomics (async-signal-safe). duet-kvm's
+/// deadline kicks use SIGRTMIN+4, a signal of their own, so the two never meet; a SIGINT that
+/// lands on a vCPU thread in KVM_RUN only makes KVM_RUN return early, as a stale kick would.
+fn on_termination_signals(flag: &Arc<AtomicBool>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // The shutdown is registered first: it sees the flag as the previous signal left it.
+        flag::register_conditional_shutdown(sig, i32::from(Status::Interrupted.code()), flag.clone())
+            .context("installing the SIGINT/SIGTERM handler")?;
+        flag::register(sig, flag.clone()).context("installing the SIGINT/SIGTERM handler")?;
+    }
+    Ok(())
+}
+
+fn print_summary(s: &Summary, cfg: &Config, mine: u64) {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
     let names: Vec<&str> = cfg.modes.iter().map(|m| m.name()).collect();
     println!(
@@ -171,6 +217,16 @@ fn print_summary(s: &Summary, cfg: &Config) {
         if s.kvm { "kvm + interp" } else { "interp only (KVM not used: nothing is compared)" }
     );
     println!("  cases        {} in {:.1} s ({:.0} cases/s)", s.cases, secs, s.cases as f64 / secs);
+    if s.interrupted {
+        println!(
+            "  interrupted  by SIGINT/SIGTERM after {} of {mine} cases (the cases in flight finished)",
+            s.cases
+        );
+    }
+    if s.out_of_time {
+        let t = cfg.time.map_or(0.0, |t| t.as_secs_f64());
+        println!("  stopped      at the --time limit of {t} s: {} of {mine} cases ran", s.cases);
+    }
     println!("  agree        {}", s.agree);
     println!(
         "  divergences  {} ({} kinds; each kind's first cases are shrunk and saved)",
@@ -182,7 +238,11 @@ fn print_summary(s: &Summary, cfg: &Config) {
     }
     for f in &s.found {
         let first = f.case.note.lines().find(|l| l.starts_with("first difference")).unwrap_or("");
-        let at = f.path.as_ref().map_or_else(|| "(not saved)".into(), |p| p.display().to_string());
+        let at = match (&f.path, &f.unsaved) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(why)) => format!("NOT SAVED ({why})"),
+            (None, None) => "(not saved)".into(),
+        };
         println!("    case {} -> {at}  {first}", f.index);
     }
     let undecided: u64 = s.undecided.values().sum();
@@ -207,80 +267,109 @@ fn print_summary(s: &Summary, cfg: &Config) {
     }
 }
 
-/// `duet diff`.
+/// `duet diff`: every file is checked (or recorded), a bad one is reported and the next one
+/// checked; the status says a difference first, then an error.
 pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
     let mut checker = Checker::new(!args.interp_only, Duration::from_secs(2));
     if let Some(why) = checker.use_qemu() {
         eprintln!("duet diff: no third opinion: the QEMU reference is not usable: {why}");
     }
-    if let Some(source) = &args.record {
-        for path in &args.cases {
-            let file = path.display().to_string();
-            let mut case = Case::load(path)?;
-            let (p, state) = duet::fuzz::layout::prepare(&case, &file)?;
-            let exec = match source.as_str() {
-                "kvm" => checker.kvm.as_mut().context("--record kvm needs a usable KVM")?,
-                _ => &mut checker.interp,
-            };
-            let run = exec.run(&case, &p, &state)?;
-            if matches!(run.outcome.stop, duet::StopReason::Unsupported(_) | duet::StopReason::CannotRun(_)) {
-                bail!("{file}: not recorded: the {source} run produced no result ({})", run.outcome.stop);
-            }
-            let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
-            case.expected = Some(match source.as_str() {
-                "kvm" => duet::fuzz::Expected::recorded_here(run.outcome),
-                _ => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
-            });
-            // The result holds for the profile it was recorded under: name it in the file.
-            let profile = duet::fuzz::exec::profile_of(case.cpuid.as_ref())?;
-            case.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&profile));
-            case.save(path)?;
-            println!("{file}: recorded the {source} result ({stop})");
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut differ = false;
+    let (mut differ, mut failed) = (false, 0);
     for path in &args.cases {
-        let file = path.display().to_string();
-        let case = Case::load(path)?;
-        if checker.kvm.is_some() {
-            match checker.check(&case, &file).with_context(|| format!("running {file}"))? {
-                Verdict::Agree => println!("{file}: kvm and interp agree"),
-                Verdict::Diverge { diff, kvm, interp } => {
-                    let runs = Some((kvm.outcome, interp.outcome));
-                    differ = true;
-                    println!("{file}: kvm and interp differ\n{diff}");
-                    if let Some((k, i)) = runs.as_ref() {
-                        println!("third opinion: {}", checker.third_opinion(&case, k, i));
-                    }
-                    if let Some(kvm) = checker.kvm.as_mut() {
-                        match lockstep(kvm, &mut checker.interp, &case, &file) {
-                            Ok(r) => println!("lockstep: {r}"),
-                            Err(e) => println!("lockstep rerun failed: {e}"),
-                        }
-                    }
-                }
-                Verdict::Undecided { why } => println!("{file}: undecided: {why}"),
-                Verdict::Unsupported { what } => {
-                    println!("{file}: the interpreter does not implement {what}")
-                }
-                Verdict::Hung => println!("{file}: both backends hung"),
-                Verdict::InterpOnly => {}
-            }
-        }
-        match against_recorded(&mut checker.interp, &case, &file)? {
-            None => println!("{file}: no recorded result"),
-            Some(d) if d.is_empty() => {
-                println!(
-                    "{file}: interp matches the recorded {} result",
-                    case.expected.as_ref().map_or("", |e| e.source.name())
-                )
-            }
-            Some(d) => {
-                differ = true;
-                println!("{file}: interp differs from the recorded result\n{d}");
+        let done = match &args.record {
+            Some(source) => record_one(&mut checker, path, source).map(|()| false),
+            None => diff_one(&mut checker, path),
+        };
+        match done {
+            Ok(d) => differ |= d,
+            Err(e) => {
+                eprintln!("duet: error: {e:#}");
+                failed += 1;
             }
         }
     }
-    Ok(if differ { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    if failed > 0 && args.cases.len() > 1 {
+        eprintln!("duet diff: {failed} of {} files could not be checked (see above)", args.cases.len());
+    }
+    Ok(if differ {
+        Status::Difference
+    } else if failed > 0 {
+        Status::Error
+    } else {
+        Status::Halted
+    }
+    .into())
+}
+
+/// Records the expected result of the case in `path` from `source` (`kvm` or `sdm`).
+fn record_one(checker: &mut Checker, path: &std::path::Path, source: &str) -> Result<()> {
+    let file = path.display().to_string();
+    let mut case = Case::load(path)?;
+    let (p, state) = duet::fuzz::layout::prepare(&case, &file)?;
+    let exec = match source {
+        "kvm" => checker.kvm.as_mut().context("--record kvm needs a usable KVM")?,
+        _ => &mut checker.interp,
+    };
+    let run = exec.run(&case, &p, &state)?;
+    if matches!(
+        run.outcome.stop,
+        duet::StopReason::Unsupported(_)
+            | duet::StopReason::CannotRun(_)
+            | duet::StopReason::UnbackedFetch { .. }
+    ) {
+        bail!("{file}: not recorded: the {source} run produced no result ({})", run.outcome.stop);
+    }
+    let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
+    case.expected = Some(match source {
+        "kvm" => duet::fuzz::Expected::recorded_here(run.outcome),
+        _ => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
+    });
+    // The result holds for the profile it was recorded under: name it in the file.
+    let profile = duet::fuzz::exec::profile_of(case.cpuid.as_ref())?;
+    case.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&profile));
+    case.save(path)?;
+    println!("{file}: recorded the {source} result ({stop})");
+    Ok(())
+}
+
+/// Replays the case in `path` on both backends and against its recorded result; true when
+/// something differs.
+fn diff_one(checker: &mut Checker, path: &std::path::Path) -> Result<bool> {
+    let file = path.display().to_string();
+    let case = Case::load(path)?;
+    let mut differ = false;
+    if checker.kvm.is_some() {
+        match checker.check(&case, &file).with_context(|| format!("running {file}"))? {
+            Verdict::Agree => println!("{file}: kvm and interp agree"),
+            Verdict::Diverge { diff, kvm, interp } => {
+                differ = true;
+                println!("{file}: kvm and interp differ\n{diff}");
+                println!("third opinion: {}", checker.third_opinion(&case, &kvm.outcome, &interp.outcome));
+                if let Some(kvm) = checker.kvm.as_mut() {
+                    match lockstep(kvm, &mut checker.interp, &case, &file) {
+                        Ok(r) => println!("lockstep: {r}"),
+                        Err(e) => println!("lockstep rerun failed: {e}"),
+                    }
+                }
+            }
+            Verdict::Undecided { why } => println!("{file}: undecided: {why}"),
+            Verdict::Unsupported { what } => println!("{file}: the interpreter does not implement {what}"),
+            Verdict::Hung => println!("{file}: both backends hung"),
+            Verdict::InterpOnly => {}
+        }
+    }
+    match against_recorded(&mut checker.interp, &case, &file)? {
+        None => println!("{file}: no recorded result"),
+        Some(d) if d.is_empty() => {
+            println!(
+                "{file}: interp matches the recorded {} result",
+                case.expected.as_ref().map_or("", |e| e.source.name())
+            )
+        }
+        Some(d) => {
+            differ = true;
+            println!("{file}: interp differs from the recorded result\n{d}");
+        }
+    }
+    Ok(differ)
 }

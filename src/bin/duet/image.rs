@@ -1,5 +1,6 @@
 //! Turning `duet run` arguments into a guest: a fixture, a flat image, an ELF file or a ROM.
 
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,14 +26,47 @@ fn mode(m: ModeArg) -> Mode {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+/// Largest firmware image `--bios` takes (the builder maps 64 or 128 KiB below 4 GiB).
+pub const MAX_BIOS: u64 = 128 << 10;
+
+/// Largest image file: the guest's RAM, and never more than the 4 GiB an image or an ELF
+/// segment can be loaded into.
+pub fn max_image(ram: u64) -> u64 {
+    ram.min(4 << 30)
+}
+
+/// `n` bytes in words: `32 MiB`, `128 KiB`, or a plain count.
+fn size(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// Reads `path` whole when it holds at most `limit` bytes; one clear error otherwise. A device
+/// or a pipe (`/dev/zero`) is read only up to one byte past the limit.
+pub fn read_at_most(path: &Path, what: &str, limit: u64, why: &str) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let too_large = || anyhow!("{what} {} is larger than {} ({why})", path.display(), size(limit));
+    if file.metadata().is_ok_and(|m| m.is_file() && m.len() > limit) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// Builds the guest `args` describe.
 pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     if let Some(path) = &args.bios {
-        let rom = read(path, "firmware image")?;
+        let rom = read_at_most(path, "firmware image", MAX_BIOS, "a ROM is 64 or 128 KiB")?;
         let mut b = GuestBuilder::bios(rom);
         if let Some(m) = args.mem {
             b = b.ram_size(m);
@@ -60,7 +94,9 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         }
         return Ok(Prepared { guest, fixture: Some(fixture) });
     };
-    let bytes = read(path, "image")?;
+    let ram = args.mem.unwrap_or(duet_core::layout::DEFAULT_MEM_SIZE);
+    let why = format!("the guest has {} of RAM; --mem sets it", size(ram));
+    let bytes = read_at_most(path, "image", max_image(ram), &why)?;
     let mut b = GuestBuilder::new(mode(args.mode));
     if let Some(m) = args.mem {
         b = b.ram_size(m);
@@ -70,7 +106,6 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         if img.is_64 && args.mode != ModeArg::Long {
             bail!("{} is a 64-bit ELF file: run it with --mode long", path.display());
         }
-        let ram = args.mem.unwrap_or(duet_core::layout::DEFAULT_MEM_SIZE);
         if img.end > ram {
             bail!(
                 "{} needs memory up to {:#x} (its segments with their zero-filled parts), beyond the {ram:#x} bytes of RAM; use a larger --mem",
@@ -107,4 +142,23 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     }
     let guest = b.build().with_context(|| format!("cannot load image {}", path.display()))?;
     Ok(Prepared { guest, fixture: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_refused_one_byte_past_the_limit() {
+        let path = std::env::temp_dir().join(format!("duet-image-limit-{}", std::process::id()));
+        std::fs::write(&path, [7u8; 17]).unwrap();
+        assert_eq!(read_at_most(&path, "image", 17, "x").unwrap(), vec![7u8; 17]);
+        let err = read_at_most(&path, "image", 16, "why").unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(err, format!("image {} is larger than 16 bytes (why)", path.display()));
+        // A device that never ends is read only to one byte past the limit.
+        let err = read_at_most(Path::new("/dev/zero"), "firmware image", MAX_BIOS, "a ROM").unwrap_err();
+        assert_eq!(err.to_string(), "firmware image /dev/zero is larger than 128 KiB (a ROM)");
+        assert_eq!(max_image(64 << 30), 4 << 30);
+    }
 }

@@ -7,15 +7,25 @@ mod elf;
 mod fuzz_cmd;
 mod image;
 mod run_cmd;
+mod status;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use cli::{Cli, Command};
+use status::Status;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits with 2 on a usage error, which is duet's "difference": say it with
+            // duet's own error status instead (help and version still exit 0).
+            let _ = e.print();
+            return if e.use_stderr() { Status::Error.into() } else { ExitCode::SUCCESS };
+        }
+    };
     let result = match cli.command.unwrap_or_default() {
         Command::Run(args) => run_cmd::run(&args),
         Command::List => {
@@ -31,7 +41,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("duet: error: {e:#}");
-            ExitCode::from(1)
+            Status::Error.into()
         }
     }
 }
