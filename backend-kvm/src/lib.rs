@@ -2,10 +2,10 @@
 //!
 //! [`KvmBackend`] opens `/dev/kvm` (or another path), explains why it cannot when it cannot,
 //! and creates a VM with one vCPU over duet's shared guest memory. [`KvmVcpu`] implements
-//! `duet_core::Vcpu`: registers convert to and from kvm-bindings in [`convert`], exits are
-//! lent from the kvm_run page, a deadline kicks the thread out of KVM_RUN with a signal, and
-//! an instruction KVM cannot complete becomes `VcpuExit::CannotRun` naming it. There is no
-//! in-kernel irqchip: devices are userspace and shared with the interpreter.
+//! `duet_core::Vcpu`: registers convert to and from kvm-bindings in `convert` (x86-64 only),
+//! exits are lent from the kvm_run page, a deadline kicks the thread out of KVM_RUN with a
+//! signal, and an instruction KVM cannot complete becomes `VcpuExit::CannotRun` naming it.
+//! There is no in-kernel irqchip: devices are userspace and shared with the interpreter.
 //!
 //! All `unsafe` code is in the private `sys` module.
 //!
