@@ -36,8 +36,13 @@ impl KvmKind {
         matches!(self, KvmKind::Vmx | KvmKind::Svm)
     }
 
-    /// The kind of KVM this host offers, from the loaded modules (`/sys/module`).
+    /// The kind of KVM this host offers, from the loaded modules (`/sys/module`); `None` on a
+    /// host that is not x86-64, whose KVM runs no x86 guest.
     pub fn detect() -> KvmKind {
+        // Under qemu-user, /sys is the emulating host's: it must not speak for an aarch64 process.
+        if cfg!(not(target_arch = "x86_64")) {
+            return KvmKind::None;
+        }
         let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
         if loaded("kvm_pvm") {
             KvmKind::Pvm
@@ -86,13 +91,21 @@ impl Host {
 
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} with {}", self.vendor.id(), self.kvm)
+        let vendor = match self.vendor {
+            Vendor::Intel | Vendor::Amd => self.vendor.id(),
+            Vendor::Other => "a CPU of another vendor",
+        };
+        write!(f, "{vendor} with {}", self.kvm)
     }
 }
 
 /// The host CPU's vendor, from `/proc/cpuinfo` (`vendor_id`); `Other` where there is none
 /// (an ARM host) or the file cannot be read.
 fn host_vendor() -> Vendor {
+    // Under qemu-user, /proc/cpuinfo is the emulating x86 host's: not this process's CPU.
+    if cfg!(not(target_arch = "x86_64")) {
+        return Vendor::Other;
+    }
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| vendor_of_cpuinfo(&text))
@@ -117,6 +130,22 @@ mod tests {
         assert_eq!(vendor_of_cpuinfo("vendor_id\t: AuthenticAMD\n"), Some(Vendor::Amd));
         // An aarch64 cpuinfo has no vendor_id line.
         assert_eq!(vendor_of_cpuinfo("processor\t: 0\nCPU implementer\t: 0x41\n"), None);
+    }
+
+    /// A process built for another architecture has no x86 vendor and no KVM for x86 guests,
+    /// even under qemu-user on an x86 host, where /proc/cpuinfo and /sys/module are the host's.
+    #[cfg(not(target_arch = "x86_64"))]
+    #[test]
+    fn a_host_that_is_not_x86_64_has_no_x86_vendor_and_no_kvm_for_x86_guests() {
+        assert_eq!(Host::this(), Host { vendor: Vendor::Other, kvm: KvmKind::None });
+    }
+
+    #[test]
+    fn a_host_of_another_vendor_does_not_print_as_intel() {
+        let arm = Host { vendor: Vendor::Other, kvm: KvmKind::None };
+        assert_eq!(arm.to_string(), "a CPU of another vendor with none");
+        let amd = Host { vendor: Vendor::Amd, kvm: KvmKind::Pvm };
+        assert_eq!(amd.to_string(), "AuthenticAMD with kvm_pvm");
     }
 
     #[test]

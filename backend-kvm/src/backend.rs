@@ -14,14 +14,7 @@ use crate::convert;
 use crate::error::KvmError;
 use crate::sys;
 use crate::vcpu::KvmVcpu;
-
-/// The device KVM is normally reached through.
-pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
-/// Guest physical address of the three pages KVM_SET_TSS_ADDR reserves (Intel real mode needs
-/// them); the same place QEMU uses, inside the PC's 32-bit MMIO hole, away from RAM and firmware.
-pub const TSS_ADDR: u64 = 0xfeff_d000;
-/// Guest physical address of the identity-map page table KVM_SET_IDENTITY_MAP_ADDR reserves.
-pub const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+use crate::{DEFAULT_KVM_PATH, IDENTITY_MAP_ADDR, TSS_ADDR};
 
 /// The duet backend that runs guests on the host CPU through KVM.
 #[derive(Clone, Debug)]

@@ -7,6 +7,15 @@ use duet_core::VcpuError;
 /// An error of the KVM backend; every message names the path, ioctl or value involved.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
+    /// This host is not x86-64: its KVM (if any) runs guests of its own architecture only.
+    #[error(
+        "duet's KVM backend runs x86 guests and needs an x86-64 host (this host is {arch}); \
+         `--backend interp` works without KVM"
+    )]
+    OtherArch {
+        /// The host's architecture (`std::env::consts::ARCH`).
+        arch: &'static str,
+    },
     /// The KVM device could not be opened.
     #[error("cannot open {path}: {source}")]
     Open {
@@ -94,6 +103,7 @@ pub enum KvmError {
     },
 }
 
+#[cfg(target_arch = "x86_64")]
 impl KvmError {
     /// Wraps an errno from kvm-ioctls with the name of the ioctl that failed.
     pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> KvmError {
@@ -105,9 +115,10 @@ impl From<KvmError> for VcpuError {
     fn from(e: KvmError) -> Self {
         match e {
             KvmError::Ioctl { op, source } => VcpuError::Hypervisor { op, source },
-            KvmError::Open { .. } | KvmError::BadPath { .. } | KvmError::ApiVersion { .. } => {
-                VcpuError::Unavailable(e.to_string())
-            }
+            KvmError::OtherArch { .. }
+            | KvmError::Open { .. }
+            | KvmError::BadPath { .. }
+            | KvmError::ApiVersion { .. } => VcpuError::Unavailable(e.to_string()),
             KvmError::MsrRefused { .. } => VcpuError::InvalidState(e.to_string()),
             other => VcpuError::Other(other.to_string()),
         }

@@ -6,6 +6,11 @@
 //! KVM backend against. Figures and the method are in docs/BENCHMARKS.md.
 #![deny(missing_docs)]
 
+#[cfg(target_arch = "x86_64")]
+pub mod raw_kvm;
+/// The raw KVM baseline's stand-in on other hosts, whose KVM cannot run x86 guests.
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "raw_kvm_other_arch.rs"]
 pub mod raw_kvm;
 pub mod workloads;
 

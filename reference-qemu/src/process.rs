@@ -68,8 +68,12 @@ pub fn read_or_empty(path: &Path) -> Vec<u8> {
 /// A running QEMU, killed and reaped when dropped.
 pub struct Qemu {
     child: Child,
+    program: String,
     stderr: PathBuf,
 }
+
+/// The status a spawned child exits with when its exec failed (glibc's posix_spawn, POSIX shells).
+const EXEC_FAILED: i32 = 127;
 
 impl Qemu {
     /// Starts `program` with `args`, stdout discarded and stderr to `stderr`.
@@ -86,7 +90,7 @@ impl Qemu {
             .stderr(err_file)
             .spawn()
             .map_err(|source| QemuError::Spawn { program: program.into(), source })?;
-        Ok(Qemu { child, stderr })
+        Ok(Qemu { child, program: program.into(), stderr })
     }
 
     /// What QEMU wrote on stderr so far (trimmed, at most 2000 characters).
@@ -99,6 +103,17 @@ impl Qemu {
     pub fn check_alive(&mut self) -> Result<(), QemuError> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
+            // Where spawning cannot report an exec failure (a process under qemu-user: its vfork
+            // is a fork), a program that cannot be executed is a child that exits 127 silently.
+            Ok(Some(status)) if status.code() == Some(EXEC_FAILED) && self.stderr().is_empty() => {
+                Err(QemuError::Spawn {
+                    program: self.program.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("it exited with status {EXEC_FAILED}, a failed exec, and printed nothing"),
+                    ),
+                })
+            }
             Ok(Some(status)) => Err(QemuError::Exited { status: status.to_string(), stderr: self.stderr() }),
             Err(e) => Err(QemuError::Exited { status: format!("unknown ({e})"), stderr: self.stderr() }),
         }
@@ -125,9 +140,9 @@ pub fn availability() -> Availability {
         }
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break,
+            Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             _ => {
                 let _ = child.kill();
@@ -135,7 +150,7 @@ pub fn availability() -> Availability {
                 return Availability::Unavailable(format!("{prog} --version did not answer within 10 s"));
             }
         }
-    }
+    };
     let mut out = String::new();
     if let Some(mut s) = child.stdout.take() {
         use std::io::Read;
@@ -143,6 +158,12 @@ pub fn availability() -> Availability {
     }
     match out.lines().next().filter(|l| l.contains("QEMU emulator version")) {
         Some(line) => Availability::Available(format!("{prog}: {}", line.trim())),
+        // Where spawning cannot report an exec failure (a process under qemu-user: its vfork is a
+        // fork), a program that cannot be executed shows up as a child that failed silently.
+        None if out.is_empty() && status.code() == Some(EXEC_FAILED) => Availability::Unavailable(format!(
+            "{prog} cannot be run (it exited with status {EXEC_FAILED}, a failed exec, and printed nothing); \
+             install QEMU (Debian: apt-get install qemu-system-x86) or set DUET_QEMU"
+        )),
         None => Availability::Unavailable(format!("{prog} --version printed {out:?}, not a QEMU version")),
     }
 }

@@ -21,5 +21,23 @@ fn availability_names_the_version_or_the_reason() {
     let err = duet_qemu::run(&guest, &duet_core::CpuidProfile::baseline(), std::time::Duration::from_secs(5))
         .unwrap_err();
     assert!(matches!(err, duet_qemu::QemuError::Spawn { .. }), "{err}");
+    // Where spawning cannot report a failed exec (a test under qemu-user: its vfork is a fork),
+    // the same missing program is a child that exits 127 (POSIX: command not found) in
+    // silence; a program doing just that stands in for it on every host.
+    let dir = std::env::temp_dir().join(format!("duet-qemu-exec-failed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("qemu-system-x86_64");
+    std::fs::write(&fake, "#!/bin/sh\nexit 127\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::env::set_var("DUET_QEMU", &fake);
+    let a = duet_qemu::availability();
+    assert!(
+        matches!(&a, duet_core::Availability::Unavailable(m) if m.contains("cannot be run") && m.contains("apt-get install")),
+        "{a:?}"
+    );
+    let err = duet_qemu::run(&guest, &duet_core::CpuidProfile::baseline(), std::time::Duration::from_secs(5))
+        .unwrap_err();
+    assert!(matches!(err, duet_qemu::QemuError::Spawn { .. }), "{err}");
     std::env::remove_var("DUET_QEMU");
+    let _ = std::fs::remove_dir_all(&dir);
 }

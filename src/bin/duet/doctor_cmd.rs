@@ -12,6 +12,9 @@ use crate::cli::DoctorArgs;
 /// Prints the host checklist, both backends' availability and speed, and the choices of `auto`
 /// and `fastest`.
 pub fn doctor(args: &DoctorArgs) -> Result<ExitCode> {
+    let host = duet::host::Host::this();
+    // The host that recorded results and KVM limits are judged against (CI prints this first).
+    println!("host: {}, CPU vendor {}, KVM {}", std::env::consts::ARCH, host.vendor.name(), host.kvm);
     let facts = duet::doctor::HostFacts::gather_with(Path::new("/"), &duet::backends::kvm_device());
     println!("{facts}");
     for kind in BackendKind::ALL {
