@@ -143,7 +143,14 @@ impl Checker {
             // Grouped by what, not where: addresses are cut off.
             return Ok(Verdict::Unsupported { what: short_instruction(i) });
         }
-        let Some(kvm_exec) = self.kvm.as_mut() else { return Ok(Verdict::InterpOnly) };
+        let Some(kvm_exec) = self.kvm.as_mut() else {
+            // Without KVM the reference, when one was asked for, is the only other opinion.
+            return Ok(if self.reference.asks() {
+                self.ask_reference(case, &p, &interp, "no KVM on this host".into())
+            } else {
+                Verdict::InterpOnly
+            });
+        };
         if let Some(m) = judge::instruction_limit(self.host, &p).filter(|m| m.standing == Standing::Known) {
             // KVM is not run: the case is known not to be decided by it here.
             return Ok(self.ask_reference(case, &p, &interp, m.why(self.host)));
@@ -329,5 +336,63 @@ mod tests {
         assert!(undecided(&unknown)
             .starts_with("unknown host: `alignment-check-without-cr0-am` was verified on AMD"));
         assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
+    }
+
+    /// A reference that answers every case with one fixed outcome.
+    struct Fixed(Outcome);
+
+    impl Reference for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+        fn run(&self, _case: &Case) -> Result<Outcome, String> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn without_kvm_a_reference_that_was_asked_for_decides() {
+        use crate::fuzz::case::{hex_bytes, CASE_FORMAT};
+        // mov eax, 7; out 0xf4, al; cli; hlt — in 32-bit protected mode, a debug exit of 7.
+        let code = [0xb8, 7, 0, 0, 0, 0xe6, 0xf4, 0xfa, 0xf4];
+        let case = Case {
+            format: CASE_FORMAT,
+            mode: FuzzMode::Prot32,
+            note: String::new(),
+            regs: Default::default(),
+            rflags: "0x2".into(),
+            segments: Default::default(),
+            code: hex_bytes(&code),
+            disasm: Vec::new(),
+            data: String::new(),
+            cpuid: None,
+            expected: None,
+        };
+        let timeout = Duration::from_secs(5);
+        let mut checker = Checker {
+            kvm: None,
+            interp: Executor::new(BackendKind::Interp, timeout),
+            host: AMD_SVM,
+            reference: Box::new(judge::NoReference),
+        };
+        assert!(matches!(checker.check(&case, "case"), Ok(Verdict::InterpOnly)));
+        let (p, state) = layout::prepare(&case, "case").expect("the case prepares");
+        let interp = checker.interp.run(&case, &p, &state).expect("the software CPU runs it").outcome;
+        assert_eq!(interp.stop, StopReason::DebugExit { value: 7 }, "SDM Vol. 2A MOV, Vol. 2B OUT");
+        // A reference logs no port exits (QEMU sees none of duet's devices).
+        let mut same = interp;
+        same.exits.clear();
+        checker.reference = Box::new(Fixed(same.clone()));
+        assert!(matches!(checker.check(&case, "case"), Ok(Verdict::Agree)));
+        let mut other = same;
+        other.state.insert(Field::Gpr(0), 8);
+        checker.reference = Box::new(Fixed(other));
+        match checker.check(&case, "case") {
+            Ok(Verdict::Undecided { why }) => {
+                assert!(why.starts_with("fixed disagrees with the interpreter"), "{why}");
+                assert!(why.contains("no KVM on this host"), "{why}");
+            }
+            other => panic!("a disagreeing reference must leave the case undecided: {other:?}"),
+        }
     }
 }

@@ -220,6 +220,11 @@ pub trait Reference: Send + Sync {
     fn name(&self) -> &'static str;
     /// The outcome of `case`, or why this reference cannot run it.
     fn run(&self, case: &Case) -> Result<Outcome, String>;
+    /// Whether this is an opinion at all (the default [`NoReference`] is not): on a host without
+    /// KVM a real reference is the only one asked.
+    fn asks(&self) -> bool {
+        true
+    }
 }
 
 /// No third opinion: the default of a campaign (QEMU costs a process per case).
@@ -232,6 +237,9 @@ impl Reference for NoReference {
     }
     fn run(&self, _case: &Case) -> Result<Outcome, String> {
         Err("no third opinion asked (`duet fuzz --reference` asks QEMU)".into())
+    }
+    fn asks(&self) -> bool {
+        false
     }
 }
 
