@@ -83,6 +83,9 @@ pub mod ext_leaf1 {
     pub const ECX_LAHF_LM: u32 = 1 << 0;
     /// ECX: LZCNT (ABM).
     pub const ECX_ABM: u32 = 1 << 5;
+    /// ECX: AMD's AltMovCr8, LOCK MOV CR0 as MOV CR8 outside 64-bit mode (AMD64 APM Vol. 3,
+    /// CPUID Fn8000_0001 ECX bit 4); duet's profiles never advertise it.
+    pub const ECX_CR8_LEGACY: u32 = 1 << 4;
 }
 
 /// The CPU vendor a profile presents (leaf 0), which decides every behaviour where Intel and AMD
