@@ -115,6 +115,7 @@ fn exec_one<const BLOCK: bool>(
         cpu.io.finish();
     }
     cpu.shadow = cpu.shadow.saturating_sub(1);
+    cpu.ss_shadow = cpu.ss_shadow.saturating_sub(1);
     match cpu.post.take() {
         Some(Post::Hlt) => {
             cpu.halted = true;
@@ -553,6 +554,7 @@ impl Vcpu for InterpVcpu {
         }
         self.cpu.io = Default::default();
         self.cpu.shadow = 0;
+        self.cpu.ss_shadow = 0;
         self.cpu.undefined = 0;
         self.step_report = false;
         self.pending_db = false;

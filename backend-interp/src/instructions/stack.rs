@@ -55,6 +55,16 @@ impl Cpu {
         Ok(())
     }
 
+    /// Sets the stack pointer as [`Cpu::set_sp`] does for a stack `width` bytes wide (the stack
+    /// an instruction used before it loaded another SS).
+    pub fn set_sp_width(&mut self, v: u64, width: u32) {
+        match width {
+            2 => self.set_gpr_sized(4, 2, v),
+            4 => self.gpr[4] = v & 0xffff_ffff,
+            _ => self.gpr[4] = v,
+        }
+    }
+
     /// Pops `bytes` bytes.
     pub fn pop(&mut self, bytes: u32) -> Flow<u64> {
         let sp = self.sp();
@@ -134,11 +144,15 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
                 let r = ins.op_register(0);
                 let v = cpu.peek(0, 2)?;
+                // The increment uses the width of the stack the selector came from, not that of
+                // the SS just loaded (SDM Vol. 2B POP, Operation: "IF StackAddrSize = 16 … SP ←
+                // SP + 2/4"): a 16-bit stack's SP wraps and ESP[31:16] stays.
+                let (sp, width) = (cpu.sp(), cpu.stack_bytes());
                 cpu.load_data_seg(r, v as u16)?;
-                let sp = cpu.sp();
-                cpu.set_sp(sp.wrapping_add(u64::from(n)));
+                cpu.set_sp_width(sp.wrapping_add(u64::from(n)), width);
                 if r == Register::SS {
                     cpu.shadow = 2;
+                    cpu.ss_shadow = 2;
                 }
                 return Ok(());
             }
