@@ -237,7 +237,12 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 copies.push(cpu.read_mem(Register::SS, walk, size)?);
             }
             cpu.check_pushes(pushes, size)?;
-            let frame = cpu.sp().wrapping_sub(u64::from(size)) & mask(sb);
+            // FrameTemp is rSP after the first push, read at the operand size: "FrameTemp ←
+            // ESP" for a 32-bit operand even on a 16-bit stack, whose push moved only SP (SDM
+            // Vol. 2A ENTER, Operation; QEMU and Bochs agree). It is pushed and moved into rBP at
+            // the operand size; rSP itself moves at the stack's width.
+            let pushed = cpu.sp().wrapping_sub(u64::from(size)) & mask(sb);
+            let frame = ((cpu.gpr[4] & !mask(sb)) | pushed) & mask(size);
             let new_sp = cpu.sp().wrapping_sub(pushes * u64::from(size)).wrapping_sub(alloc) & mask(sb);
             if alloc != 0 {
                 // The new stack top must be a valid, writable stack address.
