@@ -129,10 +129,15 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     match ins.mnemonic() {
         Mnemonic::Push => {
             if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
-                // A 32/64-bit push of a segment register writes only the 16-bit selector (SDM PUSH).
+                // SDM Vol. 2B PUSH: with a 64-bit operand size the selector is zero-extended;
+                // with 32 bits "either a zero-extended value is pushed … or the segment selector
+                // is written on the stack using a 16-bit move", the latter on "all recent Intel
+                // Core and Intel Atom processors". AMD zero-extends it (AMD64 APM Vol. 3 PUSH;
+                // this host's silicon, backend-interp/tests/vendors_data.rs).
                 let v = cpu.reg(ins.op_register(0));
+                let store = if n == 4 && !cpu.amd() { 2 } else { n };
                 let sp = cpu.sp().wrapping_sub(u64::from(n)) & mask(cpu.stack_bytes());
-                cpu.write_mem(Register::SS, sp, 2, v)?;
+                cpu.write_mem(Register::SS, sp, store, v)?;
                 cpu.set_sp(sp);
                 return Ok(());
             }
