@@ -406,6 +406,14 @@ impl Cpu {
                     self.tlb.flush();
                 }
             }
+            // AMD keeps 32 bits of these (its SYSENTER runs only outside long mode) and ignores
+            // the rest, non-canonical or not; Intel keeps 64 and checks them like the bases
+            // below (KVM, arch/x86/kvm/x86.c `__kvm_set_msr`: "IA32_SYSENTER_ESP and
+            // IA32_SYSENTER_EIP cause #GP if non-canonical address is written on Intel but not
+            // on AMD (which ignores the top 32-bits…)"; svm.c stores `(u32)data`).
+            msr::SYSENTER_ESP | msr::SYSENTER_EIP if self.amd() => {
+                self.msrs.insert(idx, v & 0xffff_ffff);
+            }
             msr::FS_BASE
             | msr::GS_BASE
             | msr::KERNEL_GS_BASE
@@ -430,6 +438,13 @@ impl Cpu {
                     return Err(gp(0));
                 }
                 self.msrs.insert(idx, v);
+            }
+            // TSC_AUX bits 63:32 are reserved on Intel (#GP(0), SDM Vol. 4 Table 2-2); AMD
+            // ignores them and reads them as 0 (KVM, arch/x86/kvm/x86.c `kvm_set_msr_common`:
+            // "Current AMD CPUs completely ignore bits 63:32, i.e. they aren't reserved and
+            // always read as zeros").
+            msr::TSC_AUX if self.amd() => {
+                self.msrs.insert(idx, v & 0xffff_ffff);
             }
             msr::SFMASK | msr::TSC_AUX => {
                 if v >> 32 != 0 {
