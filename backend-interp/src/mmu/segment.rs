@@ -88,6 +88,20 @@ impl Cpu {
         Ok(())
     }
 
+    /// What DS, ES, FS or GS (`sr`) holds after a null selector `sel` is loaded in protected
+    /// mode: unusable either way, but an Intel CPU clears the hidden part, base included (SDM
+    /// Vol. 2B MOV, Operation: the register is loaded with "NULL segment descriptor"), while an
+    /// AMD CPU that does not advertise NullSelectorClearsBase (CPUID Fn8000_0021 EAX bit 6;
+    /// duet's profiles never do) keeps the old base and limit (Linux, arch/x86/kernel/cpu/
+    /// common.c `detect_null_seg_behavior`: "writing zero to a segment selector on AMD does not
+    /// clear the base"). Only 64-bit mode can see the difference, through FS and GS.
+    pub fn null_segment(&self, sr: Register, sel: u16) -> Segment {
+        match self.seg(sr) {
+            Some(old) if self.amd() => Segment { selector: sel, present: false, unusable: true, ..*old },
+            _ => Segment { selector: sel, unusable: true, ..Segment::default() },
+        }
+    }
+
     /// Loads DS, ES, FS, GS or SS as MOV/POP do (SDM Vol. 2B MOV, "Operation"; Vol. 3A §5.6–5.7).
     pub fn load_data_seg(&mut self, sr: Register, sel: u16) -> Flow {
         if !self.protected() {
@@ -116,8 +130,9 @@ impl Cpu {
                 self.sregs.ss = Segment { selector: sel, dpl: cpl, unusable: true, ..Segment::default() };
                 return Ok(());
             }
+            let null = self.null_segment(sr, sel);
             if let Some(s) = self.seg_mut(sr) {
-                *s = Segment { selector: sel, unusable: true, ..Segment::default() };
+                *s = null;
             }
             return Ok(());
         }
