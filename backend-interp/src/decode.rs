@@ -192,6 +192,7 @@ fn straight(ins: &Instruction) -> bool {
             | Lzcnt
             | Tzcnt
             | Movbe
+            | Salc
     );
     plain
         && ins.encoding() == iced_x86::EncodingKind::Legacy
