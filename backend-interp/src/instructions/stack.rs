@@ -132,10 +132,11 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 // SDM Vol. 2B PUSH: with a 64-bit operand size the selector is zero-extended;
                 // with 32 bits "either a zero-extended value is pushed … or the segment selector
                 // is written on the stack using a 16-bit move", the latter on "all recent Intel
-                // Core and Intel Atom processors". AMD zero-extends it (AMD64 APM Vol. 3 PUSH;
-                // this host's silicon, backend-interp/tests/vendors_data.rs).
+                // Core and Intel Atom processors". This AMD host's silicon does the same: a
+                // 16-bit move at 32 bits, 8 bytes written at 64 (backend-interp/tests/
+                // vendors_data.rs `push_sreg_writes_a_word_at_32_bits_and_a_zero_extended_qword_at_64`).
                 let v = cpu.reg(ins.op_register(0));
-                let store = if n == 4 && !cpu.amd() { 2 } else { n };
+                let store = if n == 4 { 2 } else { n };
                 let sp = cpu.sp().wrapping_sub(u64::from(n)) & mask(cpu.stack_bytes());
                 cpu.write_mem(Register::SS, sp, store, v)?;
                 cpu.set_sp(sp);
