@@ -88,6 +88,14 @@ pub mod ext_leaf1 {
     pub const ECX_CR8_LEGACY: u32 = 1 << 4;
 }
 
+/// AMD's extended feature leaf 0x8000_0021 (AMD64 APM Vol. 3, CPUID Fn8000_0021).
+pub mod ext_leaf21 {
+    /// The leaf number.
+    pub const LEAF: u32 = 0x8000_0021;
+    /// EAX: NullSelectorClearsBase, a null selector load clears the segment base.
+    pub const EAX_NULL_SEL_CLR_BASE: u32 = 1 << 6;
+}
+
 /// The CPU vendor a profile presents (leaf 0), which decides every behaviour where Intel and AMD
 /// silicon differ (docs/VENDORS.md lists them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
