@@ -549,7 +549,8 @@ impl Vcpu for InterpVcpu {
             if i == msr::TSC {
                 self.cpu.tsc_offset = v.wrapping_sub(self.cpu.retired);
             } else if TRACKED_MSRS.contains(&i) {
-                self.cpu.msrs.insert(i, v);
+                let held = self.cpu.msr_held(i, v);
+                self.cpu.msrs.insert(i, held);
             }
         }
         self.cpu.io = Default::default();
