@@ -78,6 +78,33 @@ fn syscall_from_compatibility_mode_enters_cstar_on_amd_and_is_ud_on_intel() {
 }
 
 #[test]
+fn syscall_saves_rflags_with_rf_clear_on_both_vendors() {
+    // An IRETQ to ring 3 with RF = 1 in the image, onto a SYSCALL: AMD64 APM Vol. 3 SYSCALL saves
+    // "R11.q = RFLAGS // with rf cleared"; Intel clears RF "at the start of the instruction" (SDM
+    // Vol. 3B §18.3.1.1) before "R11 ← RFLAGS". (This host's KVM leaves SYSCALL from ring 3 at
+    // CPL 3, DEVELOPERS.md: the manuals decide.)
+    use duet_core::state::rflags::RF;
+    let probe = Probe::new(64, long64, |a| {
+        a.push(i32::from(sel::UDATA)).unwrap();
+        a.push(STACK as i32).unwrap();
+        a.push((RF | FIXED | CF) as i32).unwrap();
+        a.push(i32::from(sel::UCODE64)).unwrap();
+        a.push(TARGET as i32).unwrap();
+        a.iretq().unwrap();
+    })
+    .prep(|mem, s| {
+        poke(mem, TARGET, &[0x0f, 0x05]); // syscall
+        poke(mem, 0xa000, &[0xf4]);
+        syscall_msrs(s, 0x0018_0030 << 32);
+    });
+    for v in Vendor::MODELLED {
+        let (out, _) = probe.interp(v);
+        assert_eq!(out.stop, StopReason::Halted, "{v}");
+        assert_eq!((out.state.regs.rip, out.state.regs.r11), (0xa001, FIXED | CF), "{v}");
+    }
+}
+
+#[test]
 fn syscall_outside_long_mode_jumps_to_star_eip_on_amd_and_is_ud_on_intel() {
     // SYSCALL in 32-bit protected mode at CPL 0 and in real mode; STAR[31:0] is the target EIP.
     let star = (0x0018_0008 << 32) | TARGET;

@@ -59,9 +59,11 @@ impl Cpu {
         if self.long_mode() {
             let target = if self.mode64() { self.msr_value(msr::LSTAR) } else { self.msr_value(msr::CSTAR) };
             self.gpr[1] = self.next_rip;
-            // Intel: "R11 ← RFLAGS"; AMD: "R11.q = RFLAGS // with rf cleared" (they differ only
-            // when an IRET left RF = 1 for this SYSCALL).
-            self.gpr[11] = if self.amd() { self.rflags & !RF } else { self.rflags };
+            // R11 gets RFLAGS with RF = 0 on both: AMD says "with rf cleared", and Intel clears RF
+            // "at the start of the instruction" (SDM Vol. 3B §18.3.1.1) before SYSCALL saves it;
+            // the step loop clears RF only after an instruction, so an IRET's RF = 1 is still
+            // here.
+            self.gpr[11] = self.rflags & !RF;
             let fmask = self.msr_value(msr::SFMASK);
             self.set_rflags(self.rflags & !fmask & !RF);
             self.sregs.cs = flat(cs, true, 0, true);
