@@ -200,6 +200,37 @@ fn a_null_selector_load_keeps_the_base_on_amd_and_clears_it_on_intel() {
     );
 }
 
+#[test]
+fn a_null_ss_loads_only_at_cpl_below_3_with_rpl_equal_to_cpl_on_both_vendors() {
+    // SDM Vol. 2B MOV: in 64-bit mode a null selector may be loaded into SS at CPL < 3 when its
+    // RPL equals CPL; otherwise #GP(0). The APM (Vol. 3 MOV) has the same rule: no difference.
+    for (name, state, selector, ok) in [
+        ("ring 0, RPL 0", long64 as fn(&GuestMemory) -> duet_core::CpuState, 0u32, true),
+        ("ring 0, RPL 1", long64, 1, false),
+        ("ring 3, RPL 3", long64_ring3, 3, false),
+    ] {
+        let probe = Probe::new(64, state, move |a| {
+            a.mov(eax, selector).unwrap();
+            a.mov(ss, ax).unwrap();
+            a.nop().unwrap();
+            a.hlt().unwrap();
+        });
+        for v in Vendor::MODELLED {
+            let (o, m) = probe.interp(v);
+            let loaded = (o.state.sregs.ss.selector, o.state.sregs.ss.unusable);
+            if ok {
+                assert_eq!((o.stop, loaded), (StopReason::Halted, (selector as u16, true)), "{name} on {v}");
+            } else {
+                assert_eq!(
+                    long_trap(&o, &m).map(|t| (t.vector, t.error)),
+                    Some((13, Some(0))),
+                    "{name} on {v}"
+                );
+            }
+        }
+    }
+}
+
 /// 64-bit ring 0: an execute breakpoint (DR0, DR7.G0) on the instruction after `shadow`; the run
 /// halts with RBX = 7 when nothing is delivered, else in the #DB stub.
 fn breakpoint_after(shadow: fn(&mut CodeAssembler)) -> Probe {

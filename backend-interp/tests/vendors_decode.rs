@@ -62,7 +62,7 @@ fn an_operand_size_prefix_makes_near_branches_16_bit_in_64_bit_mode_only_on_amd(
     // DecoderOptions::AMD). This host's silicon agrees (below; DEVELOPERS.md). Each stops in
     // the #GP of a HLT at CPL 3, or of the branch itself when its target is not canonical.
     type Case = (&'static str, &'static [u8], &'static [u64], (u64, i64), (u64, i64));
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         // AMD: rel16 0x4ffc from 0x2_0004, truncated: 0x5000. Intel: rel32 from 0x2_0006.
         (
             "o16 call rel",
@@ -74,6 +74,8 @@ fn an_operand_size_prefix_makes_near_branches_16_bit_in_64_bit_mode_only_on_amd(
         // Target 0x2_0013, truncated: 0x13.
         ("o16 jmp rel8", &[0x66, 0xeb, 0x10], &[0x13, 0x2_0013], (0x2_0013, 0), (0x13, 0)),
         ("o16 je rel8", &[0x66, 0x74, 0x10], &[0x13, 0x2_0013], (0x2_0013, 0), (0x13, 0)),
+        // loop with RCX = 0: RCX - 1 is not 0, taken.
+        ("o16 loop", &[0x66, 0xe2, 0x10], &[0x13, 0x2_0013], (0x2_0013, 0), (0x13, 0)),
         // call bx / call rbx.
         ("o16 call rm", &[0x66, 0xff, 0xd3], &[0x9000, 0x2_9000], (0x2_9000, -8), (0x9000, -2)),
         // jmp [rsp - 16]: a word 0x9000, or a non-canonical qword (#GP at the JMP).
