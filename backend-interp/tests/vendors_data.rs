@@ -296,3 +296,37 @@ fn a_code_breakpoint_after_mov_ss_is_suppressed_on_intel_and_delivered_on_amd() 
     assert!(!db(&probe.interp(Vendor::Intel).0), "pop ss on Intel");
     assert!(db(&probe.interp(Vendor::Amd).0), "pop ss on AMD");
 }
+
+#[test]
+fn a_pml4e_with_bit_8_set_is_a_reserved_bit_fault_only_on_amd() {
+    // Bit 8 of a PML4E is ignored on Intel (SDM Vol. 3A §4.5, the PML4E format) and reserved on
+    // AMD (AMD64 APM Vol. 2 §5.3.3; KVM commit 5ecad245de2a: "Intel ignores it; AMD ignores it
+    // in PDEs and PDPEs, but reserves it in PML4Es"). PML4 entry 1 (linear 512 GiB on) maps
+    // the same PDPT as entry 0, with bit 8 set in the PML4E or, second case, in the PDPTE it
+    // reaches through a second PDPT.
+    const FAR: u64 = (1 << 39) + 0x20_0000;
+    for (name, pml4e_bit8, pdpte_bit8) in [("PML4E", 0x100u64, 0u64), ("PDPTE", 0, 0x100)] {
+        let probe = Probe::new(64, long64, |a| {
+            a.mov(rbx, FAR).unwrap();
+            a.mov(rax, qword_ptr(rbx)).unwrap();
+            a.hlt().unwrap();
+        })
+        .prep(move |mem, _| {
+            // A second PDPT at PT + 0x3000 whose entry 0 points at the PD.
+            poke(mem, PT + 0x3000, &((PT + 0x2000) | 7 | pdpte_bit8).to_le_bytes());
+            poke(mem, PT + 8, &((PT + 0x3000) | 7 | pml4e_bit8).to_le_bytes());
+            poke(mem, 0x20_0000, &0x1234u64.to_le_bytes());
+        });
+        let view = |o: &RunOutcome, m: &GuestMemory| {
+            (o.state.regs.rax, long_trap(o, m).map(|t| (t.vector, t.error)), o.state.sregs.cr2)
+        };
+        let (o, m) = probe.interp(Vendor::Intel);
+        assert_eq!(view(&o, &m), (0x1234, None, 0), "{name} on Intel");
+        let (o, m) = probe.interp(Vendor::Amd);
+        // A read at CPL 0 hitting a reserved bit: #PF with P | RSVD (SDM Vol. 3A §4.7).
+        let want = if name == "PML4E" { (0, Some((14, Some(0x9))), FAR) } else { (0x1234, None, 0) };
+        assert_eq!(view(&o, &m), want, "{name} on AMD");
+        // kvm_pvm walks the guest's tables in software with KVM's vendor-aware reserved bits.
+        on_kvm(&probe, name, |o, m| format!("{:x?}", view(o, m)));
+    }
+}
