@@ -313,7 +313,8 @@ impl CodeLines {
 
 /// Decoded blocks by (physical address, bitness). It lives beside the CPU (in the vCPU), so
 /// the step loop runs instructions straight from their block; guest writes reach it through
-/// [`CodeLines`] after each instruction.
+/// [`CodeLines`] after each instruction. Blocks are decoded as the profile's vendor decodes
+/// (`Cpu::decoder_options`); a vCPU's profile never changes, so the key needs no vendor.
 #[derive(Debug)]
 pub(crate) struct DecodeCache {
     /// Direct-mapped on the start address: block number + 1, or 0. Entries are hints, checked
