@@ -66,7 +66,8 @@ pub(crate) fn scan(cpu: &mut Cpu, ins: &Instruction, forward: bool) -> Flow<u64>
     let src = cpu.read_op(ins, 1)? & mask(b);
     if src == 0 {
         // ZF = 1; the destination is undefined (SDM Vol. 2A BSF/BSR). AMD leaves it unchanged,
-        // all 64 bits (AMD64 APM Vol. 3 BSF/BSR: "the destination … is unchanged"); Intel
+        // all 64 bits (AMD64 APM Vol. 3 BSF/BSR: a zero source "does not change the contents of
+        // the destination register"); Intel
         // writes the old value back at the operand size, so a 32-bit destination in 64-bit
         // mode loses bits 63:32 (Linux, arch/x86/include/asm/bitops.h, on `ffs`: "AMD64 says
         // BSFL won't clobber the dest reg if x==0; Intel64 says the dest reg is undefined if

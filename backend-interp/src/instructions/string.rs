@@ -140,7 +140,8 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
 /// RDI, STOS RDI, to 32 bits (KVM, arch/x86/kvm/emulate.c `string_registers_quirk`: "Intel
 /// CPUs mask the counter and pointers in quite strange manner when ECX is zero due to
 /// REP-string optimizations" — modelled on Intel silicon; an Intel host's kvm_pvm shows it, issue
-/// 11). An AMD CPU leaves all three untouched (this host's silicon, tests/isa_string.rs).
+/// 11). An AMD CPU leaves all three untouched (this host's silicon: tests/isa_string.rs and
+/// backend-interp/tests/vendors_data.rs).
 fn intel_zero_count_writes(cpu: &mut Cpu, m: Mnemonic) {
     cpu.gpr[1] = 0;
     let movs = matches!(m, Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq);
