@@ -311,3 +311,48 @@ fn int1_raises_a_debug_trap_through_a_ring_0_gate_from_any_ring() {
     let (out, mem) = probe.interp(Vendor::Amd);
     assert_eq!(prot_trap(&out, &mem).map(|t| (t.vector, t.rip)), Some((1, CODE + 1)));
 }
+
+#[test]
+fn enter_and_leave_with_a_16_bit_operand_in_64_bit_mode_move_only_bp() {
+    // 66h ENTER 8, 0 in 64-bit mode: push BP (2 bytes), BP ← SP (bits 63:16 of RBP stay), RSP
+    // moves at 64 bits; 66h LEAVE: RSP ← RBP, then BP ← a popped word. This host's silicon
+    // (64-bit ring 3, below) decides it, as the SDM's pseudo-code ("RBP ← FrameTemp" in 64-bit
+    // mode) does not say how a 16-bit FrameTemp is written.
+    let enter = Probe::new(64, long64_ring3, |a| {
+        a.db(&[0x66, 0xc8, 8, 0, 0]).unwrap();
+        a.hlt().unwrap();
+    })
+    .prep(|_, s| {
+        s.regs.rbp = 0x1234_5678_9abc_def0;
+        s.regs.rsp = STACK;
+    });
+    let leave = Probe::new(64, long64_ring3, |a| {
+        a.db(&[0x66, 0xc9]).unwrap();
+        a.hlt().unwrap();
+    })
+    .prep(|mem, s| {
+        poke(mem, STACK - 0x10, &0x1111_2222_3333_4444u64.to_le_bytes());
+        s.regs.rbp = STACK - 0x10;
+        s.regs.rsp = 0x1234;
+    });
+    let view = |o: &RunOutcome, m: &GuestMemory| {
+        format!("{:x?}", (o.state.regs.rbp, long_trap(o, m).map(|t| t.rsp)))
+    };
+    let cases = [
+        ("o16 enter 8, 0", &enter, (0x1234_5678_9abc_fffe, STACK - 2 - 8)),
+        ("o16 leave", &leave, (((STACK - 0x10) & !0xffff) | 0x4444, STACK - 0x10 + 2)),
+    ];
+    for (name, probe, (want_bp, want_sp)) in cases {
+        let (out, mem) = both(probe, name, view);
+        assert_eq!(
+            (out.state.regs.rbp, long_trap(&out, &mem).map(|t| t.rsp)),
+            (want_bp, Some(want_sp)),
+            "{name}"
+        );
+        if let Some(kvm) = kvm_backend() {
+            let (k, km) = probe.kvm(&kvm);
+            let (i, im) = probe.interp(kvm_vendor(&kvm));
+            assert_eq!(view(&k, &km), view(&i, &im), "{name}: KVM against the software CPU");
+        }
+    }
+}
