@@ -69,11 +69,7 @@ fn pop_ss_moves_sp_at_the_width_of_the_stack_it_popped_from() {
         );
         // KVM's emulator pops at the old stack's width too (em_pop_sreg); kvm_pvm runs this
         // protected-mode guest through it.
-        if let Some(kvm) = kvm_backend() {
-            let (k, km) = probe.kvm(&kvm);
-            let (i, im) = probe.interp(kvm_vendor(&kvm));
-            assert_eq!(view(&k, &km), view(&i, &im), "{name}: KVM against the software CPU");
-        }
+        probe.check_on_kvm(name, view);
     }
 }
 
@@ -222,11 +218,7 @@ fn ia32e_event_delivery_saves_all_of_rsp_from_a_16_bit_stack() {
     let (out, mem) = both(&probe, "hlt in ring 3", view);
     let t = long_trap(&out, &mem).expect("#GP");
     assert_eq!((t.vector, t.rsp, t.ss), (13, 0x1fff2, u64::from(UDATA16)));
-    if let Some(kvm) = kvm_backend() {
-        let (k, km) = probe.kvm(&kvm);
-        let (i, im) = probe.interp(kvm_vendor(&kvm));
-        assert_eq!(view(&k, &km), view(&i, &im), "KVM against the software CPU");
-    }
+    probe.check_on_kvm("hlt in ring 3", view);
 }
 
 #[test]
@@ -274,12 +266,8 @@ fn salc_sets_al_from_cf_outside_64_bit_mode_and_is_ud_in_64_bit_mode() {
     });
     let (out, mem) = both(&probe64, "64-bit", view);
     assert_eq!(long_trap(&out, &mem).map(|t| (t.vector, t.rip)), Some((6, CODE)));
-    if let Some(kvm) = kvm_backend() {
-        for (name, probe) in [("compatibility", salc(32, compat_ring3)), ("64-bit", probe64)] {
-            let (k, km) = probe.kvm(&kvm);
-            let (i, im) = probe.interp(kvm_vendor(&kvm));
-            assert_eq!(view(&k, &km), view(&i, &im), "{name}: KVM against the software CPU");
-        }
+    for (name, probe) in [("compatibility", salc(32, compat_ring3)), ("64-bit", probe64)] {
+        probe.check_on_kvm(name, view);
     }
 }
 
@@ -349,10 +337,6 @@ fn enter_and_leave_with_a_16_bit_operand_in_64_bit_mode_move_only_bp() {
             (want_bp, Some(want_sp)),
             "{name}"
         );
-        if let Some(kvm) = kvm_backend() {
-            let (k, km) = probe.kvm(&kvm);
-            let (i, im) = probe.interp(kvm_vendor(&kvm));
-            assert_eq!(view(&k, &km), view(&i, &im), "{name}: KVM against the software CPU");
-        }
+        probe.check_on_kvm(name, view);
     }
 }

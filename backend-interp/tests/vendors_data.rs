@@ -13,20 +13,6 @@ use duet_core::state::rflags::ZF;
 use duet_core::{CpuidEntry, GuestMemory, RunOutcome, StopReason, Vendor};
 use iced_x86::code_asm::*;
 
-/// The KVM half: `probe` on KVM against the software CPU under the host vendor's profile,
-/// compared through `view`; skips out loud without KVM.
-fn on_kvm(probe: &Probe, what: &str, view: impl Fn(&RunOutcome, &GuestMemory) -> String) {
-    let Some(kvm) = kvm_backend() else { return };
-    let vendor = kvm_vendor(&kvm);
-    let (k, kmem) = probe.kvm(&kvm);
-    if let StopReason::CannotRun(why) = &k.stop {
-        println!("skipped: kvm: {what}: this host's KVM cannot run it ({})", why.reason);
-        return;
-    }
-    let (i, imem) = probe.interp(vendor);
-    assert_eq!(view(&k, &kmem), view(&i, &imem), "{what}: KVM ({vendor} host) against the software CPU");
-}
-
 /// Bits above the low 32 of each register the string tests start with.
 const HIGH: u64 = 0x1_0000_0000;
 
@@ -63,7 +49,7 @@ fn rep_string_with_a_zero_count_writes_its_32_bit_registers_back_only_on_intel()
         );
         let (amd, _) = probe.interp(Vendor::Amd);
         assert_eq!(regs(&amd), (HIGH, HIGH | 0x20_0000, HIGH | 0x20_0100), "{name} on AMD");
-        on_kvm(&probe, name, |o, _| format!("{:x?}", regs(o)));
+        probe.check_on_kvm(name, |o, _| format!("{:x?}", regs(o)));
     }
 }
 
@@ -91,7 +77,7 @@ fn bsf_and_bsr_with_a_zero_source_keep_the_destination_on_amd_and_zero_extend_it
         let view = |o: &RunOutcome| (o.state.regs.rax, o.state.regs.rflags & ZF);
         assert_eq!(view(&probe.interp(Vendor::Intel).0), (intel, ZF), "{name} on Intel");
         assert_eq!(view(&probe.interp(Vendor::Amd).0), (OLD, ZF), "{name} on AMD");
-        on_kvm(&probe, name, |o, _| format!("{:x?}", view(o)));
+        probe.check_on_kvm(name, |o, _| format!("{:x?}", view(o)));
     }
 }
 
@@ -110,7 +96,7 @@ fn push_sreg_writes_a_word_at_32_bits_and_a_zero_extended_qword_at_64() {
     for v in Vendor::MODELLED {
         assert_eq!(probe32.interp(v).0.state.regs.rbx, 0xaaaa_0000 | u64::from(sel::UDATA), "{v}");
     }
-    on_kvm(&probe32, "o32 push ds", |o, _| format!("{:#x}", o.state.regs.rbx));
+    probe32.check_on_kvm("o32 push ds", |o, _| format!("{:#x}", o.state.regs.rbx));
     let probe64 = Probe::new(64, long64_ring3, |a| {
         a.mov(rax, u64::MAX).unwrap();
         a.mov(qword_ptr(rsp - 8), rax).unwrap();
@@ -123,7 +109,7 @@ fn push_sreg_writes_a_word_at_32_bits_and_a_zero_extended_qword_at_64() {
     }
     // kvm_pvm does not give ring 3 the guest's FS selector (it pushes 0), so only the six upper
     // bytes, which the zero extension writes, are compared.
-    on_kvm(&probe64, "push fs", |o, _| format!("{:#x}", o.state.regs.rbx >> 16));
+    probe64.check_on_kvm("push fs", |o, _| format!("{:#x}", o.state.regs.rbx >> 16));
 }
 
 /// What a null selector load leaves in FS: (the qword read through FS after it, FS.base, FS
@@ -276,7 +262,7 @@ fn a_code_breakpoint_after_mov_ss_is_suppressed_on_intel_and_delivered_on_amd() 
             assert_eq!((out.stop, out.state.regs.rbx), (StopReason::Halted, 7), "{name}: Intel runs on");
         }
         // kvm_pvm emulates MOV DR and the check: KVM's vendor-aware rule, not the silicon.
-        on_kvm(&probe, name, |o, m| format!("{:?}", long_trap(o, m)));
+        probe.check_on_kvm(name, |o, m| format!("{:?}", long_trap(o, m)));
     }
     // POP SS (#UD in 64-bit mode) in 32-bit protected mode, ring 0.
     let probe = Probe::new(32, protected32, |a| {
@@ -327,6 +313,6 @@ fn a_pml4e_with_bit_8_set_is_a_reserved_bit_fault_only_on_amd() {
         let want = if name == "PML4E" { (0, Some((14, Some(0x9))), FAR) } else { (0x1234, None, 0) };
         assert_eq!(view(&o, &m), want, "{name} on AMD");
         // kvm_pvm walks the guest's tables in software with KVM's vendor-aware reserved bits.
-        on_kvm(&probe, name, |o, m| format!("{:x?}", view(o, m)));
+        probe.check_on_kvm(name, |o, m| format!("{:x?}", view(o, m)));
     }
 }

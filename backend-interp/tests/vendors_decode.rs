@@ -14,20 +14,6 @@ use iced_x86::code_asm::*;
 /// Where each branch test's code runs: above 64 KiB, so that a 16-bit RIP shows.
 const HIGH_CODE: u64 = 0x2_0000;
 
-/// The KVM half: `probe` on KVM against the software CPU under the host vendor's profile,
-/// compared through `view`; skips out loud without KVM.
-fn on_kvm(probe: &Probe, what: &str, view: impl Fn(&RunOutcome, &GuestMemory) -> String) {
-    let Some(kvm) = kvm_backend() else { return };
-    let vendor = kvm_vendor(&kvm);
-    let (k, kmem) = probe.kvm(&kvm);
-    if let StopReason::CannotRun(why) = &k.stop {
-        println!("skipped: kvm: {what}: this host's KVM cannot run it ({})", why.reason);
-        return;
-    }
-    let (i, imem) = probe.interp(vendor);
-    assert_eq!(view(&k, &kmem), view(&i, &imem), "{what}: KVM ({vendor} host) against the software CPU");
-}
-
 /// 64-bit ring 3 jumping to `bytes` at [`HIGH_CODE`], with HLT (a #GP at CPL 3) at every
 /// address in `stops`; RBX = 0x2_9000 (a 16-bit BX of 0x9000), ZF = 1, and the qword
 /// 0x5555_5555_5555_9000 (a word of 0x9000) at `stack_slot`.
@@ -90,7 +76,7 @@ fn an_operand_size_prefix_makes_near_branches_16_bit_in_64_bit_mode_only_on_amd(
         assert_eq!(landing(&o, &m), (Some(13), Some(irip), isp), "{name} on Intel");
         let (o, m) = probe.interp(Vendor::Amd);
         assert_eq!(landing(&o, &m), (Some(13), Some(arip), asp), "{name} on AMD");
-        on_kvm(&probe, name, |o, m| format!("{:x?}", landing(o, m)));
+        probe.check_on_kvm(name, |o, m| format!("{:x?}", landing(o, m)));
     }
 }
 

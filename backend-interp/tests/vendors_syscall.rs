@@ -17,20 +17,6 @@ use iced_x86::code_asm::*;
 /// Where the tests put the target of a call or return: a HLT or a short epilogue.
 const TARGET: u64 = 0x9000;
 
-/// The KVM half: runs `probe` on KVM and checks `same` against the software CPU under the
-/// profile of the host's vendor; skips out loud without KVM.
-fn on_kvm(probe: &Probe, what: &str, same: impl Fn(&RunOutcome, &GuestMemory) -> String) {
-    let Some(kvm) = kvm_backend() else { return };
-    let vendor = kvm_vendor(&kvm);
-    let (k, kmem) = probe.kvm(&kvm);
-    if let StopReason::CannotRun(why) = &k.stop {
-        println!("skipped: kvm: {what}: this host's KVM cannot run it ({})", why.reason);
-        return;
-    }
-    let (i, imem) = probe.interp(vendor);
-    assert_eq!(same(&k, &kmem), same(&i, &imem), "{what}: KVM ({vendor} host) against the software CPU");
-}
-
 fn syscall_msrs(s: &mut CpuState, star: u64) {
     s.sregs.efer |= EFER_SCE;
     s.msrs.insert(msr::STAR, star);
@@ -63,7 +49,7 @@ fn syscall_from_compatibility_mode_enters_cstar_on_amd_and_is_ud_on_intel() {
     assert_eq!((r.rip, r.rcx, r.r11), (TARGET + 1, CODE + 2, FIXED | IF | CF));
     assert_eq!(r.rflags & (IF | CF), CF, "IF masked by SFMASK");
     assert_eq!((s.cs.selector, s.cs.l, s.cs.dpl, s.ss.selector, s.ss.dpl), (0x30, true, 0, 0x38, 0));
-    on_kvm(&probe, "syscall from compatibility mode", |o, m| {
+    probe.check_on_kvm("syscall from compatibility mode", |o, m| {
         let (r, s) = (&o.state.regs, &o.state.sregs);
         format!(
             "{:?} {:?} {:#x} {:#x} {:#x} {:#x}",
@@ -142,7 +128,7 @@ fn syscall_outside_long_mode_jumps_to_star_eip_on_amd_and_is_ud_on_intel() {
             // kvm_pvm runs legacy protected mode through KVM's instruction emulator, whose
             // em_syscall follows the guest's vendor: a second opinion, not the silicon. (For
             // real mode that emulator answers #UD, against the APM; it is not asked.)
-            on_kvm(&probe, "syscall in protected mode", |o, _| {
+            probe.check_on_kvm("syscall in protected mode", |o, _| {
                 let (r, s) = (&o.state.regs, &o.state.sregs);
                 format!(
                     "{:?} {:?} {:#x} {:#x} {:#x} {:#x}",
@@ -264,7 +250,8 @@ fn sysenter_in_compatibility_mode_enters_64_bit_code_on_intel_and_is_ud_on_amd()
     // APM Vol. 3 SYSENTER: "This instruction is valid only in legacy mode": #UD.
     let (out, mem) = probe.interp(Vendor::Amd);
     assert_eq!(long_trap(&out, &mem).map(|t| (t.vector, t.rip)), Some((6, CODE)));
-    on_kvm(&probe, "sysenter in compatibility mode", |o, m| format!("{:?} {:?}", o.stop, long_trap(o, m)));
+    probe
+        .check_on_kvm("sysenter in compatibility mode", |o, m| format!("{:?} {:?}", o.stop, long_trap(o, m)));
 }
 
 #[test]

@@ -478,4 +478,19 @@ impl Probe {
         let (mem, s) = self.build();
         (run_on_kvm(kvm, mem.clone(), &s), mem)
     }
+
+    /// The KVM half of a vendor test: runs on KVM and checks `view` of it against the software
+    /// CPU under the profile of the host's vendor; skips out loud without KVM, under
+    /// `DUET_BACKENDS=interp`, or when this host's KVM cannot run the code.
+    pub fn check_on_kvm(&self, what: &str, view: impl Fn(&RunOutcome, &GuestMemory) -> String) {
+        let Some(kvm) = kvm_backend() else { return };
+        let vendor = kvm_vendor(&kvm);
+        let (k, kmem) = self.kvm(&kvm);
+        if let duet_core::StopReason::CannotRun(why) = &k.stop {
+            println!("skipped: kvm: {what}: this host's KVM cannot run it ({})", why.reason);
+            return;
+        }
+        let (i, imem) = self.interp(vendor);
+        assert_eq!(view(&k, &kmem), view(&i, &imem), "{what}: KVM ({vendor} host) against the software CPU");
+    }
 }
