@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use duet_core::state::{ctrl, rflags};
-use duet_core::{CpuidProfile, FxArea, GuestMemory, Segment, SystemRegs};
-use iced_x86::Register;
+use duet_core::{CpuidProfile, FxArea, GuestMemory, Segment, SystemRegs, Vendor};
+use iced_x86::{DecoderOptions, Register};
 
 use crate::decode::CodeLines;
 use crate::hostmem::HostPages;
@@ -208,6 +208,12 @@ pub(crate) struct Cpu {
     pub host: HostPages,
     /// The CPUID table CPUID answers from.
     pub cpuid: CpuidProfile,
+    /// The vendor the profile names: it decides every behaviour where Intel and AMD silicon
+    /// differ (docs/VENDORS.md). Fixed for the vCPU's life, like the profile.
+    pub vendor: Vendor,
+    /// iced-x86 decoder options for that vendor: AMD's decoding of 66-prefixed near branches,
+    /// REX.W far branches and LSS/LFS/LGS, UD0 and LOCK MOV CR0 (`DecoderOptions::AMD`).
+    pub decoder_options: u32,
     /// Physical address width from CPUID 0x8000_0008.
     pub maxphyaddr: u32,
     /// Linear-to-physical translations.
@@ -224,6 +230,9 @@ pub(crate) struct Cpu {
     pub tsc_offset: u64,
     /// Interrupt shadow: instructions left (STI, MOV SS, POP SS set 2: this one and the next).
     pub shadow: u8,
+    /// The part of `shadow` a MOV SS or POP SS set (not STI): an Intel CPU also suppresses a
+    /// code breakpoint on the next instruction (see `code_breakpoints`).
+    pub ss_shadow: u8,
     /// Exit requested by the instruction that just retired.
     pub post: Option<Post>,
     /// HLT executed and no interrupt delivered since.
@@ -255,6 +264,8 @@ impl Cpu {
     pub fn new(mem: Arc<GuestMemory>, cpuid: CpuidProfile) -> Self {
         let maxphyaddr = (cpuid.lookup(0x8000_0008, 0)[0] & 0xff).clamp(32, 52);
         let reset = duet_core::CpuState::reset();
+        let vendor = cpuid.vendor_kind();
+        let decoder_options = if vendor == Vendor::Amd { DecoderOptions::AMD } else { DecoderOptions::NONE };
         Cpu {
             gpr: reset.regs.gprs(),
             rip: reset.regs.rip,
@@ -265,6 +276,8 @@ impl Cpu {
             host: HostPages::new(mem.clone()),
             mem,
             cpuid,
+            vendor,
+            decoder_options,
             maxphyaddr,
             tlb: Tlb::default(),
             code_lines: CodeLines::default(),
@@ -273,6 +286,7 @@ impl Cpu {
             steps: 0,
             tsc_offset: 0,
             shadow: 0,
+            ss_shadow: 0,
             post: None,
             halted: false,
             next_rip: 0,
@@ -287,6 +301,13 @@ impl Cpu {
             xcr0: 1,
             rng: 0x9e37_79b9_7f4a_7c15,
         }
+    }
+
+    /// Whether the profile asks for AMD's behaviour where the vendors differ (Intel's is the
+    /// default: `Vendor::Other` follows Intel, as KVM's "Intel compatible" does).
+    #[inline]
+    pub fn amd(&self) -> bool {
+        self.vendor == Vendor::Amd
     }
 
     /// CR0.PE.

@@ -8,10 +8,16 @@ use crate::cpu::Cpu;
 impl Cpu {
     /// The enabled instruction breakpoints (DR7 L/G set, R/W = 00) on the linear address of
     /// CS:RIP as a DR6 B0–B3 mask; none while RF = 1 (SDM Vol. 3A §18.2.4, §18.3.1.1).
+    ///
+    /// On the instruction after MOV SS or POP SS an Intel CPU suppresses them "as if EFLAGS.RF
+    /// were 1" (SDM Vol. 3B §18.3.1.1; Vol. 3A §6.8.3 inhibits debug exceptions there); an AMD
+    /// CPU delivers them (KVM, arch/x86/kvm/x86.c `kvm_is_code_breakpoint_inhibited`: "Intel
+    /// compatible CPUs inhibit code #DBs when MOV/POP SS blocking is active, but AMD compatible
+    /// CPUs do not").
     #[inline]
     pub fn code_breakpoints(&self) -> u64 {
         let dr7 = self.dr[5];
-        if self.rflags & rflags::RF != 0 || dr7 & 0xff == 0 {
+        if self.rflags & rflags::RF != 0 || dr7 & 0xff == 0 || (self.ss_shadow != 0 && !self.amd()) {
             return 0;
         }
         let (lin, m) = if self.mode64() {

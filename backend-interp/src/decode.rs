@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use duet_core::vm_memory::{Bytes, GuestAddress};
-use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind};
+use iced_x86::{Code, Decoder, DecoderError, Instruction, Mnemonic, OpKind, Register};
 
 use crate::cpu::{gp, unsupported, Abort, Cpu, Flow};
 use crate::instructions::{Handler, Operands};
@@ -192,6 +192,7 @@ fn straight(ins: &Instruction) -> bool {
             | Lzcnt
             | Tzcnt
             | Movbe
+            | Salc
     );
     plain
         && ins.encoding() == iced_x86::EncodingKind::Legacy
@@ -312,7 +313,8 @@ impl CodeLines {
 
 /// Decoded blocks by (physical address, bitness). It lives beside the CPU (in the vCPU), so
 /// the step loop runs instructions straight from their block; guest writes reach it through
-/// [`CodeLines`] after each instruction.
+/// [`CodeLines`] after each instruction. Blocks are decoded as the profile's vendor decodes
+/// (`Cpu::decoder_options`); a vCPU's profile never changes, so the key needs no vendor.
 #[derive(Debug)]
 pub(crate) struct DecodeCache {
     /// Direct-mapped on the start address: block number + 1, or 0. Entries are hints, checked
@@ -464,13 +466,16 @@ impl Cpu {
         let n = if self.ram_read(pa, &mut buf[..room]) { room } else { 0 };
         let mut out = Vec::new();
         let max = if code.short { 1 } else { MAX_BLOCK };
-        let mut dec = Decoder::with_ip(bitness, buf.get(..n).unwrap_or(&[]), 0, DecoderOptions::NONE);
+        let bytes = buf.get(..n).unwrap_or(&[]);
+        let mut dec = Decoder::with_ip(bitness, bytes, 0, self.decoder_options);
         while dec.can_decode() && out.len() < max {
             // Each instruction decoded at IP 0: branch targets and RIP-relative displacements
             // are relative to the instruction's start.
             dec.set_ip(0);
+            let at = dec.position();
             let mut ins = Instruction::default();
             dec.decode_out(&mut ins);
+            self.vendor_fixup(&mut ins, bytes.get(at..).unwrap_or(&[]));
             // Invalid, or running past the window (the page): the block ends before it.
             if ins.is_invalid() {
                 break;
@@ -524,7 +529,7 @@ impl Cpu {
             return Err(Abort::UnbackedFetch { addr: pa });
         }
         let mut ins = Instruction::default();
-        let mut dec = Decoder::with_ip(bitness, buf.get(..first).unwrap_or(&[]), 0, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(bitness, buf.get(..first).unwrap_or(&[]), 0, self.decoder_options);
         dec.decode_out(&mut ins);
         if ins.is_invalid() && dec.last_error() == DecoderError::NoMoreBytes && first < 15 {
             // The instruction runs into the next page: fetch it only now (SDM Vol. 3A §4.7 CR2 is then
@@ -539,11 +544,30 @@ impl Cpu {
             if self.mem.read_slice(&mut buf[first..], GuestAddress(pa2)).is_err() {
                 return Err(Abort::UnbackedFetch { addr: pa2 });
             }
-            let mut dec = Decoder::with_ip(bitness, &buf, 0, DecoderOptions::NONE);
+            let mut dec = Decoder::with_ip(bitness, &buf, 0, self.decoder_options);
             dec.decode_out(&mut ins);
         }
+        self.vendor_fixup(&mut ins, &buf);
         code.uncached = Decoded::new(ins);
         Ok(&code.uncached)
+    }
+
+    /// Makes invalid what the vendor's decoder accepts but this profile does not: iced-x86's AMD
+    /// decoder reads LOCK MOV to/from CR0 as MOV CR8 (AMD's AltMovCr8, CPUID 8000_0001h ECX
+    /// bit 4, AMD64 APM Vol. 3 "MOV CRn"); a profile without that feature raises #UD for it, as
+    /// LOCK on MOV CRn does on Intel (SDM Vol. 2A §2.1.2). `bytes` start at the instruction.
+    fn vendor_fixup(&self, ins: &mut Instruction, bytes: &[u8]) {
+        let cr8 =
+            matches!(ins.code(), Code::Mov_cr_r32 | Code::Mov_cr_r64 | Code::Mov_r32_cr | Code::Mov_r64_cr)
+                && (ins.op0_register() == Register::CR8 || ins.op1_register() == Register::CR8);
+        if !cr8 || !self.amd() || self.cpuid.has_ext_ecx(duet_core::cpuid::ext_leaf1::ECX_CR8_LEGACY) {
+            return;
+        }
+        // Legacy and REX prefixes come before the 0F opcode byte; LOCK (F0) among them.
+        let prefixes = bytes.iter().take(ins.len()).take_while(|&&b| b != 0x0f);
+        if prefixes.into_iter().any(|&b| b == 0xf0) {
+            ins.set_code(Code::INVALID);
+        }
     }
 
     /// The raw bytes of the instruction at CS:RIP, for `Unsupported` reports (best effort): read
@@ -567,6 +591,8 @@ impl Cpu {
 
 #[cfg(test)]
 mod tests {
+    use iced_x86::DecoderOptions;
+
     use super::*;
 
     fn nop(len: usize) -> Decoded {

@@ -411,7 +411,11 @@ impl Cpu {
         }
         let cpl = self.cpl();
         let new_cpl = if cs.type_ & 4 != 0 { cpl } else { cs.dpl };
-        let old_sp = self.gpr[4] & mask(self.stack_bytes());
+        // IA-32e delivery pushes all of RSP and, without a stack switch, goes on from all of it,
+        // whatever SS.B a compatibility-mode program ran with (SDM Vol. 3A §6.14.2: SS:RSP is
+        // pushed unconditionally in 64-bit form; QEMU's do_interrupt64 and KVM agree: a 16-bit
+        // stack at ESP = 0x1FFF2 is saved as 0x1FFF2, not 0xFFF2).
+        let old_sp = self.gpr[4];
         let sp = if gate.ist != 0 {
             self.tss_read(0x24 + 8 * u64::from(gate.ist - 1), 8)?
         } else if new_cpl < cpl {

@@ -14,6 +14,9 @@
 //! works; the common register and register/memory forms run through handlers with their operands
 //! resolved at decode time.
 //!
+//! Where Intel and AMD silicon differ, it follows the vendor of its CPUID profile, never the
+//! host's (docs/VENDORS.md lists each difference).
+//!
 //! Not implemented (an `Unsupported` exit names the instruction): x87/MMX/SSE/AVX, SMM, data and
 //! I/O breakpoints (DR0–DR3 raise instruction breakpoints only).
 //! Nothing a guest does makes the interpreter panic.

@@ -116,6 +116,7 @@ fn exec_one<const BLOCK: bool>(
         cpu.io.finish();
     }
     cpu.shadow = cpu.shadow.saturating_sub(1);
+    cpu.ss_shadow = cpu.ss_shadow.saturating_sub(1);
     match cpu.post.take() {
         Some(Post::Hlt) => {
             cpu.halted = true;
@@ -554,11 +555,13 @@ impl Vcpu for InterpVcpu {
             if i == msr::TSC {
                 self.cpu.tsc_offset = v.wrapping_sub(self.cpu.retired);
             } else if TRACKED_MSRS.contains(&i) {
-                self.cpu.msrs.insert(i, v);
+                let held = self.cpu.msr_held(i, v);
+                self.cpu.msrs.insert(i, held);
             }
         }
         self.cpu.io = Default::default();
         self.cpu.shadow = 0;
+        self.cpu.ss_shadow = 0;
         self.cpu.undefined = 0;
         self.step_report = false;
         self.pending_db = false;

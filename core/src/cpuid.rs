@@ -83,6 +83,17 @@ pub mod ext_leaf1 {
     pub const ECX_LAHF_LM: u32 = 1 << 0;
     /// ECX: LZCNT (ABM).
     pub const ECX_ABM: u32 = 1 << 5;
+    /// ECX: AMD's AltMovCr8, LOCK MOV CR0 as MOV CR8 outside 64-bit mode (AMD64 APM Vol. 3,
+    /// CPUID Fn8000_0001 ECX bit 4); duet's profiles never advertise it.
+    pub const ECX_CR8_LEGACY: u32 = 1 << 4;
+}
+
+/// AMD's extended feature leaf 0x8000_0021 (AMD64 APM Vol. 3, CPUID Fn8000_0021).
+pub mod ext_leaf21 {
+    /// The leaf number.
+    pub const LEAF: u32 = 0x8000_0021;
+    /// EAX: NullSelectorClearsBase, a null selector load clears the segment base.
+    pub const EAX_NULL_SEL_CLR_BASE: u32 = 1 << 6;
 }
 
 /// The CPU vendor a profile presents (leaf 0), which decides every behaviour where Intel and AMD

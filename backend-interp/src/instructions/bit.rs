@@ -65,8 +65,20 @@ pub(crate) fn scan(cpu: &mut Cpu, ins: &Instruction, forward: bool) -> Flow<u64>
     let b = crate::cpu::width(cpu.op_bytes(ins, 0));
     let src = cpu.read_op(ins, 1)? & mask(b);
     if src == 0 {
-        // Destination undefined (left unchanged, as current parts do); ZF = 1.
+        // ZF = 1; the destination is undefined (SDM Vol. 2A BSF/BSR). AMD leaves it unchanged,
+        // all 64 bits (AMD64 APM Vol. 3 BSF/BSR: a zero source "does not change the contents of
+        // the destination register"); Intel
+        // writes the old value back at the operand size, so a 32-bit destination in 64-bit
+        // mode loses bits 63:32 (Linux, arch/x86/include/asm/bitops.h, on `ffs`: "AMD64 says
+        // BSFL won't clobber the dest reg if x==0; Intel64 says the dest reg is undefined if
+        // x==0, but their CPU architect says its value is written to set it to the same as
+        // before, except that the top 32 bits will be cleared"). The other status flags stay
+        // as they were (undefined on both).
         cpu.set_flag(ZF, true);
+        if b == 4 && !cpu.amd() && ins.op_kind(0) == OpKind::Register {
+            let old = cpu.read_op(ins, 0)?;
+            cpu.write_op(ins, 0, old)?;
+        }
         return Ok(src);
     }
     let idx = if forward { src.trailing_zeros() } else { 63 - src.leading_zeros() };

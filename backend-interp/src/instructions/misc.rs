@@ -1,6 +1,7 @@
-//! NOP forms and hints (PAUSE, ENDBR, fences, prefetches, CLFLUSH, WAIT), UD0/UD1/UD2, BOUND, ARPL.
+//! NOP forms and hints (PAUSE, ENDBR, fences, prefetches, CLFLUSH, WAIT), UD0/UD1/UD2, BOUND, ARPL,
+//! and the undocumented SALC.
 
-use duet_core::state::rflags::ZF;
+use duet_core::state::rflags::{CF, ZF};
 use iced_x86::{Instruction, Mnemonic};
 
 use super::form;
@@ -41,6 +42,15 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             if cr0 & 0xa == 0xa {
                 return Err(fault(crate::cpu::vector::NM));
             }
+            Ok(())
+        }
+        // SALC (D6) has no manual page, but Intel and AMD parts execute it outside 64-bit mode:
+        // AL ← FFh if CF else 00h, no flag changed (QEMU target/i386/tcg/translate.c and Bochs
+        // implement it so; this host's silicon agrees, tests/vendors_data.rs). In 64-bit mode
+        // it is #UD: iced-x86 decodes D6 as invalid there and the step loop raises #UD.
+        Mnemonic::Salc => {
+            let v = if cpu.flag(CF) { 0xff } else { 0 };
+            cpu.set_gpr_sized(0, 1, v);
             Ok(())
         }
         // SDM Vol. 2B UD: UD0, UD1, UD2 raise #UD, always.

@@ -76,7 +76,7 @@ fn group(m: Mnemonic) -> Option<Group> {
         Clc | Stc | Cmc | Cld | Std | Cli | Sti | Lahf | Sahf => Group::Flags,
         Nop | Pause | Ud2 | Ud0 | Ud1 | Bound | Arpl | Reservednop | Endbr32 | Endbr64 | Lfence | Mfence
         | Sfence | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetch | Prefetchw | Clflush
-        | Wait => Group::Misc,
+        | Wait | Salc => Group::Misc,
         Lar | Lsl | Verr | Verw => Group::Descriptor,
         Daa | Das | Aaa | Aas | Aam | Aad => Group::Bcd,
         Syscall | Sysret | Sysretq | Sysenter | Sysexit | Sysexitq => Group::Syscall,

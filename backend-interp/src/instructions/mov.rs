@@ -235,6 +235,7 @@ fn mov(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         if r == Register::SS {
             // SDM Vol. 2B MOV: loading SS inhibits interrupts until after the next instruction.
             cpu.shadow = 2;
+            cpu.ss_shadow = 2;
         }
         return Ok(());
     }

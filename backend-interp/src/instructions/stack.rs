@@ -55,6 +55,16 @@ impl Cpu {
         Ok(())
     }
 
+    /// Sets the stack pointer as [`Cpu::set_sp`] does for a stack `width` bytes wide (the stack
+    /// an instruction used before it loaded another SS).
+    pub fn set_sp_width(&mut self, v: u64, width: u32) {
+        match width {
+            2 => self.set_gpr_sized(4, 2, v),
+            4 => self.gpr[4] = v & 0xffff_ffff,
+            _ => self.gpr[4] = v,
+        }
+    }
+
     /// Pops `bytes` bytes.
     pub fn pop(&mut self, bytes: u32) -> Flow<u64> {
         let sp = self.sp();
@@ -119,10 +129,16 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
     match ins.mnemonic() {
         Mnemonic::Push => {
             if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
-                // A 32/64-bit push of a segment register writes only the 16-bit selector (SDM PUSH).
+                // SDM Vol. 2B PUSH: with a 64-bit operand size the selector is zero-extended;
+                // with 32 bits "either a zero-extended value is pushed … or the segment selector
+                // is written on the stack using a 16-bit move", the latter on "all recent Intel
+                // Core and Intel Atom processors". This AMD host's silicon does the same: a
+                // 16-bit move at 32 bits, 8 bytes written at 64 (backend-interp/tests/
+                // vendors_data.rs `push_sreg_writes_a_word_at_32_bits_and_a_zero_extended_qword_at_64`).
                 let v = cpu.reg(ins.op_register(0));
+                let store = if n == 4 { 2 } else { n };
                 let sp = cpu.sp().wrapping_sub(u64::from(n)) & mask(cpu.stack_bytes());
-                cpu.write_mem(Register::SS, sp, 2, v)?;
+                cpu.write_mem(Register::SS, sp, store, v)?;
                 cpu.set_sp(sp);
                 return Ok(());
             }
@@ -134,11 +150,15 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             if ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_segment_register() {
                 let r = ins.op_register(0);
                 let v = cpu.peek(0, 2)?;
+                // The increment uses the width of the stack the selector came from, not that of
+                // the SS just loaded (SDM Vol. 2B POP, Operation: "IF StackAddrSize = 16 … SP ←
+                // SP + 2/4"): a 16-bit stack's SP wraps and ESP[31:16] stays.
+                let (sp, width) = (cpu.sp(), cpu.stack_bytes());
                 cpu.load_data_seg(r, v as u16)?;
-                let sp = cpu.sp();
-                cpu.set_sp(sp.wrapping_add(u64::from(n)));
+                cpu.set_sp_width(sp.wrapping_add(u64::from(n)), width);
                 if r == Register::SS {
                     cpu.shadow = 2;
+                    cpu.ss_shadow = 2;
                 }
                 return Ok(());
             }
@@ -223,7 +243,12 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
                 copies.push(cpu.read_mem(Register::SS, walk, size)?);
             }
             cpu.check_pushes(pushes, size)?;
-            let frame = cpu.sp().wrapping_sub(u64::from(size)) & mask(sb);
+            // FrameTemp is rSP after the first push, read at the operand size: "FrameTemp ←
+            // ESP" for a 32-bit operand even on a 16-bit stack, whose push moved only SP (SDM
+            // Vol. 2A ENTER, Operation; QEMU and Bochs agree). It is pushed and moved into rBP at
+            // the operand size; rSP itself moves at the stack's width.
+            let pushed = cpu.sp().wrapping_sub(u64::from(size)) & mask(sb);
+            let frame = ((cpu.gpr[4] & !mask(sb)) | pushed) & mask(size);
             let new_sp = cpu.sp().wrapping_sub(pushes * u64::from(size)).wrapping_sub(alloc) & mask(sb);
             if alloc != 0 {
                 // The new stack top must be a valid, writable stack address.

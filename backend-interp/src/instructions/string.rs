@@ -63,6 +63,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         }
         // No iteration: no flag is written, so what was undefined stays undefined.
         cpu.flag_effect = Some((0, 0));
+        if asz == 4 && cpu.mode64() && !cpu.amd() {
+            intel_zero_count_writes(cpu, m);
+        }
         return Ok(());
     }
     let mut stop = false;
@@ -130,6 +133,25 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
         }
     }
     Ok(())
+}
+
+/// A REP string instruction with a 32-bit address size and a zero count in 64-bit mode on an
+/// Intel CPU still writes its 32-bit registers back: RCX becomes 0, and MOVS truncates RSI and
+/// RDI, STOS RDI, to 32 bits (KVM, arch/x86/kvm/emulate.c `string_registers_quirk`: "Intel
+/// CPUs mask the counter and pointers in quite strange manner when ECX is zero due to
+/// REP-string optimizations" — modelled on Intel silicon; an Intel host's kvm_pvm shows it, issue
+/// 11). An AMD CPU leaves all three untouched (this host's silicon: tests/isa_string.rs and
+/// backend-interp/tests/vendors_data.rs).
+fn intel_zero_count_writes(cpu: &mut Cpu, m: Mnemonic) {
+    cpu.gpr[1] = 0;
+    let movs = matches!(m, Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq);
+    let stos = matches!(m, Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq);
+    if movs {
+        cpu.gpr[6] &= 0xffff_ffff;
+    }
+    if movs || stos {
+        cpu.gpr[7] &= 0xffff_ffff;
+    }
 }
 
 /// REPE ends when ZF = 0, REPNE when ZF = 1 (CMPS/SCAS only).

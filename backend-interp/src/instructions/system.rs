@@ -377,6 +377,15 @@ impl Cpu {
         })
     }
 
+    /// What storage MSR `idx` holds after `v` is put in it (by WRMSR or by loading a state):
+    /// an AMD CPU's SYSENTER_EIP, SYSENTER_ESP and TSC_AUX are 32 bits wide (see `wrmsr`).
+    pub fn msr_held(&self, idx: u32, v: u64) -> u64 {
+        match idx {
+            msr::SYSENTER_ESP | msr::SYSENTER_EIP | msr::TSC_AUX if self.amd() => v & 0xffff_ffff,
+            _ => v,
+        }
+    }
+
     /// WRMSR with the reserved-bit and canonical checks of SDM Vol. 4 and Vol. 3A §10.8.5.
     pub fn wrmsr(&mut self, idx: u32, v: u64) -> Flow {
         match idx {
@@ -406,6 +415,14 @@ impl Cpu {
                     self.tlb.flush();
                 }
             }
+            // AMD keeps 32 bits of these (its SYSENTER runs only outside long mode) and ignores
+            // the rest, non-canonical or not; Intel keeps 64 and checks them like the bases
+            // below (KVM, arch/x86/kvm/x86.c `__kvm_set_msr`: "IA32_SYSENTER_ESP and
+            // IA32_SYSENTER_EIP cause #GP if non-canonical address is written on Intel but not
+            // on AMD (which ignores the top 32-bits…)"; svm.c stores `(u32)data`).
+            msr::SYSENTER_ESP | msr::SYSENTER_EIP if self.amd() => {
+                self.msrs.insert(idx, self.msr_held(idx, v));
+            }
             msr::FS_BASE
             | msr::GS_BASE
             | msr::KERNEL_GS_BASE
@@ -430,6 +447,13 @@ impl Cpu {
                     return Err(gp(0));
                 }
                 self.msrs.insert(idx, v);
+            }
+            // TSC_AUX bits 63:32 are reserved on Intel (#GP(0), SDM Vol. 4 Table 2-2); AMD
+            // ignores them and reads them as 0 (KVM, arch/x86/kvm/x86.c `kvm_set_msr_common`:
+            // "Current AMD CPUs completely ignore bits 63:32, i.e. they aren't reserved and
+            // always read as zeros").
+            msr::TSC_AUX if self.amd() => {
+                self.msrs.insert(idx, self.msr_held(idx, v));
             }
             msr::SFMASK | msr::TSC_AUX => {
                 if v >> 32 != 0 {

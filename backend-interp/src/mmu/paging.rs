@@ -263,8 +263,16 @@ impl Cpu {
             let ps = entry & 0x80 != 0;
             let large = !last && ps && lvl.large && (wide || cr4 & ctrl::CR4_PSE != 0);
             let mut rsvd = if wide { rsvd8 } else { 0 };
-            if wide && i == 0 && levels.len() == 4 && ps {
-                rsvd |= 0x80; // PS is reserved in a PML4E.
+            if wide && i == 0 && levels.len() == 4 {
+                if ps {
+                    rsvd |= 0x80; // PS is reserved in a PML4E.
+                }
+                // Bit 8 of a PML4E is ignored on Intel (SDM Vol. 3A §4.5, the PML4E format) but reserved on
+                // AMD (AMD64 APM Vol. 2 §5.3.3; KVM commit 5ecad245de2a: "Intel ignores it; AMD
+                // ignores it in PDEs and PDPEs, but reserves it in PML4Es").
+                if self.amd() {
+                    rsvd |= 0x100;
+                }
             }
             // PS in a PDPTE (a 1-GByte page) is reserved unless CPUID.80000001H:EDX.Page1GB
             // [bit 26] = 1 (SDM Vol. 3A §4.5.4, Table 4-16 and §4.1.4).

@@ -88,6 +88,30 @@ impl Cpu {
         Ok(())
     }
 
+    /// What DS, ES, FS or GS (`sr`) holds after a null selector `sel` is loaded in protected
+    /// mode: unusable either way, but an Intel CPU clears the hidden part, base included (SDM
+    /// Vol. 2B MOV, Operation: the register is loaded with "NULL segment descriptor"), while an
+    /// AMD CPU keeps the old base and limit (Linux, arch/x86/kernel/cpu/common.c
+    /// `detect_null_seg_behavior`: "writing zero to a segment selector on AMD does not clear the
+    /// base") unless it enumerates NullSelectorClearsBase (CPUID Fn8000_0021 EAX bit 6; this
+    /// host's family-19h silicon clears it in ring 3 though its VM's CPUID hides the bit).
+    /// Only 64-bit mode can see the difference, through FS and GS.
+    pub fn null_segment(&self, sr: Register, sel: u16) -> Segment {
+        match self.seg(sr) {
+            Some(old) if self.amd() && !self.null_selector_clears_base() => {
+                Segment { selector: sel, present: false, unusable: true, ..*old }
+            }
+            _ => Segment { selector: sel, unusable: true, ..Segment::default() },
+        }
+    }
+
+    /// Whether the profile enumerates AMD's NullSelectorClearsBase (Fn8000_0021 EAX bit 6).
+    fn null_selector_clears_base(&self) -> bool {
+        use duet_core::cpuid::ext_leaf21;
+        self.cpuid.lookup(0x8000_0000, 0)[0] >= ext_leaf21::LEAF
+            && self.cpuid.lookup(ext_leaf21::LEAF, 0)[0] & ext_leaf21::EAX_NULL_SEL_CLR_BASE != 0
+    }
+
     /// Loads DS, ES, FS, GS or SS as MOV/POP do (SDM Vol. 2B MOV, "Operation"; Vol. 3A §5.6–5.7).
     pub fn load_data_seg(&mut self, sr: Register, sel: u16) -> Flow {
         if !self.protected() {
@@ -116,8 +140,9 @@ impl Cpu {
                 self.sregs.ss = Segment { selector: sel, dpl: cpl, unusable: true, ..Segment::default() };
                 return Ok(());
             }
+            let null = self.null_segment(sr, sel);
             if let Some(s) = self.seg_mut(sr) {
-                *s = Segment { selector: sel, unusable: true, ..Segment::default() };
+                *s = null;
             }
             return Ok(());
         }

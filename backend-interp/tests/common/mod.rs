@@ -324,3 +324,173 @@ pub fn run_kvm(
     let out = m.run(&RunOptions { timeout: Duration::from_secs(10) }).unwrap();
     Some((out, console, mem))
 }
+
+/// The baseline profile presenting `vendor` (every feature leaf unchanged).
+pub fn vendor_profile(vendor: duet_core::Vendor) -> CpuidProfile {
+    CpuidProfile::baseline().with_vendor(vendor)
+}
+
+/// KVM, when `DUET_BACKENDS` asks for it and it is usable; else `None` after printing
+/// `skipped: kvm: <why>` (`DUET_REQUIRE_KVM=1` turns an unusable KVM into a failure).
+pub fn kvm_backend() -> Option<duet_kvm::KvmBackend> {
+    if let Ok(list) = std::env::var("DUET_BACKENDS") {
+        if !list.split(',').any(|b| matches!(b.trim(), "kvm" | "all")) {
+            println!("skipped: kvm: DUET_BACKENDS={list} leaves it out");
+            return None;
+        }
+    }
+    duet_kvm::testing::kvm_or_skip()
+}
+
+/// Runs `state` over `mem` on `kvm` with the baseline profile restricted to the host (its
+/// vendor is the host's), with the console on 0xE9.
+pub fn run_on_kvm(kvm: &duet_kvm::KvmBackend, mem: Arc<GuestMemory>, state: &CpuState) -> RunOutcome {
+    use duet_core::Vcpu;
+    let profile = CpuidProfile::baseline().restricted_to(&kvm.host_cpuid().unwrap());
+    let mut vcpu = kvm.create(mem.clone(), &profile).unwrap();
+    vcpu.set_state(state).unwrap();
+    let mut m = Machine::with_vcpu(mem, vcpu);
+    let console = Console::default();
+    m.pio.insert(0xe9, 1, Arc::new(Mutex::new(console))).unwrap();
+    m.run(&RunOptions { timeout: Duration::from_secs(10) }).unwrap()
+}
+
+/// The vendor of the profile KVM applies on this host (the host's), when KVM is usable.
+pub fn kvm_vendor(kvm: &duet_kvm::KvmBackend) -> duet_core::Vendor {
+    kvm.host_cpuid().unwrap().vendor_kind()
+}
+
+/// `long64` switched to ring 3: 64-bit code in CS [`sel::UCODE64`], SS and the data segments
+/// [`sel::UDATA`]; exceptions go to the ring-0 stubs on the TSS's RSP0 stack.
+pub fn long64_ring3(mem: &GuestMemory) -> CpuState {
+    let mut s = long64(mem);
+    s.sregs.cs = flat(sel::UCODE64, true, true);
+    s.sregs.cs.db = false;
+    let d = flat(sel::UDATA, false, false);
+    (s.sregs.ds, s.sregs.es, s.sregs.fs, s.sregs.gs, s.sregs.ss) = (d, d, d, d, d);
+    s
+}
+
+/// `long64_ring3` in compatibility mode: 32-bit code in CS [`sel::UCODE32`].
+pub fn compat_ring3(mem: &GuestMemory) -> CpuState {
+    let mut s = long64_ring3(mem);
+    s.sregs.cs = flat(sel::UCODE32, true, false);
+    s
+}
+
+/// An exception a run ended in, read from the frame its stub left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trap {
+    /// Vector.
+    pub vector: u64,
+    /// Error code, for the vectors that push one.
+    pub error: Option<u64>,
+    /// Saved RIP/EIP.
+    pub rip: u64,
+    /// Saved CS selector.
+    pub cs: u64,
+    /// Saved RSP/ESP (64-bit frames always hold it; 32-bit ones after a privilege change).
+    pub rsp: u64,
+    /// Saved SS selector (as `rsp`).
+    pub ss: u64,
+}
+
+/// The exception a long-mode run stopped in (a stub's `push vector; hlt`), from the 64-bit
+/// frame under the pushed vector.
+pub fn long_trap(out: &RunOutcome, mem: &GuestMemory) -> Option<Trap> {
+    let vector = stub_vector(&out.state)?;
+    let sp = out.state.regs.rsp;
+    let has_error = matches!(vector, 8 | 10..=14 | 17);
+    let frame = if has_error { sp + 16 } else { sp + 8 };
+    let error = has_error.then(|| peek64(mem, sp + 8));
+    let q = |k: u64| peek64(mem, frame + 8 * k);
+    Some(Trap { vector, error, rip: q(0), cs: q(1), rsp: q(3), ss: q(4) })
+}
+
+/// The exception a 32-bit protected-mode run stopped in, from the 32-bit frame (`rsp` and
+/// `ss` are 0 when the frame has no outer stack, i.e. no privilege change).
+pub fn prot_trap(out: &RunOutcome, mem: &GuestMemory) -> Option<Trap> {
+    let vector = stub_vector(&out.state)?;
+    let sp = out.state.regs.rsp;
+    let has_error = matches!(vector, 8 | 10..=14 | 17);
+    let frame = if has_error { sp + 8 } else { sp + 4 };
+    let error = has_error.then(|| u64::from(peek32(mem, sp + 4)));
+    let d = |k: u64| u64::from(peek32(mem, frame + 4 * k));
+    let outer = d(1) & 3 != 0;
+    Some(Trap {
+        vector,
+        error,
+        rip: d(0),
+        cs: d(1),
+        rsp: if outer { d(3) } else { 0 },
+        ss: if outer { d(4) } else { 0 },
+    })
+}
+
+/// Edits a test makes to guest memory and the start state before a run.
+pub type Prep = Box<dyn Fn(&GuestMemory, &mut CpuState)>;
+
+/// One guest run on the software CPU under either vendor's profile and, where it can decide,
+/// on KVM: `code` (ending in HLT or an exception) at [`CODE`], a start state and edits to it.
+pub struct Probe {
+    code: Vec<u8>,
+    state: fn(&GuestMemory) -> CpuState,
+    prep: Prep,
+}
+
+impl Probe {
+    /// `code` assembled for `bits`, run from `state`.
+    pub fn new(
+        bits: u32,
+        state: fn(&GuestMemory) -> CpuState,
+        code: impl FnOnce(&mut CodeAssembler),
+    ) -> Self {
+        Probe { code: asm(bits, code), state, prep: Box::new(|_, _| {}) }
+    }
+
+    /// The same with `prep` applied to memory and state before each run.
+    pub fn prep(mut self, prep: impl Fn(&GuestMemory, &mut CpuState) + 'static) -> Self {
+        self.prep = Box::new(prep);
+        self
+    }
+
+    fn build(&self) -> (Arc<GuestMemory>, CpuState) {
+        let mem = memory(&self.code);
+        let mut s = (self.state)(&mem);
+        (self.prep)(&mem, &mut s);
+        (mem, s)
+    }
+
+    /// Runs on the software CPU with the baseline profile of `vendor`.
+    pub fn interp(&self, vendor: duet_core::Vendor) -> (RunOutcome, Arc<GuestMemory>) {
+        self.interp_with(&vendor_profile(vendor))
+    }
+
+    /// Runs on the software CPU with `profile`.
+    pub fn interp_with(&self, profile: &CpuidProfile) -> (RunOutcome, Arc<GuestMemory>) {
+        let (mem, s) = self.build();
+        let (out, _) = run_profile(mem.clone(), &s, profile, Duration::from_secs(5), |_| {});
+        (out, mem)
+    }
+
+    /// Runs on `kvm` (the host's vendor).
+    pub fn kvm(&self, kvm: &duet_kvm::KvmBackend) -> (RunOutcome, Arc<GuestMemory>) {
+        let (mem, s) = self.build();
+        (run_on_kvm(kvm, mem.clone(), &s), mem)
+    }
+
+    /// The KVM half of a vendor test: runs on KVM and checks `view` of it against the software
+    /// CPU under the profile of the host's vendor; skips out loud without KVM, under
+    /// `DUET_BACKENDS=interp`, or when this host's KVM cannot run the code.
+    pub fn check_on_kvm(&self, what: &str, view: impl Fn(&RunOutcome, &GuestMemory) -> String) {
+        let Some(kvm) = kvm_backend() else { return };
+        let vendor = kvm_vendor(&kvm);
+        let (k, kmem) = self.kvm(&kvm);
+        if let duet_core::StopReason::CannotRun(why) = &k.stop {
+            println!("skipped: kvm: {what}: this host's KVM cannot run it ({})", why.reason);
+            return;
+        }
+        let (i, imem) = self.interp(vendor);
+        assert_eq!(view(&k, &kmem), view(&i, &imem), "{what}: KVM ({vendor} host) against the software CPU");
+    }
+}
