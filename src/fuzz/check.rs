@@ -338,6 +338,43 @@ mod tests {
         assert!(matches!(decide(INTEL_VMX, &p, &kvm, &interp), Decision::Diverge(_)));
     }
 
+    #[test]
+    fn amd_only_vendor_limits_name_kvm_pvm_s_intel_readings_on_an_amd_host() {
+        use crate::fuzz::outcome::{SegPart, SegReg};
+        // REX.W LSS r10, [edi+5Ch]: kvm_pvm reads m16:64 whatever the vendor; AMD reads m16:32.
+        // (In ring 3, `ring3-segment-loads` already covers LSS.)
+        let p = parsed(FuzzMode::Long64, &[0x67, 0x4c, 0x0f, 0xb2, 0x57, 0x5c, 0xe6, 0xf4]);
+        let (kvm, interp) = (fault(vector::GP, 0x8000), fault(vector::GP, 0x8000));
+        let mut interp_m1632 = interp.clone();
+        interp_m1632.stop =
+            StopReason::Exception(ExceptionReport { vector: vector::GP, error_code: 0x18, rip: 0x8000 });
+        assert!(undecided(&decide(AMD_PVM, &p, &kvm, &interp_m1632)).contains("`far-pointer-rex-w`"));
+        assert_eq!(
+            decide(AMD_PVM, &p, &kvm, &interp),
+            Decision::Undecided(
+                judge::instruction_limit(AMD_PVM, &p).map(|m| m.why(AMD_PVM)).unwrap_or_default()
+            ),
+            "a known instruction limit holds whatever the runs did"
+        );
+        assert!(
+            matches!(decide(AMD_SVM, &p, &kvm, &interp_m1632), Decision::Diverge(_)),
+            "bare metal decides"
+        );
+
+        // mov fs, ax with AX = 0 in 64-bit mode: the silicon here clears FS.base, an AMD profile
+        // without NullSelectorClearsBase keeps it.
+        let p = parsed(FuzzMode::Long64, &[0x8e, 0xe0, 0xe6, 0xf4]);
+        let mut kvm = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        kvm.state.insert(Field::Seg(SegReg::Fs, SegPart::Selector), 0);
+        kvm.state.insert(Field::Seg(SegReg::Fs, SegPart::Base), 0);
+        let mut interp = kvm.clone();
+        interp.state.insert(Field::Seg(SegReg::Fs, SegPart::Base), 0xa000);
+        assert!(undecided(&decide(AMD_PVM, &p, &kvm, &interp))
+            .starts_with("known KVM limit `null-selector-clears-base`"));
+        // The other way round (the software CPU cleared what KVM kept) is no such thing.
+        assert!(matches!(decide(AMD_PVM, &p, &interp, &kvm), Decision::Diverge(_)));
+    }
+
     /// A reference that answers every case with one fixed outcome.
     struct Fixed(Outcome);
 

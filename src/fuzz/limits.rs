@@ -367,17 +367,22 @@ pub const KVM_PVM_LIMITS: &[HostLimit] = &[
         },
     },
     HostLimit {
+        name: "far-pointer-rex-w",
+        hosts: Hosts::Only(PVM_AMD),
+        reason: "LSS, LFS, LGS and far JMP/CALL through memory with REX.W: kvm_pvm's instruction emulator (which also handles these segment loads in ring 3) reads an m16:64 far pointer whatever the vendor; an AMD part ignores REX.W there and reads m16:32 (AMD64 APM Vol. 3; iced-x86 DecoderOptions::AMD; QEMU agrees for LSS/LFS/LGS; fixtures/corpus/regressions/lss-rex-w-reads-m16-32-on-amd.json)",
+        applies: |m, i, _| {
+            use iced_x86::Code;
+            m.bitness() == 64
+                && matches!(i.code(), Code::Lss_r64_m1664 | Code::Lfs_r64_m1664 | Code::Lgs_r64_m1664 | Code::Jmp_m1664 | Code::Call_m1664)
+        },
+    },
+    HostLimit {
         name: "ring3-syscall",
         hosts: Hosts::Only(PVM_BOTH),
         reason: "SYSCALL from ring 3 stays at CPL 3 (SDM Vol. 2B SYSCALL: CPL 0)",
         applies: |m, i, _| m == FuzzMode::Long64Ring3 && i.mnemonic() == Mnemonic::Syscall,
     },
 ];
-
-/// SYSCALL/SYSRET outside 64-bit mode (vendor-specific, see below).
-fn legacy_syscall(m: FuzzMode, i: &Instruction) -> bool {
-    m.bitness() != 64 && matches!(i.mnemonic(), Mnemonic::Syscall | Mnemonic::Sysret | Mnemonic::Sysretq)
-}
 
 /// Instructions whose results are host-specific on any host (see [`HOST_SPECIFIC`]): the
 /// generator never draws them, but a branch into the middle of another instruction can reach
@@ -387,11 +392,6 @@ pub const HOST_SPECIFIC_LIMITS: &[HostLimit] = &[HostLimit {
     hosts: Hosts::Every,
     reason: "RDTSC, RDTSCP and RDPMC read time or counters: the two runs happen at different times",
     applies: |_, i, _| matches!(i.mnemonic(), Mnemonic::Rdtsc | Mnemonic::Rdtscp | Mnemonic::Rdpmc),
-}, HostLimit {
-    name: "syscall-sysret-outside-64-bit",
-    hosts: Hosts::Every,
-    reason: "SYSCALL and SYSRET outside 64-bit mode are vendor-specific: AMD parts run them in legacy and compatibility mode when EFER.SCE = 1 (AMD64 APM Vol. 3), Intel parts raise #UD (SDM Vol. 2B SYSCALL/SYSRET); the software CPU implements the Intel behaviour whatever the profile's vendor (open: AMD legacy-mode SYSCALL/SYSRET)",
-    applies: |m, i, _| legacy_syscall(m, i),
 }];
 
 fn is_soft_int(i: &Instruction) -> bool {

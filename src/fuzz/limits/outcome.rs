@@ -259,6 +259,22 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
         },
     },
     OutcomeLimit {
+        name: "null-selector-clears-base",
+        hosts: Hosts::Only(PVM_AMD),
+        reason: "a null selector loaded into FS or GS in 64-bit mode: an AMD part without NullSelectorClearsBase (CPUID 0x8000_0021 EAX bit 6) keeps the old base (Linux `detect_null_seg_behavior`, X86_BUG_NULL_SEG; docs/VENDORS.md), and the shared profile does not enumerate the bit because kvm_pvm hides leaf 0x8000_0021; this host's silicon (family 19h) has the feature and clears the base",
+        applies: |p, kvm, interp, d| {
+            use super::super::outcome::{SegPart, SegReg};
+            let cleared = |seg: SegReg| {
+                let null = interp.reg(Field::Seg(seg, SegPart::Selector)) & !3 == 0;
+                let base = Field::Seg(seg, SegPart::Base);
+                null && kvm.reg(base) == 0 && interp.reg(base) != 0
+            };
+            p.mode.bitness() == 64
+                && d.rows.iter().any(|r| matches!(r, Row::Register { field: Field::Seg(SegReg::Fs | SegReg::Gs, SegPart::Base), .. }))
+                && (cleared(SegReg::Fs) || cleared(SegReg::Gs))
+        },
+    },
+    OutcomeLimit {
         name: "sysenter-intel-pvm",
         hosts: Hosts::Only(PVM_INTEL),
         reason: "SYSENTER with IA32_SYSENTER_CS[15:2] = 0 is #GP(0) on an Intel part (SDM Vol. 2B SYSENTER, Operation and Protected Mode Exceptions); kvm_pvm on an Intel host raises #UD instead (found by `duet fuzz --seed 7` in long64-ring3; fixtures/corpus/regressions/sysenter-cs-zero-intel-gp.json)",
