@@ -234,15 +234,17 @@ fn qemu_departures_still_hold() {
     let mut test_f7r1 = with_code(generated(FuzzMode::Long64, 0), &[0xf7, 0x08, 1, 0, 0, 0]);
     test_f7r1.regs.insert("rax".into(), "0xa000".into());
     let int1 = with_code(generated(FuzzMode::Long64, 0), &[0xf1]);
+    let lfence = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0xae, 0xe8]);
     let mut rmw = with_code(generated(FuzzMode::Long64, 0), &[0xd0, 0x28]);
     rmw.regs.insert("rax".into(), "0x700000000000".into());
     let frame = ["fault-frame-rf", "ist-null-ss"];
-    let cases: [(&str, Case, &[&str]); 6] = [
+    let cases: [(&str, Case, &[&str]); 7] = [
         ("fault-frame-rf", ud2, &["ist-null-ss"]),
         ("segment-checks", null_es, &[]),
         ("ss-noncanonical-gp", ss_noncanonical, &frame),
         ("test-alias-ud", test_f7r1, &frame),
         ("int1-ud", int1, &frame),
+        ("fence-cpuid-check", lfence, &frame),
         ("rmw-pf-read", rmw, &frame),
     ];
     for (name, case, also) in cases {
