@@ -235,16 +235,23 @@ fn qemu_departures_still_hold() {
     test_f7r1.regs.insert("rax".into(), "0xa000".into());
     let int1 = with_code(generated(FuzzMode::Long64, 0), &[0xf1]);
     let lfence = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0xae, 0xe8]);
+    // bsf eax, ebx with EBX = 0 under an AMD profile (APM Vol. 3 BSF: destination unchanged).
+    let mut bsf = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0xbc, 0xc3]);
+    bsf.regs.insert("rax".into(), "0x123456789abcdef".into());
+    bsf.regs.insert("rbx".into(), "0x0".into());
+    let amd = duet::CpuidProfile::baseline().with_vendor(duet::core::Vendor::Amd);
+    bsf.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&amd));
     let mut rmw = with_code(generated(FuzzMode::Long64, 0), &[0xd0, 0x28]);
     rmw.regs.insert("rax".into(), "0x700000000000".into());
     let frame = ["fault-frame-rf", "ist-null-ss"];
-    let cases: [(&str, Case, &[&str]); 7] = [
+    let cases: [(&str, Case, &[&str]); 8] = [
         ("fault-frame-rf", ud2, &["ist-null-ss"]),
         ("segment-checks", null_es, &[]),
         ("ss-noncanonical-gp", ss_noncanonical, &frame),
         ("test-alias-ud", test_f7r1, &frame),
         ("int1-ud", int1, &frame),
         ("fence-cpuid-check", lfence, &frame),
+        ("bsf-zero-source-amd", bsf, &[]),
         ("rmw-pf-read", rmw, &frame),
     ];
     for (name, case, also) in cases {

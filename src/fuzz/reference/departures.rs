@@ -178,6 +178,18 @@ fn test_alias_ud(s: &Seen<'_>, _: &Row) -> bool {
     })
 }
 
+/// A register row where QEMU holds the low 32 bits of the software CPU's value (bits 63:32
+/// cleared) after a BSF/BSR with a 32-bit destination under an AMD profile.
+fn bsf_zero_source_amd(s: &Seen<'_>, row: &Row) -> bool {
+    let amd = crate::fuzz::exec::profile_of(s.case.cpuid.as_ref())
+        .is_ok_and(|p| p.vendor_kind() == duet_core::Vendor::Amd);
+    let bsf32 = |i: &Instruction| {
+        matches!(i.mnemonic(), Mnemonic::Bsf | Mnemonic::Bsr) && i.op0_register().size() == 4
+    };
+    let Row::Register { field: Field::Gpr(_), left: Some(q), right: Some(i) } = *row else { return false };
+    amd && s.long() && q == i & 0xffff_ffff && s.has(bsf32)
+}
+
 fn fence_ud(s: &Seen<'_>, _: &Row) -> bool {
     qemu_ud_at(s)
         .is_some_and(|i| matches!(i.mnemonic(), Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence))
@@ -288,6 +300,15 @@ pub const QEMU_DEPARTURES: &[Departure] = &[
                  group 3 /1 blank)",
         pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
         explains: test_alias_ud,
+    },
+    Departure {
+        name: "bsf-zero-source-amd",
+        reason: "QEMU writes the destination of a BSF/BSR with a zero source back at the operand size \
+                 (a 32-bit one in 64-bit mode loses bits 63:32), as Intel parts do, whatever the \
+                 vendor; an AMD part leaves the destination unchanged (AMD64 APM Vol. 3 BSF/BSR; \
+                 docs/VENDORS.md)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: bsf_zero_source_amd,
     },
     Departure {
         name: "fence-cpuid-check",
@@ -447,5 +468,32 @@ mod tests {
         // A 16-bit limit can fault.
         interp.state.insert(es(SegPart::Limit), 0xffff);
         assert!(segment_checks(&Seen { case: &c, code: &code, qemu: &qemu, interp: &interp }, &r));
+    }
+
+    #[test]
+    fn bsf_zero_source_is_a_departure_only_under_an_amd_profile() {
+        use crate::fuzz::profile::CaseCpuid;
+        // bsf eax, ebx with EBX = 0 (as in fuzz case 375 of seed 1, long64): QEMU zero-extends
+        // the old EAX into RAX; the AMD profile keeps all of RAX.
+        let code = [0x0f, 0xbc, 0xc3];
+        let mut c = case(FuzzMode::Long64, &code);
+        let o = Outcome::stopped(StopReason::DebugExit { value: 0 });
+        let row = Row::Register {
+            field: Field::Gpr(0),
+            left: Some(0x89ab_cdef),
+            right: Some(0x0123_4567_89ab_cdef),
+        };
+        let amd = CaseCpuid::of(&duet_core::CpuidProfile::baseline().with_vendor(duet_core::Vendor::Amd));
+        c.cpuid = Some(amd);
+        assert!(bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &row));
+        let other = Row::Register {
+            field: Field::Gpr(0),
+            left: Some(0x89ab_cdee),
+            right: Some(0x0123_4567_89ab_cdef),
+        };
+        assert!(!bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &other));
+        // Under an Intel profile the software CPU writes back as QEMU does: no departure.
+        c.cpuid = Some(CaseCpuid::of(&duet_core::CpuidProfile::baseline()));
+        assert!(!bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &row));
     }
 }
