@@ -305,6 +305,21 @@ pub struct Parsed {
     pub data: Vec<u8>,
 }
 
+impl Parsed {
+    /// A case of `mode` with only `code` (registers zero, RFLAGS 2, no data): for tests that
+    /// judge a program without running it.
+    pub fn of_code(mode: FuzzMode, code: &[u8]) -> Parsed {
+        Parsed {
+            mode,
+            gprs: [0; 16],
+            rflags: 2,
+            segments: BTreeMap::new(),
+            code: code.to_vec(),
+            data: Vec::new(),
+        }
+    }
+}
+
 /// Largest code and data images a case may carry.
 pub const MAX_IMAGE: usize = 4096;
 

@@ -253,14 +253,7 @@ mod tests {
     const AMD_SVM: Host = Host { vendor: Vendor::Amd, kvm: KvmKind::Svm };
 
     fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
-        Parsed {
-            mode,
-            gprs: [0; 16],
-            rflags: 2,
-            segments: Default::default(),
-            code: code.to_vec(),
-            data: vec![],
-        }
+        Parsed::of_code(mode, code)
     }
 
     fn fault(vector: u8, rip: u64) -> Outcome {

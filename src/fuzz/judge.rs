@@ -277,14 +277,7 @@ mod tests {
     }
 
     fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
-        Parsed {
-            mode,
-            gprs: [0; 16],
-            rflags: 2,
-            segments: Default::default(),
-            code: code.to_vec(),
-            data: vec![],
-        }
+        Parsed::of_code(mode, code)
     }
 
     #[test]

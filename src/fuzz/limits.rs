@@ -133,25 +133,22 @@ impl Matched {
     }
 }
 
+impl Matched {
+    /// The limit `name` (with its `reason`, verified on `hosts`) as it stands on `host`.
+    fn of(name: &'static str, reason: &'static str, hosts: Hosts, host: Host) -> Matched {
+        Matched { name, reason, hosts, standing: hosts.standing(host) }
+    }
+}
+
 impl HostLimit {
     fn matched(&self, host: Host) -> Matched {
-        Matched {
-            name: self.name,
-            reason: self.reason,
-            hosts: self.hosts,
-            standing: self.hosts.standing(host),
-        }
+        Matched::of(self.name, self.reason, self.hosts, host)
     }
 }
 
 impl OutcomeLimit {
     fn matched(&self, host: Host) -> Matched {
-        Matched {
-            name: self.name,
-            reason: self.reason,
-            hosts: self.hosts,
-            standing: self.hosts.standing(host),
-        }
+        Matched::of(self.name, self.reason, self.hosts, host)
     }
 }
 
