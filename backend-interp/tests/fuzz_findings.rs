@@ -263,3 +263,34 @@ fn delivery_through_an_idt_in_unbacked_memory_ends_without_mmio_exits() {
     assert_eq!(out.stop, StopReason::Shutdown, "{:?}", out.stop);
     assert!(out.exits <= 2, "{} exits", out.exits);
 }
+
+#[test]
+fn an_operand_read_in_parts_faults_when_any_part_leaves_the_real_mode_segment() {
+    // A pseudo-descriptor (LGDT/LIDT), a far pointer (JMP/CALL m16:16) and BOUND's pair of bounds
+    // are each one operand: at offset 0xFFFE of a 64 KiB real-mode segment it runs past the limit,
+    // and the SDM's real-address-mode exceptions give #SS for SS and #GP for the other segments
+    // (SDM Vol. 2A LGDT/LIDT, JMP, BOUND); the parts must not wrap to offset 0. KVM raised #SS for
+    // `lgdt [bp-6Eh]` with BP = 0x6C (fuzz seed 1, real case 77000;
+    // fixtures/corpus/regressions/lgdt-operand-past-the-real-mode-limit.json).
+    type Emit = fn(&mut CodeAssembler);
+    let cases: [(&str, Emit, u64); 4] = [
+        ("lgdt [bp-2] (SS)", |a| a.lgdt(ptr(bp - 2)).unwrap(), 12),
+        ("lidt [bx-2] (DS)", |a| a.lidt(ptr(bx - 2)).unwrap(), 13),
+        ("jmp far [bx-2] (DS)", |a| a.jmp(dword_ptr(bx - 2)).unwrap(), 13),
+        ("bound ax, [bx-2] (DS)", |a| a.bound(ax, dword_ptr(bx - 2)).unwrap(), 13),
+    ];
+    for (what, emit, vector) in cases {
+        let bytes = asm(16, |a| {
+            a.xor(bp, bp).unwrap();
+            a.xor(bx, bx).unwrap();
+            emit(a);
+            a.hlt().unwrap();
+        });
+        let mem = memory(&bytes);
+        let s = real_mode(&mem);
+        let (out, _) = run(mem.clone(), &s);
+        // The real-mode stubs push the vector and halt: it is the word at SS:SP.
+        let pushed = u64::from(peek32(&mem, out.state.regs.rsp & 0xffff) & 0xffff);
+        assert_eq!(pushed, vector, "{what}: {:?}", out.stop);
+    }
+}

@@ -382,6 +382,9 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             if far_mem {
                 let size = ins.memory_size().size() as u32 - 2;
                 let (seg, ea) = cpu.mem_addr(ins, 0);
+                // The far pointer is one operand: all of it lies within the segment or it faults
+                // (SDM Vol. 2A JMP/CALL, Exceptions), as LDS & co. check it.
+                cpu.seg_linear(seg, ea, size + 2, false)?;
                 let off = cpu.read_mem(seg, ea, size)?;
                 let am = mask(crate::operand::addr_bytes(ins, cpu.bitness()));
                 let sel = cpu.read_mem(seg, ea.wrapping_add(u64::from(size)) & am, 2)? as u16;

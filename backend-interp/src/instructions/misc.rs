@@ -63,6 +63,8 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             let b = cpu.op_bytes(ins, 0);
             let index = sext(cpu.read_op(ins, 0)?, b) as i64;
             let (seg, ea) = cpu.mem_addr(ins, 1);
+            // The bounds are one operand of twice the index size (SDM Vol. 2A BOUND, Exceptions).
+            cpu.seg_linear(seg, ea, 2 * b, false)?;
             let am = mask(crate::operand::addr_bytes(ins, cpu.bitness()));
             let lower = sext(cpu.read_mem(seg, ea, b)?, b) as i64;
             let upper = sext(cpu.read_mem(seg, ea.wrapping_add(u64::from(b)) & am, b)?, b) as i64;

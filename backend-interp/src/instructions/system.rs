@@ -72,8 +72,12 @@ pub(crate) fn exec(cpu: &mut Cpu, ins: &Instruction) -> Flow {
             }
             let (seg, ea) = cpu.mem_addr(ins, 0);
             let am = mask(addr_bytes(ins, cpu.bitness()));
-            let limit = cpu.read_mem(seg, ea, 2)? as u16;
             let base_bytes = if cpu.mode64() { 8 } else { 4 };
+            // The pseudo-descriptor is one operand: all of it must lie within the segment, so a
+            // real-mode one at offset 0xFFFE is #SS/#GP rather than wrapping (SDM Vol. 2A
+            // LGDT/LIDT, Real-Address Mode Exceptions; KVM agrees).
+            cpu.seg_linear(seg, ea, 2 + base_bytes, false)?;
+            let limit = cpu.read_mem(seg, ea, 2)? as u16;
             let mut base = cpu.read_mem(seg, ea.wrapping_add(2) & am, base_bytes)?;
             if cpu.mode64() && !canonical(base) {
                 return Err(gp(0));
