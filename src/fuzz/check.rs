@@ -86,10 +86,32 @@ pub fn decide(host: Host, p: &Parsed, kvm: &Outcome, interp: &Outcome) -> Decisi
     }
     let after = judge::outcome_limit(host, p, kvm, interp, &diff);
     let known = after.filter(|m| m.standing == Standing::Known);
-    match known.or(before).or(after) {
+    // A program that rewrote its own code may have made an instruction a limit names (RDTSC
+    // written by an ADC into the opcode byte): scan the code each run ended with too.
+    let rewritten = [kvm, interp].into_iter().find_map(|o| {
+        let code = code_after(p, o)?;
+        judge::instruction_limit(host, &Parsed { code, ..p.clone() })
+    });
+    match known.or(before).or(rewritten).or(after) {
         Some(m) => Decision::Undecided(m.why(host)),
         None => Decision::Diverge(diff),
     }
+}
+
+/// The code bytes of `p` as the run `o` left them, when the program wrote into its own code.
+fn code_after(p: &Parsed, o: &Outcome) -> Option<Vec<u8>> {
+    let start = layout::CODE_ADDR;
+    let end = start + p.code.len() as u64;
+    let mut code = p.code.clone();
+    for (&addr, &word) in o.memory.range(start.saturating_sub(7)..end) {
+        for (i, b) in word.to_le_bytes().into_iter().enumerate() {
+            let at = addr + i as u64;
+            if (start..end).contains(&at) {
+                code[(at - start) as usize] = b;
+            }
+        }
+    }
+    (code != p.code).then_some(code)
 }
 
 /// Runs cases on the interpreter and, where usable, on KVM, reusing their machines.
@@ -139,9 +161,16 @@ impl Checker {
     pub fn check(&mut self, case: &Case, file: &str) -> Result<Verdict, FuzzError> {
         let (p, state) = layout::prepare(case, file)?;
         let interp = self.interp.run(case, &p, &state)?;
-        if let StopReason::Unsupported(i) = &interp.stop {
+        match &interp.stop {
             // Grouped by what, not where: addresses are cut off.
-            return Ok(Verdict::Unsupported { what: short_instruction(i) });
+            StopReason::Unsupported(i) => return Ok(Verdict::Unsupported { what: short_instruction(i) }),
+            // The software CPU runs code from RAM only; KVM fetches from the MMIO bus (all ones).
+            StopReason::UnbackedFetch { .. } => {
+                return Ok(Verdict::Unsupported {
+                    what: "instruction fetch from an address no RAM backs".into(),
+                })
+            }
+            _ => {}
         }
         let Some(kvm_exec) = self.kvm.as_mut() else {
             // Without KVM the reference, when one was asked for, is the only other opinion.
@@ -366,6 +395,28 @@ mod tests {
             .starts_with("known KVM limit `null-selector-clears-base`"));
         // The other way round (the software CPU cleared what KVM kept) is no such thing.
         assert!(matches!(decide(AMD_PVM, &p, &interp, &kvm), Decision::Diverge(_)));
+    }
+
+    #[test]
+    fn an_instruction_a_program_writes_into_its_own_code_is_scanned_for_limits() {
+        // `adc byte [di-0Dh], 1Eh` turned a LOCK prefix (F0) into 0F, making `0F 31` (RDTSC) of
+        // the next instruction (fuzz seed 1, real case 17697): the two runs read different clocks.
+        let code = [0x90, 0x90, 0xf0, 0x31, 0x64, 0x99, 0xe6, 0xf4];
+        let p = parsed(FuzzMode::Real, &code);
+        let mut kvm = Outcome::stopped(StopReason::DebugExit { value: 0xcf });
+        let mut rewritten = code;
+        rewritten[2] = 0x0f;
+        kvm.memory.insert(layout::CODE_ADDR, u64::from_le_bytes(rewritten));
+        kvm.state.insert(Field::Gpr(0), 0x485b_bbcf);
+        let mut interp = kvm.clone();
+        interp.stop = StopReason::DebugExit { value: 8 };
+        interp.state.insert(Field::Gpr(0), 8);
+        assert!(undecided(&decide(AMD_PVM, &p, &kvm, &interp))
+            .starts_with("known KVM limit `time-stamp-counter`"));
+        // The same difference without the rewrite is a divergence.
+        kvm.memory.clear();
+        interp.memory.clear();
+        assert!(matches!(decide(AMD_PVM, &p, &kvm, &interp), Decision::Diverge(_)));
     }
 
     /// A reference that answers every case with one fixed outcome.

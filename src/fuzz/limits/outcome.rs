@@ -17,15 +17,23 @@ pub const KVM_PVM_OUTCOME_LIMITS: &[OutcomeLimit] = &[
     OutcomeLimit {
         name: "16-bit-stack-esp-upper",
         hosts: Hosts::Only(PVM_AMD),
-        reason: "an exception delivered on a 16-bit stack (SS.B = 0, real mode or a 16-bit SS) with ESP[31:16] ≠ 0: kvm_pvm uses or clears the upper half of ESP (shutdown, or ESP[31:16] = 0 after the handler runs); the pushes use SP and leave ESP[31:16] alone (SDM Vol. 3A §6.12.1, Vol. 1 §6.2.3 stack-address size; Vol. 2A INT n Operation; QEMU agrees; fixtures/corpus/regressions/prot16-fault-on-16bit-stack.json)",
+        reason: "an exception delivered on a 16-bit stack (SS.B = 0: real mode, a 16-bit SS, or one the program loaded or reached by clearing CR0.PE) with ESP[31:16] ≠ 0: kvm_pvm uses or clears the upper half of ESP (shutdown, or ESP[31:16] = 0 after the handler runs); the pushes use SP and leave ESP[31:16] alone (SDM Vol. 3A §6.12.1, Vol. 1 §6.2.3 stack-address size; Vol. 2A INT n Operation; QEMU agrees; fixtures/corpus/regressions/prot16-fault-on-16bit-stack.json)",
         applies: |p, kvm, interp, _| {
             let upper = |o: &Outcome| (o.reg(Field::RSP) >> 16) & 0xffff;
             // Also a frame that wrapped SP through 0 (SP near the top of the 64 KiB segment).
             let top = |o: &Outcome| o.memory.keys().any(|a| (0xff00..0x1_0000).contains(a));
             let wrapped = kvm.shut_down() && (interp.reg(Field::RSP) & 0xffff >= 0xff00 || top(interp));
-            matches!(p.mode, FuzzMode::Real | FuzzMode::Prot16)
-                && (interp.exception().is_some() || interp.shut_down())
-                && (upper(interp) != 0 || upper(kvm) != 0 || wrapped)
+            // A 16-bit stack from the start, or one the program made: a 16-bit SS loaded in 32-bit
+            // code, or real mode entered by clearing CR0.PE (kvm_pvm then clears ESP[31:16]).
+            use super::super::outcome::{SegPart, SegReg};
+            let ss_16 = |o: &Outcome| {
+                o.state.get(&Field::Seg(SegReg::Ss, SegPart::Attributes)).is_some_and(|a| a & 0x4000 == 0)
+            };
+            let real = |o: &Outcome| o.state.get(&Field::CR0).is_some_and(|cr0| cr0 & ctrl::CR0_PE == 0);
+            let sixteen = matches!(p.mode, FuzzMode::Real | FuzzMode::Prot16)
+                || (p.mode.bitness() == 32 && [kvm, interp].into_iter().any(|o| ss_16(o) || real(o)));
+            let delivered = |o: &Outcome| o.exception().is_some() || o.shut_down();
+            sixteen && (delivered(interp) || delivered(kvm)) && (upper(interp) != 0 || upper(kvm) != 0 || wrapped)
         },
     },
     OutcomeLimit {

@@ -132,6 +132,10 @@ pub fn judge(case: &Case, reference: (&str, &Outcome), other: (&str, &Outcome)) 
 /// `interp` outcome: agreement decides the case; anything else leaves it undecided, with the
 /// reference's answer first (summaries group by the first line).
 pub fn ask(reference: &dyn Reference, case: &Case, interp: &Outcome, why: String) -> Verdict {
+    if !reference.asks() {
+        // No third opinion was asked for: the reason KVM could not decide is the whole story.
+        return Verdict::Undecided { why };
+    }
     let name = reference.name();
     let answer = match reference.run(case) {
         Ok(r) => judge(case, (name, &r), ("interp", interp)),
