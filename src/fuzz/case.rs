@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use duet_core::Vendor;
 use serde::{Deserialize, Serialize};
 
 pub use super::outcome::Outcome;
@@ -303,13 +304,25 @@ pub struct Parsed {
     pub code: Vec<u8>,
     /// Data bytes.
     pub data: Vec<u8>,
+    /// The vendor of the profile the case runs under: the software CPU decodes as that vendor
+    /// does (a 66h near branch in 64-bit mode is 16-bit on AMD), so the judge must too.
+    pub vendor: Vendor,
 }
 
 impl Parsed {
-    /// A case of `mode` with only `code` (registers zero, RFLAGS 2, no data): for tests that
-    /// judge a program without running it.
+    /// iced-x86's decoder options for the case's vendor ([`Parsed::vendor`]).
+    pub fn decoder_options(&self) -> u32 {
+        match self.vendor {
+            Vendor::Amd => iced_x86::DecoderOptions::AMD,
+            Vendor::Intel | Vendor::Other => iced_x86::DecoderOptions::NONE,
+        }
+    }
+
+    /// A case of `mode` with only `code` (registers zero, RFLAGS 2, no data, an Intel profile):
+    /// for tests that judge a program without running it.
     pub fn of_code(mode: FuzzMode, code: &[u8]) -> Parsed {
         Parsed {
+            vendor: Vendor::Intel,
             mode,
             gprs: [0; 16],
             rflags: 2,
@@ -369,7 +382,11 @@ impl Case {
         if data.len() > MAX_IMAGE {
             return Err(bad("data", &format!("has {} bytes; at most {MAX_IMAGE} are allowed", data.len())));
         }
-        Ok(Parsed { mode: self.mode, gprs, rflags, segments, code, data })
+        let vendor = match &self.cpuid {
+            Some(c) => c.vendor,
+            None => crate::backends::shared_cpuid_profile().vendor_kind(),
+        };
+        Ok(Parsed { mode: self.mode, gprs, rflags, segments, code, data, vendor })
     }
 
     /// Reads a case file; errors name the file (and the field, for a malformed one). A file

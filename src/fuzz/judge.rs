@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 
 use duet_core::state::{ctrl, rflags};
 use duet_core::StopReason;
-use iced_x86::{Decoder, DecoderOptions, Instruction};
+use iced_x86::{Decoder, Instruction};
 
-use super::case::{Case, FuzzMode, Outcome, Parsed};
+use super::case::{Case, Outcome, Parsed};
 use super::diff::{Diff, Row};
 use super::layout::STACK_TOPS;
 use super::outcome::{stop_text, ExitKind, Field, SegPart, SegReg};
@@ -129,10 +129,11 @@ fn frame_flags(o: &Outcome, addr: u64, diff: u64, undef: u64) -> bool {
 /// Status flags (RFLAGS bit positions) that some instruction of `code` may leave undefined:
 /// iced-x86's per-instruction masks, plus OF of every shift or rotate (defined only for a count of
 /// 1, SDM Vol. 2B SAL/SAR/SHL/SHR, RCL/RCR/ROL/ROR).
-pub fn static_undefined(mode: FuzzMode, code: &[u8]) -> u64 {
+pub fn static_undefined(p: &Parsed) -> u64 {
+    let (mode, code) = (p.mode, &p.code[..]);
     let ip = super::gen::code_ip(mode);
     let mut m = 0u32;
-    for i in Decoder::with_ip(mode.bitness(), code, ip, DecoderOptions::NONE) {
+    for i in Decoder::with_ip(mode.bitness(), code, ip, p.decoder_options()) {
         m |= i.rflags_undefined();
         if super::gen::is_shift_or_rotate(i.mnemonic()) {
             m |= iced_x86::RflagsBits::OF;
@@ -190,7 +191,7 @@ pub fn host_limit(p: &Parsed, limits: &[HostLimit]) -> Option<HostLimit> {
             continue;
         }
         let off = (start - ip) as usize;
-        let mut dec = Decoder::with_ip(p.mode.bitness(), &code[off..], start, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(p.mode.bitness(), &code[off..], start, p.decoder_options());
         let mut prev: Option<Instruction> = None;
         for ins in &mut dec {
             if let Some(l) = limits.iter().find(|l| (l.applies)(p.mode, &ins, prev.as_ref())) {
@@ -249,6 +250,7 @@ mod tests {
 
     use super::*;
     use crate::fuzz::outcome::{vector, Exit};
+    use crate::fuzz::FuzzMode;
 
     fn exception(vector: u8, rip: u64) -> StopReason {
         StopReason::Exception(ExceptionReport { vector, error_code: 0, rip })
@@ -278,6 +280,19 @@ mod tests {
 
     fn parsed(mode: FuzzMode, code: &[u8]) -> Parsed {
         Parsed::of_code(mode, code)
+    }
+
+    #[test]
+    fn host_limits_decode_as_the_case_profile_s_vendor_does() {
+        use super::super::limits::HOST_SPECIFIC_LIMITS;
+        // 66 0F 84 rel16 in 64-bit mode: AMD honours the operand-size prefix (a 5-byte Jcc, then
+        // RDTSC); Intel ignores it and reads a rel32 that swallows the RDTSC (iced-x86
+        // DecoderOptions::AMD; docs/VENDORS.md).
+        let code = [0x66, 0x0f, 0x84, 0, 0, 0x0f, 0x31, 0x90, 0x90, 0xe6, 0xf4];
+        let intel = parsed(FuzzMode::Long64, &code);
+        assert!(host_limit(&intel, HOST_SPECIFIC_LIMITS).is_none());
+        let amd = Parsed { vendor: duet_core::Vendor::Amd, ..intel };
+        assert_eq!(host_limit(&amd, HOST_SPECIFIC_LIMITS).map(|l| l.name), Some("time-stamp-counter"));
     }
 
     #[test]

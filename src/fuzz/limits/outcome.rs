@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use duet_core::state::{ctrl, rflags};
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, Register};
+use iced_x86::{Decoder, Instruction, Mnemonic, Register};
 
 use super::super::case::{FuzzMode, Outcome, Parsed};
 use super::super::diff::{Diff, Row};
@@ -323,12 +323,12 @@ fn undefined(kvm: &Outcome, interp: &Outcome) -> u64 {
 
 /// Whether some instruction of the program (decoded from its start) satisfies `f`.
 fn has(p: &Parsed, f: impl Fn(&Instruction) -> bool) -> bool {
-    Decoder::with_ip(p.mode.bitness(), &p.code, 0, DecoderOptions::NONE).into_iter().any(|i| f(&i))
+    Decoder::with_ip(p.mode.bitness(), &p.code, 0, p.decoder_options()).into_iter().any(|i| f(&i))
 }
 
 /// The instruction of the program at `rip` (as the code is decoded from there).
 fn instruction_at(p: &Parsed, rip: u64) -> Option<Instruction> {
     let ip = super::super::gen::code_ip(p.mode);
     let rest = p.code.get(usize::try_from(rip.checked_sub(ip)?).ok()?..)?;
-    Decoder::with_ip(p.mode.bitness(), rest, rip, DecoderOptions::NONE).into_iter().next()
+    Decoder::with_ip(p.mode.bitness(), rest, rip, p.decoder_options()).into_iter().next()
 }

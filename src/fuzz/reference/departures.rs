@@ -8,9 +8,9 @@
 use duet_core::layout::ExceptionReport;
 use duet_core::state::rflags;
 use duet_core::StopReason;
-use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register};
+use iced_x86::{Decoder, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register};
 
-use crate::fuzz::case::{Case, FuzzMode, Outcome};
+use crate::fuzz::case::{Case, FuzzMode, Outcome, Parsed};
 use crate::fuzz::diff::Row;
 use crate::fuzz::outcome::{vector, ExitKind, Field, SegPart, SegReg};
 
@@ -19,8 +19,8 @@ use crate::fuzz::outcome::{vector, ExitKind, Field, SegPart, SegReg};
 pub struct Seen<'a> {
     /// The case.
     pub case: &'a Case,
-    /// Its code bytes.
-    pub code: &'a [u8],
+    /// Its numbers, parsed (code bytes, and the vendor the code is decoded as).
+    pub parsed: &'a Parsed,
     /// QEMU's outcome.
     pub qemu: &'a Outcome,
     /// The software CPU's outcome.
@@ -54,7 +54,8 @@ impl Seen<'_> {
     /// The case's instructions, decoded from its start (as the generator laid them out).
     fn instructions(&self) -> Vec<Instruction> {
         let ip = crate::fuzz::gen::code_ip(self.case.mode);
-        Decoder::with_ip(self.case.mode.bitness(), self.code, ip, DecoderOptions::NONE).into_iter().collect()
+        let p = self.parsed;
+        Decoder::with_ip(p.mode.bitness(), &p.code, ip, p.decoder_options()).into_iter().collect()
     }
 
     fn has(&self, pick: impl Fn(&Instruction) -> bool) -> bool {
@@ -113,8 +114,7 @@ fn fault_frame_rf(s: &Seen<'_>, row: &Row) -> bool {
     let Some(rf_bit) = 1u64.checked_shl(rf) else { return false };
     // Flags the program may leave undefined can differ in the same image (the comparison masks
     // them only where RF does not differ too).
-    let undef = (crate::fuzz::judge::static_undefined(s.case.mode, s.code) | s.interp.rflags_undefined)
-        & rflags::STATUS;
+    let undef = (crate::fuzz::judge::static_undefined(s.parsed) | s.interp.rflags_undefined) & rflags::STATUS;
     let undef = if rf >= 16 { undef << (rf - 16) } else { undef >> (16 - rf) };
     let diff = qemu ^ interp;
     interp & rf_bit != 0 && diff & rf_bit != 0 && diff & !(rf_bit | undef) == 0
@@ -181,8 +181,7 @@ fn test_alias_ud(s: &Seen<'_>, _: &Row) -> bool {
 /// A register row where QEMU holds the low 32 bits of the software CPU's value (bits 63:32
 /// cleared) after a BSF/BSR with a 32-bit destination under an AMD profile.
 fn bsf_zero_source_amd(s: &Seen<'_>, row: &Row) -> bool {
-    let amd = crate::fuzz::exec::profile_of(s.case.cpuid.as_ref())
-        .is_ok_and(|p| p.vendor_kind() == duet_core::Vendor::Amd);
+    let amd = s.parsed.vendor == duet_core::Vendor::Amd;
     let bsf32 = |i: &Instruction| {
         matches!(i.mnemonic(), Mnemonic::Bsf | Mnemonic::Bsr) && i.op0_register().size() == 4
     };
@@ -433,7 +432,12 @@ mod tests {
         for (k, v) in [(Field::RSP, 0x7ffe0), (Field::CR0, 0x8000_0011), (Field::Efer, 0x500)] {
             o.state.insert(k, v);
         }
-        let s = Seen { case: &c, code: &[0x0f, 0x0b], qemu: &o, interp: &o };
+        let s = Seen {
+            case: &c,
+            parsed: &Parsed::of_code(FuzzMode::Long64, &[0x0f, 0x0b]),
+            qemu: &o,
+            interp: &o,
+        };
         // RF (bit 16) set on the software CPU's side (SDM Vol. 3A §18.3.1.1).
         assert!(fault_frame_rf(&s, &mem(0x7ffe8, 0x246, 0x1_0246)));
         assert!(!fault_frame_rf(&s, &mem(0x7ffe8, 0x1_0246, 0x246)), "QEMU's RF");
@@ -441,7 +445,12 @@ mod tests {
         assert!(!fault_frame_rf(&s, &mem(0x7fff0, 0x246, 0x1_0246)), "not RFLAGS");
         // A frame misaligned by 2: RF lands at bit 32 of the word below.
         o.state.insert(Field::RSP, 0x7ffe2);
-        let s = Seen { case: &c, code: &[0x0f, 0x0b], qemu: &o, interp: &o };
+        let s = Seen {
+            case: &c,
+            parsed: &Parsed::of_code(FuzzMode::Long64, &[0x0f, 0x0b]),
+            qemu: &o,
+            interp: &o,
+        };
         assert!(fault_frame_rf(&s, &mem(0x7ffe8, 0, 0x1_0000_0000)));
         let rax = Row::Register { field: Field::Gpr(0), left: Some(1), right: Some(2) };
         assert!(explain(&s, &[rax], QEMU_DEPARTURES).is_none());
@@ -452,11 +461,12 @@ mod tests {
         // mov eax, es:[eax] faulting with #GP(0) on the software CPU, running on under QEMU.
         let code = [0x26, 0x8b, 0x00];
         let c = case(FuzzMode::Prot32, &code);
+        let p = Parsed::of_code(FuzzMode::Prot32, &code);
         let qemu = Outcome::stopped(StopReason::DebugExit { value: 0 });
         let mut interp = exception(vector::GP, 0x8000);
         let r = Row::Stop { left: qemu.stop.clone(), right: interp.stop.clone() };
         // ES null (no hidden part in the outcome): SDM Vol. 3A §5.4.1, #GP(0).
-        assert!(segment_checks(&Seen { case: &c, code: &code, qemu: &qemu, interp: &interp }, &r));
+        assert!(segment_checks(&Seen { case: &c, parsed: &p, qemu: &qemu, interp: &interp }, &r));
         // ES flat and writable: the software CPU's #GP(0) has another cause; not QEMU's departure.
         let es = |part| Field::Seg(SegReg::Es, part);
         for (k, v) in
@@ -464,36 +474,34 @@ mod tests {
         {
             interp.state.insert(k, v);
         }
-        assert!(!segment_checks(&Seen { case: &c, code: &code, qemu: &qemu, interp: &interp }, &r));
+        assert!(!segment_checks(&Seen { case: &c, parsed: &p, qemu: &qemu, interp: &interp }, &r));
         // A 16-bit limit can fault.
         interp.state.insert(es(SegPart::Limit), 0xffff);
-        assert!(segment_checks(&Seen { case: &c, code: &code, qemu: &qemu, interp: &interp }, &r));
+        assert!(segment_checks(&Seen { case: &c, parsed: &p, qemu: &qemu, interp: &interp }, &r));
     }
 
     #[test]
     fn bsf_zero_source_is_a_departure_only_under_an_amd_profile() {
-        use crate::fuzz::profile::CaseCpuid;
         // bsf eax, ebx with EBX = 0 (as in fuzz case 375 of seed 1, long64): QEMU zero-extends
         // the old EAX into RAX; the AMD profile keeps all of RAX.
         let code = [0x0f, 0xbc, 0xc3];
-        let mut c = case(FuzzMode::Long64, &code);
+        let c = case(FuzzMode::Long64, &code);
+        let amd = Parsed { vendor: duet_core::Vendor::Amd, ..Parsed::of_code(FuzzMode::Long64, &code) };
         let o = Outcome::stopped(StopReason::DebugExit { value: 0 });
         let row = Row::Register {
             field: Field::Gpr(0),
             left: Some(0x89ab_cdef),
             right: Some(0x0123_4567_89ab_cdef),
         };
-        let amd = CaseCpuid::of(&duet_core::CpuidProfile::baseline().with_vendor(duet_core::Vendor::Amd));
-        c.cpuid = Some(amd);
-        assert!(bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &row));
+        assert!(bsf_zero_source_amd(&Seen { case: &c, parsed: &amd, qemu: &o, interp: &o }, &row));
         let other = Row::Register {
             field: Field::Gpr(0),
             left: Some(0x89ab_cdee),
             right: Some(0x0123_4567_89ab_cdef),
         };
-        assert!(!bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &other));
+        assert!(!bsf_zero_source_amd(&Seen { case: &c, parsed: &amd, qemu: &o, interp: &o }, &other));
         // Under an Intel profile the software CPU writes back as QEMU does: no departure.
-        c.cpuid = Some(CaseCpuid::of(&duet_core::CpuidProfile::baseline()));
-        assert!(!bsf_zero_source_amd(&Seen { case: &c, code: &code, qemu: &o, interp: &o }, &row));
+        let intel = Parsed::of_code(FuzzMode::Long64, &code);
+        assert!(!bsf_zero_source_amd(&Seen { case: &c, parsed: &intel, qemu: &o, interp: &o }, &row));
     }
 }

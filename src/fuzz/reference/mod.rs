@@ -114,7 +114,7 @@ pub fn judge(case: &Case, reference: (&str, &Outcome), other: (&str, &Outcome)) 
     if diff.is_empty() {
         return Answer::Agrees;
     }
-    let seen = Seen { case, code: &p.code, qemu: &r, interp: other.1 };
+    let seen = Seen { case, parsed: &p, qemu: &r, interp: other.1 };
     match explain(&seen, &diff.rows, QEMU_DEPARTURES) {
         Some(d) => Answer::Departs(d),
         None => {
