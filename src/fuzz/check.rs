@@ -223,7 +223,7 @@ pub fn compare_runs_masked(
     let img = layout::base_image(p.mode).map(|base| layout::initial_image(&base, p)).unwrap_or_default();
     let word = |addr: u64| {
         let a = addr as usize;
-        img.get(a..a + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        img.get(a..a.saturating_add(8)).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     };
     let mask = Undefined { at_end: undefined, in_images: judge::static_undefined(p) };
     judge::compare_masked(left, right, &word, mask)

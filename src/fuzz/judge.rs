@@ -118,7 +118,7 @@ fn frame_flags(o: &Outcome, addr: u64, diff: u64, undef: u64) -> bool {
     let sp = if cr0 & ctrl::CR0_PE == 0 { rsp & 0xffff } else { rsp };
     let slot = ss.wrapping_add(sp).wrapping_add(width);
     let m = undef & rflags::STATUS;
-    if m == 0 || slot >= addr + 8 || slot + 8 <= addr {
+    if m == 0 || slot >= addr.saturating_add(8) || slot.saturating_add(8) <= addr {
         return false;
     }
     // The slot may straddle two 8-byte words when the stack pointer is misaligned.

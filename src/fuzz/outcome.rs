@@ -424,6 +424,12 @@ impl TryFrom<OutcomeFile> for Outcome {
             let (Some(a), Some(v)) = (parse_hex(k), parse_hex(v)) else {
                 return Err(bad(format!("memory.{k}"), "address and value must be hex".into()));
             };
+            // The words are RAM a run changed: an 8-byte-aligned address inside the case's RAM.
+            let ram = super::layout::RAM_SIZE;
+            if a % 8 != 0 || a >= ram {
+                let why = format!("is not an 8-byte-aligned address of the case's RAM (below {ram:#x})");
+                return Err(bad(format!("memory.{k}"), why));
+            }
             memory.insert(a, v);
         }
         let exits = f
@@ -520,5 +526,18 @@ mod tests {
         assert_eq!(e.to_string().parse(), Ok(e));
         assert!("out 0xf4 2 2a".parse::<Exit>().is_err(), "size and bytes disagree");
         assert!("poke 0xf4 1 2a".parse::<Exit>().is_err());
+    }
+
+    #[test]
+    fn memory_words_outside_the_case_ram_are_refused_at_load() {
+        let file = |addr: &str| {
+            let json = format!(r#"{{"stop":"halted","state":{{}},"memory":{{"{addr}":"0x1"}}}}"#);
+            serde_json::from_str::<Outcome>(&json).map_err(|e| e.to_string())
+        };
+        assert!(file("0x7fff8").is_ok());
+        for bad in ["0xfffffffffffffffc", "0x80000", "0x7fffc"] {
+            let e = file(bad).expect_err(bad);
+            assert!(e.contains(&format!("memory.{bad}")) && e.contains("8-byte-aligned"), "{e}");
+        }
     }
 }
