@@ -1,8 +1,10 @@
 //! The QEMU process and its scratch directory, both cleaned up on drop (also on panic).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use duet_core::Availability;
@@ -65,11 +67,27 @@ pub fn read_or_empty(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_default()
 }
 
-/// A running QEMU, killed and reaped when dropped.
+/// A running QEMU, killed and reaped when dropped (or by [`kill_all`]).
 pub struct Qemu {
-    child: Child,
+    child: Arc<Mutex<Child>>,
     program: String,
     stderr: PathBuf,
+}
+
+/// Every QEMU this process started that is still running, for [`kill_all`].
+static LIVE: Mutex<Vec<Weak<Mutex<Child>>>> = Mutex::new(Vec::new());
+
+/// Kills every QEMU this process started and has not reaped yet. A process that is about to
+/// exit at once (a second Ctrl-C) calls it: its drops will not run, and QEMU runs in a process
+/// group of its own, so nothing else would stop it.
+pub fn kill_all() {
+    let live = LIVE.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
+    for child in live.iter().filter_map(Weak::upgrade) {
+        if let Ok(mut c) = child.lock() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// The status a spawned child exits with when its exec failed (glibc's posix_spawn, POSIX shells).
@@ -83,13 +101,21 @@ impl Qemu {
             path: stderr.display().to_string(),
             source,
         })?;
+        // A process group of its own: a terminal's Ctrl-C goes to duet, which decides when QEMU
+        // stops (`duet fuzz` finishes the case in flight, QEMU run included).
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file)
+            .process_group(0)
             .spawn()
             .map_err(|source| QemuError::Spawn { program: program.into(), source })?;
+        let child = Arc::new(Mutex::new(child));
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|c| c.strong_count() > 0);
+            live.push(Arc::downgrade(&child));
+        }
         Ok(Qemu { child, program: program.into(), stderr })
     }
 
@@ -101,7 +127,11 @@ impl Qemu {
 
     /// `Err(Exited)` when QEMU is no longer running.
     pub fn check_alive(&mut self) -> Result<(), QemuError> {
-        match self.child.try_wait() {
+        let waited = match self.child.lock() {
+            Ok(mut c) => c.try_wait(),
+            Err(_) => Err(std::io::Error::other("the child's lock is poisoned")),
+        };
+        match waited {
             Ok(None) => Ok(()),
             // Where spawning cannot report an exec failure (a process under qemu-user: its vfork
             // is a fork), a program that cannot be executed is a child that exits 127 silently.
@@ -123,8 +153,10 @@ impl Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         // Killing an already exited child fails harmlessly; wait reaps it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(mut c) = self.child.lock() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

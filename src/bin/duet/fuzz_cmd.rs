@@ -188,20 +188,38 @@ fn campaign_status(s: &Summary) -> Status {
     }
 }
 
-/// Sets `flag` on the first SIGINT or SIGTERM; a second one ends the process at once with the
-/// "interrupted" status. signal-hook's flag module keeps the one `sigaction` out of this crate,
-/// which forbids unsafe code; its handlers only store to atomics (async-signal-safe). duet-kvm's
-/// deadline kicks use SIGRTMIN+4, a signal of their own, so the two never meet; a SIGINT that
-/// lands on a vCPU thread in KVM_RUN only makes KVM_RUN return early, as a stale kick would.
+/// Sets `flag` on the first SIGINT or SIGTERM (the campaign finishes the cases in flight and
+/// prints its summary); a second one kills the QEMU references this process started (they run
+/// in process groups of their own, so a terminal's Ctrl-C does not reach them) and ends the
+/// process at once with the "interrupted" status.
+///
+/// signal-hook keeps the `sigaction` out of this crate, which forbids unsafe code: its handler
+/// only writes to a pipe that a thread of ours reads. duet-kvm's deadline kicks use SIGRTMIN+4,
+/// a signal of their own; a SIGINT that lands on a vCPU thread in KVM_RUN only makes KVM_RUN
+/// return early, as a stale kick would.
 fn on_termination_signals(flag: &Arc<AtomicBool>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM] {
-        // The shutdown is registered first: it sees the flag as the previous signal left it.
-        flag::register_conditional_shutdown(sig, i32::from(Status::Interrupted.code()), flag.clone())
-            .context("installing the SIGINT/SIGTERM handler")?;
-        flag::register(sig, flag.clone()).context("installing the SIGINT/SIGTERM handler")?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT/SIGTERM handler")?;
+    let flag = flag.clone();
+    std::thread::Builder::new()
+        .name("duet-signals".into())
+        .spawn(move || {
+            for (n, _) in signals.forever().enumerate() {
+                if n == 0 {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!(
+                        "duet fuzz: interrupted: finishing the cases in flight, then the summary \
+                         (interrupt again to stop at once)"
+                    );
+                } else {
+                    eprintln!("duet fuzz: interrupted again: stopping at once, without a summary");
+                    duet::qemu::process::kill_all();
+                    std::process::exit(i32::from(Status::Interrupted.code()));
+                }
+            }
+        })
+        .context("starting the signal thread")?;
     Ok(())
 }
 
