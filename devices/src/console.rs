@@ -1,13 +1,34 @@
 //! [`Console`]: the sink for every byte the guest prints: streamed, counted, its tail kept.
 
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-/// Longest a byte echoed to stdout waits there: stdout itself writes at each newline, and a
-/// console flushes it at least this often (and at [`Console::flush`]), so a guest printing a
-/// byte per port write costs no system call per byte.
+/// Longest a byte echoed to stdout waits there: stdout itself writes at each newline, and what
+/// is left (a prompt without a newline) is flushed within this interval by the echo flusher, so
+/// a guest printing a byte per port write costs no system call per byte and a prompt still
+/// shows while the guest computes.
 pub const ECHO_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Whether echoed output may be waiting in stdout's buffer.
+static ECHO_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Starts (once per process) the thread that flushes echoed output left in stdout's buffer
+/// every [`ECHO_FLUSH_INTERVAL`]; it sleeps while nothing is pending and ends with the process.
+fn start_echo_flusher() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let flusher = std::thread::Builder::new().name("duet-console-flush".into()).spawn(|| loop {
+            std::thread::sleep(ECHO_FLUSH_INTERVAL);
+            if ECHO_PENDING.swap(false, Ordering::AcqRel) {
+                let _ = io::stdout().lock().flush();
+            }
+        });
+        // Without the thread, output still reaches stdout at each newline and at the run's end.
+        drop(flusher);
+    });
+}
 
 /// Bytes of guest output a [`Console`] keeps (the most recent ones): enough for every fixture's
 /// expected text and an end-of-run summary, small enough that a guest printing without end
@@ -78,7 +99,8 @@ impl ConsoleDigest {
 /// A cloneable sink for guest output: every clone appends to one shared transcript.
 ///
 /// The UART and the debug console write into the same `Console`. With echo on, each write is
-/// copied to stdout and flushed at once, so a user watches the guest print live. The console
+/// copied to stdout, which shows it at the next newline or within [`ECHO_FLUSH_INTERVAL`], so a
+/// user watches the guest print live. The console
 /// keeps only the last [`CONSOLE_TAIL`] bytes, with the length and a digest of everything, so a
 /// guest that prints for hours costs no more memory than one that prints a line.
 #[derive(Clone, Debug, Default)]
@@ -113,6 +135,9 @@ impl Console {
             if t.flushed.is_none_or(|at| at.elapsed() >= ECHO_FLUSH_INTERVAL) {
                 let _ = out.flush();
                 t.flushed = Some(Instant::now());
+            } else {
+                ECHO_PENDING.store(true, Ordering::Release);
+                start_echo_flusher();
             }
         }
     }

@@ -98,3 +98,37 @@ fn console_output_beyond_the_kept_tail_is_streamed_whole() {
     assert_eq!(out.stdout.len(), want.len());
     assert!(out.stdout == want, "the streamed output differs from what the guest printed");
 }
+
+#[test]
+fn a_prompt_without_a_newline_shows_while_the_guest_still_runs() {
+    use std::io::Read;
+    // A line, then a prompt, then a guest that computes until the deadline: mov al,'a' ; out
+    // 0xe9,al ; mov al,0Ah ; out 0xe9,al ; mov al,'>' ; out 0xe9,al ; jmp $ (hand-encoded: B0 ib,
+    // E6 ib, EB FE). stdout writes at newlines, and the first write is flushed at once; the
+    // prompt, a few instructions later, has no newline.
+    let code = [0xb0, b'a', 0xe6, 0xe9, 0xb0, b'\n', 0xe6, 0xe9, 0xb0, b'>', 0xe6, 0xe9, 0xeb, 0xfe];
+    let img = TempFile::new("prompt", &code);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["run", "--backend", "interp", "--mode", "real", "--timeout", "3600", img.arg()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the duet binary runs");
+    let mut stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = [0u8; 3];
+        let _ = tx.send(stdout.read_exact(&mut got).map(|()| got));
+    });
+    // The guest runs for an hour; the prompt must come long before (a watchdog, not a measure:
+    // it shows within ECHO_FLUSH_INTERVAL, and without the flusher only when the run ends).
+    let got = rx.recv_timeout(std::time::Duration::from_secs(120));
+    let running = matches!(child.try_wait(), Ok(None));
+    child.kill().ok();
+    child.wait().ok();
+    assert!(running, "the run ended early");
+    match got {
+        Ok(Ok(bytes)) => assert_eq!(&bytes, b"a\n>"),
+        other => panic!("the prompt did not show while the guest ran: {other:?}"),
+    }
+}
