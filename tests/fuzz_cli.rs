@@ -65,6 +65,31 @@ fn diff_cli_replays_a_corpus_case_against_its_recorded_result() {
     assert!(stdout.contains("interp matches the recorded kvm result"), "{stdout}");
 }
 
+#[test]
+fn diff_cli_record_rewrites_a_format_1_case_in_this_format_with_its_result() {
+    // push-sp1: a real-mode PUSH with SP = 1 shuts the processor down (SDM Vol. 2B PUSH).
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/corpus/regressions/push-sp1-real-mode-shutdown.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let obj = json.as_object_mut().unwrap();
+    obj.insert("format".into(), 1.into());
+    obj.remove("expected");
+    let dir = tmp("record");
+    let file = dir.join("case.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let o = duet().args(["diff", "--record", "sdm"]).arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("recorded the sdm result (shutdown)"), "{stdout}");
+    let case = duet::fuzz::Case::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(case.format, duet::fuzz::case::CASE_FORMAT);
+    let e = case.expected.expect("a recorded result");
+    assert_eq!((e.source, e.outcome.stop), (duet::fuzz::Source::Sdm, duet::StopReason::Shutdown));
+    let o = duet().args(["diff", "--record", "qemu"]).arg(&file).output().unwrap();
+    assert_eq!(o.status.code(), Some(ERROR), "only kvm and sdm are sources to record");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// Runs `duet fuzz` as `nobody` when this test runs as root (root may write anywhere), else as
 /// this user; `None` where that cannot be done.
 fn as_unprivileged(args: &[&str]) -> Option<std::process::Output> {

@@ -302,17 +302,17 @@ mod tests {
 
     #[test]
     fn memory_readable_on_one_side_only_is_one_row_per_chunk() {
-        let m1 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
-        let m2 = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        // Three chunks on the left, one on the right: the last two are one row each.
+        let chunk = MEMORY_CHUNK as u64;
+        let m1 = GuestMemory::from_ranges(&[(GuestAddress(0), 3 * MEMORY_CHUNK)]).unwrap();
+        let m2 = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_CHUNK)]).unwrap();
         let mut d = StateDiff::default();
-        d.memory(&m1, &m2, 0, 0x2000);
-        assert_eq!(
-            d.rows,
-            vec![DiffRow {
-                field: "mem[0x0..+0x2000]".into(),
-                left: "readable".into(),
-                right: "unreadable".into()
-            }]
-        );
+        d.memory(&m1, &m2, 0, 3 * chunk);
+        let row = |at: u64| DiffRow {
+            field: format!("mem[{at:#x}..+{chunk:#x}]"),
+            left: "readable".into(),
+            right: "unreadable".into(),
+        };
+        assert_eq!(d.rows, vec![row(chunk), row(2 * chunk)]);
     }
 }

@@ -100,7 +100,7 @@ fn sti_hlt_without_an_interrupt_source_is_said_on_both_backends() {
 }
 
 #[test]
-fn an_instruction_fetch_from_no_ram_is_its_own_outcome_on_both_backends() {
+fn an_instruction_fetch_from_no_ram_is_its_own_outcome_on_the_software_cpu_and_kvm_cannot_run_it() {
     // mov eax, 0x40000000 ; jmp eax — 1 GiB is far above the 32 MiB of RAM: nothing to fetch.
     let code = [0xb8, 0x00, 0x00, 0x00, 0x40, 0xff, 0xe0];
     let (status, _, err) = run_image("unbacked", "interp", "protected", &code, &[]);

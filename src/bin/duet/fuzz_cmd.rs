@@ -85,8 +85,26 @@ pub struct DiffArgs {
     pub interp_only: bool,
     /// Record the expected result into each file instead of checking: `kvm` (this host's KVM)
     /// or `sdm` (the interpreter's result, after checking it by hand against the SDM).
-    #[arg(long, value_parser = ["kvm", "sdm"])]
-    pub record: Option<String>,
+    #[arg(long, value_enum)]
+    pub record: Option<RecordFrom>,
+}
+
+/// Where `duet diff --record` takes the expected result from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordFrom {
+    /// This host's KVM (the file then names the host it was recorded on).
+    Kvm,
+    /// The software CPU's result, checked by hand against the SDM (or the AMD APM).
+    Sdm,
+}
+
+impl RecordFrom {
+    fn name(self) -> &'static str {
+        match self {
+            RecordFrom::Kvm => "kvm",
+            RecordFrom::Sdm => "sdm",
+        }
+    }
 }
 
 fn modes(names: &[String]) -> Result<Vec<FuzzMode>> {
@@ -232,7 +250,11 @@ fn print_summary(s: &Summary, cfg: &Config, mine: u64) {
         cfg.shard.0,
         cfg.shard.1,
         names.join(","),
-        if s.kvm { "kvm + interp" } else { "interp only (KVM not used: nothing is compared)" }
+        match (s.kvm, cfg.reference) {
+            (true, _) => "kvm + interp",
+            (false, true) => "interp, with QEMU as the other opinion (no KVM)",
+            (false, false) => "interp only (KVM not used: nothing is compared)",
+        }
     );
     println!("  cases        {} in {:.1} s ({:.0} cases/s)", s.cases, secs, s.cases as f64 / secs);
     if s.interrupted {
@@ -295,7 +317,7 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
     let (mut differ, mut failed) = (false, 0);
     for path in &args.cases {
         let done = match &args.record {
-            Some(source) => record_one(&mut checker, path, source).map(|()| false),
+            Some(source) => record_one(&mut checker, path, *source).map(|()| false),
             None => diff_one(&mut checker, path),
         };
         match done {
@@ -320,13 +342,13 @@ pub fn diff(args: &DiffArgs) -> Result<ExitCode> {
 }
 
 /// Records the expected result of the case in `path` from `source` (`kvm` or `sdm`).
-fn record_one(checker: &mut Checker, path: &std::path::Path, source: &str) -> Result<()> {
+fn record_one(checker: &mut Checker, path: &std::path::Path, source: RecordFrom) -> Result<()> {
     let file = path.display().to_string();
     let mut case = Case::load(path)?;
     let (p, state) = duet::fuzz::layout::prepare(&case, &file)?;
     let exec = match source {
-        "kvm" => checker.kvm.as_mut().context("--record kvm needs a usable KVM")?,
-        _ => &mut checker.interp,
+        RecordFrom::Kvm => checker.kvm.as_mut().context("--record kvm needs a usable KVM")?,
+        RecordFrom::Sdm => &mut checker.interp,
     };
     let run = exec.run(&case, &p, &state)?;
     if matches!(
@@ -335,18 +357,20 @@ fn record_one(checker: &mut Checker, path: &std::path::Path, source: &str) -> Re
             | duet::StopReason::CannotRun(_)
             | duet::StopReason::UnbackedFetch { .. }
     ) {
-        bail!("{file}: not recorded: the {source} run produced no result ({})", run.outcome.stop);
+        bail!("{file}: not recorded: the {} run produced no result ({})", source.name(), run.outcome.stop);
     }
     let stop = duet::fuzz::outcome::stop_text(&run.outcome.stop);
     case.expected = Some(match source {
-        "kvm" => duet::fuzz::Expected::recorded_here(run.outcome),
-        _ => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
+        RecordFrom::Kvm => duet::fuzz::Expected::recorded_here(run.outcome),
+        RecordFrom::Sdm => duet::fuzz::Expected::from_source(duet::fuzz::Source::Sdm, run.outcome),
     });
     // The result holds for the profile it was recorded under: name it in the file.
     let profile = duet::fuzz::exec::profile_of(case.cpuid.as_ref())?;
     case.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&profile));
+    // The file is rewritten in the format this duet writes (a format-1 file gains `recorded_on`).
+    case.format = duet::fuzz::case::CASE_FORMAT;
     case.save(path)?;
-    println!("{file}: recorded the {source} result ({stop})");
+    println!("{file}: recorded the {} result ({stop})", source.name());
     Ok(())
 }
 

@@ -289,7 +289,7 @@ pub const QEMU_DEPARTURES: &[Departure] = &[
         reason: "QEMU has none of duet's devices: its unassigned memory reads 0 and drops writes and \
                  its unassigned ports read all ones, where duet's recorder returns a pattern (not \
                  architectural either way)",
-        pinned_by: "tests/three_opinions.rs::interp_agrees_with_qemu_on_every_fixture (mmio-loop, irq)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
         explains: no_duet_devices,
     },
     Departure {
