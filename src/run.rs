@@ -120,10 +120,14 @@ pub fn run_qemu(guest: &Guest, config: &RunConfig) -> Result<RunReport, RunError
         let _ = out.write_all(&run.console);
         let _ = out.flush();
     }
+    // The digest covers everything QEMU printed; the report keeps the tail, as a backend's does.
+    let console_digest = ConsoleDigest::of(&run.console);
+    let mut console = run.console;
+    console.drain(..console.len().saturating_sub(duet_devices::CONSOLE_TAIL));
     Ok(RunReport {
         outcome: run.outcome,
-        console_digest: ConsoleDigest::of(&run.console),
-        console: run.console,
+        console_digest,
+        console,
         post_code: run.post_code,
         memory: run.memory,
         ram_size: run.ram_size,
