@@ -318,6 +318,18 @@ impl Parsed {
         }
     }
 
+    /// Every way the case's bytes may be decoded by one of the backends: as the profile's vendor
+    /// does (the software CPU; the silicon, which runs ring-3 code natively under kvm_pvm), and as
+    /// KVM's instruction emulator does, which decodes Intel's way whatever the vendor (REX.W far
+    /// pointers, 66h near branches). Host limits and undefined flags are looked for in all.
+    pub fn decodings(&self) -> Vec<u32> {
+        let mut v = vec![self.decoder_options()];
+        if !v.contains(&iced_x86::DecoderOptions::NONE) {
+            v.push(iced_x86::DecoderOptions::NONE);
+        }
+        v
+    }
+
     /// A case of `mode` with only `code` (registers zero, RFLAGS 2, no data, an Intel profile):
     /// for tests that judge a program without running it.
     pub fn of_code(mode: FuzzMode, code: &[u8]) -> Parsed {

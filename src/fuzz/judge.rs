@@ -133,7 +133,7 @@ pub fn static_undefined(p: &Parsed) -> u64 {
     let (mode, code) = (p.mode, &p.code[..]);
     let ip = super::gen::code_ip(mode);
     let mut m = 0u32;
-    for i in Decoder::with_ip(mode.bitness(), code, ip, p.decoder_options()) {
+    for i in p.decodings().into_iter().flat_map(|o| Decoder::with_ip(mode.bitness(), code, ip, o)) {
         m |= i.rflags_undefined();
         if super::gen::is_shift_or_rotate(i.mnemonic()) {
             m |= iced_x86::RflagsBits::OF;
@@ -177,11 +177,17 @@ pub fn ignore_msrs() -> bool {
 ///
 /// The code is decoded from its start and from every target of a relative branch in it, so an
 /// instruction reached by jumping into the middle of another (a 16-bit branch in 64-bit code
-/// on an AMD part, say) is seen too.
+/// on an AMD part, say) is seen too; and it is decoded each way a backend may decode it
+/// ([`Parsed::decodings`]: the profile's vendor, and Intel's as KVM's emulator does).
 pub fn host_limit(p: &Parsed, limits: &[HostLimit]) -> Option<HostLimit> {
     if limits.is_empty() {
         return None;
     }
+    p.decodings().into_iter().find_map(|options| host_limit_decoded(p, limits, options))
+}
+
+/// [`host_limit`] for one way of decoding the code (iced-x86 `DecoderOptions`).
+fn host_limit_decoded(p: &Parsed, limits: &[HostLimit], options: u32) -> Option<HostLimit> {
     let code = &p.code;
     let ip = super::gen::code_ip(p.mode);
     let mut starts = vec![ip];
@@ -191,7 +197,7 @@ pub fn host_limit(p: &Parsed, limits: &[HostLimit]) -> Option<HostLimit> {
             continue;
         }
         let off = (start - ip) as usize;
-        let mut dec = Decoder::with_ip(p.mode.bitness(), &code[off..], start, p.decoder_options());
+        let mut dec = Decoder::with_ip(p.mode.bitness(), &code[off..], start, options);
         let mut prev: Option<Instruction> = None;
         for ins in &mut dec {
             if let Some(l) = limits.iter().find(|l| (l.applies)(p.mode, &ins, prev.as_ref())) {

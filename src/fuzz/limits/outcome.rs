@@ -323,7 +323,9 @@ fn undefined(kvm: &Outcome, interp: &Outcome) -> u64 {
 
 /// Whether some instruction of the program (decoded from its start) satisfies `f`.
 fn has(p: &Parsed, f: impl Fn(&Instruction) -> bool) -> bool {
-    Decoder::with_ip(p.mode.bitness(), &p.code, 0, p.decoder_options()).into_iter().any(|i| f(&i))
+    p.decodings()
+        .into_iter()
+        .any(|o| Decoder::with_ip(p.mode.bitness(), &p.code, 0, o).into_iter().any(|i| f(&i)))
 }
 
 /// The instruction of the program at `rip` (as the code is decoded from there).
