@@ -235,6 +235,14 @@ fn qemu_departures_still_hold() {
     test_f7r1.regs.insert("rax".into(), "0xa000".into());
     let int1 = with_code(generated(FuzzMode::Long64, 0), &[0xf1]);
     let lfence = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0xae, 0xe8]);
+    // int 0C7h from ring 3 through the fixtures' DPL-0 gate: #GP(0xC7 × 8 + 2) (SDM Vol. 3A §6.13).
+    let int_gp = with_code(generated(FuzzMode::Long64Ring3, 0), &[0xcd, 0xc7]);
+    // xor eax, eax; mov fs, eax with FS.base = 0x123000 under an AMD profile: the base stays.
+    let mut null_fs = with_code(generated(FuzzMode::Long64, 0), &[0x31, 0xc0, 0x8e, 0xe0]);
+    null_fs.segments.insert("fs".into(), "0x10".into());
+    null_fs.segments.insert("fs.base".into(), "0x123000".into());
+    let amd_profile = duet::CpuidProfile::baseline().with_vendor(duet::core::Vendor::Amd);
+    null_fs.cpuid = Some(duet::fuzz::profile::CaseCpuid::of(&amd_profile));
     // mov eax, 0xd0000000; mov rax, [rax]: a read of an address no RAM backs (duet's recorder
     // answers with a pattern of the address, QEMU's unassigned memory with 0).
     let mmio = with_code(generated(FuzzMode::Long64, 0), &[0xb8, 0, 0, 0, 0xd0, 0x48, 0x8b, 0x00]);
@@ -247,13 +255,15 @@ fn qemu_departures_still_hold() {
     let mut rmw = with_code(generated(FuzzMode::Long64, 0), &[0xd0, 0x28]);
     rmw.regs.insert("rax".into(), "0x700000000000".into());
     let frame = ["fault-frame-rf", "ist-null-ss"];
-    let cases: [(&str, Case, &[&str]); 9] = [
+    let cases: [(&str, Case, &[&str]); 11] = [
         ("fault-frame-rf", ud2, &["ist-null-ss"]),
         ("segment-checks", null_es, &[]),
         ("ss-noncanonical-gp", ss_noncanonical, &frame),
         ("test-alias-ud", test_f7r1, &frame),
         ("int1-ud", int1, &frame),
         ("fence-cpuid-check", lfence, &frame),
+        ("int-gp-error-code-64", int_gp, &frame),
+        ("null-selector-base-amd", null_fs, &[]),
         ("no-duet-devices", mmio, &[]),
         ("bsf-zero-source-amd", bsf, &[]),
         ("rmw-pf-read", rmw, &frame),

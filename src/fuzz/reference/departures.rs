@@ -189,6 +189,38 @@ fn bsf_zero_source_amd(s: &Seen<'_>, row: &Row) -> bool {
     amd && s.long() && q == i & 0xffff_ffff && s.has(bsf32)
 }
 
+/// The #GP of an INT n through a gate it may not use in IA-32e mode: QEMU's error code counts
+/// 16-byte gates (vector × 16 + 2), the SDM's holds the vector in the selector index (vector × 8
+/// + 2, IDT flag set). Explains the stop and the words that hold the two error codes.
+fn int_gp_error_code(s: &Seen<'_>, row: &Row) -> bool {
+    let (Some((vector::GP, e1, a1)), Some((vector::GP, e2, a2))) =
+        (fault(&s.qemu.stop), fault(&s.interp.stop))
+    else {
+        return false;
+    };
+    let ours = a1 == a2 && s.long() && e2 & 0b111 == 0b010 && e1 == (e2 >> 3) * 16 + 2;
+    ours && match *row {
+        Row::Stop { .. } => true,
+        Row::Memory { left, right, .. } => (left, right) == (e1, e2),
+        _ => false,
+    }
+}
+
+/// A null selector loaded into FS or GS in 64-bit mode under an AMD profile without
+/// NullSelectorClearsBase: QEMU clears the base whatever the vendor, the AMD part keeps it.
+fn null_selector_base_amd(s: &Seen<'_>, row: &Row) -> bool {
+    let Row::Register {
+        field: Field::Seg(seg @ (SegReg::Fs | SegReg::Gs), SegPart::Base),
+        left: Some(0),
+        right: Some(b),
+    } = *row
+    else {
+        return false;
+    };
+    let null = s.interp.state.get(&Field::Seg(seg, SegPart::Selector)).is_some_and(|sel| sel & !3 == 0);
+    s.parsed.vendor == duet_core::Vendor::Amd && s.long() && null && b != 0
+}
+
 fn fence_ud(s: &Seen<'_>, _: &Row) -> bool {
     qemu_ud_at(s)
         .is_some_and(|i| matches!(i.mnemonic(), Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence))
@@ -308,6 +340,21 @@ pub const QEMU_DEPARTURES: &[Departure] = &[
                  docs/VENDORS.md)",
         pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
         explains: bsf_zero_source_amd,
+    },
+    Departure {
+        name: "int-gp-error-code-64",
+        reason: "in IA-32e mode QEMU reports the #GP of an INT n through a gate it may not use (DPL < \
+                 CPL) with error code vector × 16 + 2; the SDM's error code holds the vector in the \
+                 selector index, vector × 8 + 2 with the IDT flag (Vol. 3A §6.13, §6.12.1.1)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: int_gp_error_code,
+    },
+    Departure {
+        name: "null-selector-base-amd",
+        reason: "QEMU clears the FS/GS base when a null selector is loaded in 64-bit mode whatever the \
+                 vendor; an AMD part without NullSelectorClearsBase keeps it (docs/VENDORS.md)",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: null_selector_base_amd,
     },
     Departure {
         name: "fence-cpuid-check",
