@@ -235,6 +235,9 @@ fn qemu_departures_still_hold() {
     test_f7r1.regs.insert("rax".into(), "0xa000".into());
     let int1 = with_code(generated(FuzzMode::Long64, 0), &[0xf1]);
     let lfence = with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0xae, 0xe8]);
+    // mov rax, cr4; or eax, 200h; mov cr4, rax: CR4.OSFXSR set.
+    let osfxsr =
+        with_code(generated(FuzzMode::Long64, 0), &[0x0f, 0x20, 0xe0, 0x0d, 0, 2, 0, 0, 0x0f, 0x22, 0xe0]);
     // int 0C7h from ring 3 through the fixtures' DPL-0 gate: #GP(0xC7 × 8 + 2) (SDM Vol. 3A §6.13).
     let int_gp = with_code(generated(FuzzMode::Long64Ring3, 0), &[0xcd, 0xc7]);
     // xor eax, eax; mov fs, eax with FS.base = 0x123000 under an AMD profile: the base stays.
@@ -255,13 +258,14 @@ fn qemu_departures_still_hold() {
     let mut rmw = with_code(generated(FuzzMode::Long64, 0), &[0xd0, 0x28]);
     rmw.regs.insert("rax".into(), "0x700000000000".into());
     let frame = ["fault-frame-rf", "ist-null-ss"];
-    let cases: [(&str, Case, &[&str]); 11] = [
+    let cases: [(&str, Case, &[&str]); 12] = [
         ("fault-frame-rf", ud2, &["ist-null-ss"]),
         ("segment-checks", null_es, &[]),
         ("ss-noncanonical-gp", ss_noncanonical, &frame),
         ("test-alias-ud", test_f7r1, &frame),
         ("int1-ud", int1, &frame),
         ("fence-cpuid-check", lfence, &frame),
+        ("cr4-osfxsr-dropped", osfxsr, &[]),
         ("int-gp-error-code-64", int_gp, &frame),
         ("null-selector-base-amd", null_fs, &[]),
         ("no-duet-devices", mmio, &[]),

@@ -221,6 +221,12 @@ fn null_selector_base_amd(s: &Seen<'_>, row: &Row) -> bool {
     s.parsed.vendor == duet_core::Vendor::Amd && s.long() && null && b != 0
 }
 
+/// CR4.OSFXSR (bit 9) and OSXMMEXCPT (bit 10) set on the software CPU and silently clear in QEMU.
+fn cr4_osfxsr_dropped(_: &Seen<'_>, row: &Row) -> bool {
+    const SSE_BITS: u64 = (1 << 9) | (1 << 10);
+    register(row, Field::Cr(4)).is_some_and(|(q, i)| q & SSE_BITS == 0 && (q ^ i) & !SSE_BITS == 0)
+}
+
 fn fence_ud(s: &Seen<'_>, _: &Row) -> bool {
     qemu_ud_at(s)
         .is_some_and(|i| matches!(i.mnemonic(), Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence))
@@ -355,6 +361,15 @@ pub const QEMU_DEPARTURES: &[Departure] = &[
                  vendor; an AMD part without NullSelectorClearsBase keeps it (docs/VENDORS.md)",
         pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
         explains: null_selector_base_amd,
+    },
+    Departure {
+        name: "cr4-osfxsr-dropped",
+        reason: "QEMU silently clears CR4.OSFXSR and CR4.OSXMMEXCPT when its CPU model lacks FXSR/SSE; \
+                 the SDM lists neither among the bits a MOV to CR4 may refuse for a missing feature \
+                 (Vol. 3A §2.5), and KVM (whose reserved-CR4 list follows CPUID for the others) and \
+                 the software CPU keep them",
+        pinned_by: "tests/three_opinions.rs::qemu_departures_still_hold",
+        explains: cr4_osfxsr_dropped,
     },
     Departure {
         name: "fence-cpuid-check",
